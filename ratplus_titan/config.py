@@ -1,0 +1,36 @@
+"""The ``[ratplus]`` section of a torchtitan job config (``[job] custom_config_module``)."""
+
+from dataclasses import dataclass, field
+
+@dataclass
+class RATPlus:
+    joint_train: bool = False
+    """Active recurrence learning (DESIGN §3): per batch a sparse (dilation=joint_dilation) step, then a dense step."""
+
+    joint_dilation: int = 64
+    """Dilation of the sparse phase of joint training (no local window, no sinks)."""
+
+    dilation: list[int] = field(default_factory=lambda: [1])
+    """Training pattern dilation: one value for every layer, or one per layer (hybrids). 1 = dense, -1 = none."""
+
+    local_window: list[int] = field(default_factory=lambda: [0])
+    """Local window W (a key j is visible when t - j <= W): one value, or one per layer."""
+
+    sinks: list[int] = field(default_factory=lambda: [0])
+    """Number of attention-sink tokens at the start: one value, or one per layer."""
+
+    apply_re: bool | None = None
+    """False trains the attention baseline (no recurrence); None keeps the flavor's value."""
+
+    attention_backend: str = ""
+    """auto | sdpa | reference | compact | flex | triton; empty keeps the flavor's value."""
+
+@dataclass
+class JobConfig:
+    ratplus: RATPlus = field(default_factory=RATPlus)
+
+def per_layer(values: list[int] | int) -> int | list[int]:
+    """A one-element list means "the same for every layer"."""
+    if isinstance(values, int):
+        return values
+    return values[0] if len(values) == 1 else list(values)

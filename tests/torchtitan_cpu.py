@@ -1,0 +1,745 @@
+"""Run torchtitan 0.2.2's stock ``Trainer`` (and subclasses) on a CPU-only machine.
+
+Test-only shim; it is never imported by the ``ratplus_titan`` package.
+
+torchtitan 0.2.2 decides its device once, at import time
+(``torchtitan.tools.utils.device_type = _get_available_device_type() or "cuda"``),
+and every module that needs it binds the names with ``from ... import device_type,
+device_module``.  On a machine without an accelerator that is ``"cuda"`` /
+``torch.cuda``, so ``Trainer.__init__`` dies in ``torch.cuda.set_device``.
+:func:`patch_torchtitan_for_cpu` rebinds those names to ``"cpu"`` and a small
+stand-in for ``torch.cuda`` in every loaded ``torchtitan.*`` module, plus a few
+other CPU pitfalls (``lspci`` peak-FLOPs lookup, the 2 s sleep at the end of
+``Trainer.train``).  See ``tests/TORCHTITAN_CPU_NOTES.md`` for the timing study
+behind :data:`CPU_FAST_ARGS`.
+
+Use::
+
+    from tests.torchtitan_cpu import debug_assets, llama3_debug_args, trainer_session
+
+    assets = debug_assets(tmp_path)                      # tokenizer + tiny corpus
+    args = llama3_debug_args(assets, tmp_path / "out", steps=5)
+    with trainer_session(Trainer, args) as trainer:
+        trainer.train()
+    losses = trainer.loss_history                        # [(step, loss, grad_norm)]
+
+Multi-process (gloo) runs: :func:`spawn_gloo`.  Command line (what ``make train``
+uses on a CPU machine)::
+
+    python -m tests.torchtitan_cpu [--trainer pkg.mod:Cls] [--nproc N] -- <torchtitan args>
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import gzip
+import importlib
+import json
+import os
+import pickle
+import resource
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import types
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CPU_FAST_ARGS",
+    "LLAMA3_DEBUG_TOML",
+    "CpuDeviceModule",
+    "build_debug_tokenizer",
+    "debug_assets",
+    "find_free_port",
+    "llama3_debug_args",
+    "main",
+    "patch_torchtitan_for_cpu",
+    "run_trainer",
+    "spawn_gloo",
+    "trainer_session",
+    "write_debug_corpus",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = Path("/work/shared/data/corpus/en_pd_ccby.train.jsonl.gz")
+
+
+# --------------------------------------------------------------------------------------
+# The device shim
+# --------------------------------------------------------------------------------------
+
+
+class CpuDeviceModule:
+    """Stand-in for ``torch.cuda`` as torchtitan 0.2.2 uses it (``utils.device_module``).
+
+    Everything torchtitan calls is a cheap no-op; memory statistics report the
+    process's peak resident set size (``getrusage``), so the "memory:" column of
+    the training log shows something meaningful instead of -1 GiB.
+    """
+
+    class _Memory:
+        @staticmethod
+        def _record_memory_history(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        @staticmethod
+        def _snapshot(*args: Any, **kwargs: Any) -> dict:
+            return {}
+
+    memory = _Memory()
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    @staticmethod
+    def current_device() -> int:
+        return 0
+
+    @staticmethod
+    def set_device(device: Any) -> None:
+        return None
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        return None
+
+    manual_seed_all = manual_seed
+
+    @staticmethod
+    def set_stream(stream: Any) -> None:
+        return None
+
+    @staticmethod
+    def reset_peak_memory_stats(device: Any = None) -> None:
+        return None
+
+    @staticmethod
+    def get_device_name(device: Any = None) -> str:
+        return "CPU"
+
+    @staticmethod
+    def get_device_properties(device: Any = None) -> types.SimpleNamespace:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return types.SimpleNamespace(name="CPU", total_memory=total)
+
+    @staticmethod
+    def memory_stats(device: Any = None) -> dict[str, int]:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return {
+            "active_bytes.all.peak": peak,
+            "reserved_bytes.all.peak": peak,
+            "num_alloc_retries": 0,
+            "num_ooms": 0,
+        }
+
+
+CPU_DEVICE_MODULE = CpuDeviceModule()
+
+#: Nominal peak FLOP/s used for the MFU column on CPU (the value is only cosmetic).
+CPU_PEAK_FLOPS = 1e11
+
+
+def _cpu_peak_flops(device_name: str = "CPU") -> float:
+    # The stock lookup shells out to `lspci` and warns "fallback to A100" on CPU.
+    return CPU_PEAK_FLOPS
+
+
+class _NoSleepTime(types.ModuleType):
+    """``time`` for ``torchtitan.train``: ``Trainer.train`` ends with ``time.sleep(2)`` on rank 0."""
+
+    def __init__(self) -> None:
+        super().__init__("time")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        return None
+
+
+_PATCHED: set[str] = set()
+
+
+def _patch_fsdp_for_gloo() -> None:
+    """FSDP2 reduce-scatters gradients with ``ReduceOp.PREMUL_SUM(1/factor)`` (or ``AVG``)
+    for fp32/bf16 grads; gloo supports neither ("Cannot use ReduceOp.PREMUL_SUM with
+    Gloo": torchtitan calls ``set_gradient_divide_factor(1.0)`` on every FSDP module).
+    On CPU force the SUM + post-divide path that FSDP2 already has for MTIA: same
+    result, one extra ``div_`` when the factor is not 1."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
+
+    orig = coll._get_gradient_divide_factors
+    if getattr(orig, "_tt_cpu_shim", False):
+        return
+
+    def _get_gradient_divide_factors(
+        reduce_scatter_group: Any,
+        all_reduce_group: Any,
+        reduce_dtype: torch.dtype,
+        device_type: str = "",
+        factor: float | None = None,
+        force_sum_reduction_for_comms: bool = False,
+    ) -> Any:
+        if device_type == "cpu":
+            force_sum_reduction_for_comms = True
+        return orig(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type, factor, force_sum_reduction_for_comms)
+
+    _get_gradient_divide_factors._tt_cpu_shim = True  # type: ignore[attr-defined]
+    coll._get_gradient_divide_factors = _get_gradient_divide_factors
+
+
+def _patch_module(mod: types.ModuleType) -> None:
+    if getattr(mod, "device_type", None) is not None and isinstance(mod.device_type, str):
+        mod.device_type = "cpu"
+    if isinstance(getattr(mod, "device_module", None), types.ModuleType | CpuDeviceModule):
+        mod.device_module = CPU_DEVICE_MODULE
+
+
+def patch_torchtitan_for_cpu(skip_final_sleep: bool = True) -> None:
+    """Make the stock torchtitan 0.2.2 ``Trainer`` run on CPU with gloo.  Idempotent.
+
+    * ``device_type``/``device_module`` -> ``"cpu"``/:class:`CpuDeviceModule` in
+      ``torchtitan.tools.utils`` (first, so modules imported later bind the CPU
+      values) and in every already-imported ``torchtitan.*`` module;
+      ``utils.get_device_info`` returns them too (``dual_pipe_v`` calls it).
+    * ``utils.get_peak_flops`` -> constant (no ``lspci`` subprocess, no A100 warning).
+    * ``torchtitan.train.time.sleep`` -> no-op (``skip_final_sleep``): saves 2 s per run.
+
+    Call it again after importing more torchtitan modules (e.g. experiments); each
+    call re-walks ``sys.modules``.  The backend follows from ``device_type``:
+    ``Backend.default_device_backend_map["cpu"] == "gloo"``.
+    """
+    import torchtitan.tools.utils as tt_utils
+
+    tt_utils.device_type = "cpu"
+    tt_utils.device_module = CPU_DEVICE_MODULE
+    tt_utils.get_device_info = lambda: ("cpu", CPU_DEVICE_MODULE)
+    tt_utils.get_peak_flops = _cpu_peak_flops
+
+    # Import the modules the trainer needs *after* utils is patched.
+    import torchtitan.components.checkpoint  # noqa: F401
+    import torchtitan.components.metrics  # noqa: F401
+    import torchtitan.components.validate  # noqa: F401
+    import torchtitan.distributed.utils  # noqa: F401
+    import torchtitan.train as tt_train
+
+    for name, mod in list(sys.modules.items()):
+        if (name == "torchtitan" or name.startswith("torchtitan.")) and mod is not None:
+            _patch_module(mod)
+            _PATCHED.add(name)
+
+    _patch_fsdp_for_gloo()
+    if skip_final_sleep and not isinstance(tt_train.time, _NoSleepTime):
+        tt_train.time = _NoSleepTime()
+
+
+# --------------------------------------------------------------------------------------
+# Fast CPU settings
+# --------------------------------------------------------------------------------------
+
+#: Job-config flags for fast CPU runs (the measurements are in TORCHTITAN_CPU_NOTES.md).
+CPU_FAST_ARGS: tuple[str, ...] = (
+    # bf16 autocast on a CPU without AVX512-BF16/AMX is emulated: the biggest cost.
+    "--training.mixed_precision_param", "float32",
+    # Selective AC recomputes every 2nd block in backward: pure overhead on CPU.
+    "--activation_checkpoint.mode", "none",
+    "--compile.no-enable",
+    "--metrics.log_freq", "1",
+    "--metrics.disable_color_printing",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Test assets: tokenizer and corpus
+# --------------------------------------------------------------------------------------
+
+
+def _read_corpus_texts(corpus: Path, max_docs: int | None) -> list[str]:
+    texts = []
+    opener = gzip.open if corpus.suffix == ".gz" else open
+    with opener(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            if max_docs is not None and len(texts) >= max_docs:
+                break
+            texts.append(json.loads(line)["text"])
+    return texts
+
+
+def write_debug_corpus(out_dir: str | os.PathLike, max_docs: int = 200, corpus: Path = SHARED_CORPUS) -> Path:
+    """Write ``out_dir/train.jsonl`` with the first ``max_docs`` documents of ``corpus``.
+
+    ``--training.dataset c4_test --training.dataset_path out_dir`` then loads it
+    through torchtitan's stock ``load_dataset(path, split="train")``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "train.jsonl"
+    if not target.exists():
+        tmp = out / "train.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in _read_corpus_texts(corpus, max_docs):
+                f.write(json.dumps({"text": text}) + "\n")
+        os.replace(tmp, target)
+    return out
+
+
+def build_debug_tokenizer(
+    out_dir: str | os.PathLike, vocab_size: int = 2048, corpus: Path = SHARED_CORPUS, max_docs: int = 500
+) -> Path:
+    """Train a byte-level BPE tokenizer (``tokenizer.json`` + ``tokenizer_config.json``).
+
+    ``vocab_size`` must not exceed the model's (llama3 ``debugmodel``: 2048) because
+    torchtitan does not resize the embedding to the tokenizer.  Deterministic;
+    takes about a second.  Special tokens: ``<|begin_of_text|>`` (bos),
+    ``<|end_of_text|>`` (eos).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = Path(out_dir)
+    if (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_read_corpus_texts(corpus, max_docs), trainer=trainer)
+    assert tok.get_vocab_size() <= vocab_size, tok.get_vocab_size()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": bos, "eos_token": eos, "add_bos_token": True, "add_eos_token": True})
+    )
+    return out
+
+
+def debug_assets(root: str | os.PathLike, max_docs: int = 200) -> dict[str, Path]:
+    """Tokenizer and corpus under ``root`` (created once, reused afterwards)."""
+    root = Path(root)
+    return {
+        "tokenizer": build_debug_tokenizer(root / "tokenizer"),
+        "dataset": write_debug_corpus(root / "data", max_docs=max_docs),
+    }
+
+
+# torchtitan v0.2.2 torchtitan/models/llama3/train_configs/debug_model.toml (not shipped in
+# the wheel), verbatim except for the comments.
+LLAMA3_DEBUG_TOML = """\
+[job]
+dump_folder = "./outputs"
+description = "Llama 3 debug training"
+print_config = false
+
+[profiling]
+enable_profiling = false
+save_traces_folder = "profile_trace"
+profile_freq = 10
+enable_memory_snapshot = false
+save_memory_snapshot_folder = "memory_snapshot"
+
+[metrics]
+log_freq = 1
+disable_color_printing = false
+enable_tensorboard = false
+save_tb_folder = "tb"
+enable_wandb = false
+
+[model]
+name = "llama3"
+flavor = "debugmodel"
+hf_assets_path = "./tests/assets/tokenizer"
+
+[optimizer]
+name = "AdamW"
+lr = 8e-4
+eps = 1e-8
+
+[lr_scheduler]
+warmup_steps = 2
+decay_ratio = 0.8
+decay_type = "linear"
+min_lr_factor = 0.0
+
+[training]
+local_batch_size = 8
+seq_len = 2048
+max_norm = 1.0
+steps = 10
+dataset = "c4_test"
+
+[parallelism]
+data_parallel_replicate_degree = 1
+data_parallel_shard_degree = -1
+fsdp_reshard_after_forward = "default"
+tensor_parallel_degree = 1
+enable_async_tensor_parallel = false
+pipeline_parallel_degree = 1
+pipeline_parallel_schedule = "Interleaved1F1B"
+context_parallel_degree = 1
+
+[checkpoint]
+enable = false
+folder = "checkpoint"
+interval = 10
+last_save_model_only = false
+export_dtype = "float32"
+async_mode = "disabled"
+
+[activation_checkpoint]
+mode = "selective"
+selective_ac_option = '2'
+
+[compile]
+enable=false
+components = ["model", "loss"]
+
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = false
+precompute_float8_dynamic_scale_for_fsdp = false
+filter_fqns = ["output"]
+
+[validation]
+enable = false
+dataset = "c4_validation"
+freq = 5
+steps = 10
+"""
+
+
+def llama3_debug_args(
+    assets: dict[str, Path],
+    dump_folder: str | os.PathLike,
+    steps: int = 10,
+    seq_len: int = 128,
+    batch_size: int = 4,
+    fast: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """CLI args: torchtitan's llama3 debug-model TOML, local assets, a small shape.
+
+    ``fast=False`` keeps the TOML's own (GPU-oriented) settings apart from the
+    shape, which is what the timing study compares against.
+    """
+    dump = Path(dump_folder)
+    dump.mkdir(parents=True, exist_ok=True)
+    toml = dump / "llama3_debug_model.toml"
+    toml.write_text(LLAMA3_DEBUG_TOML)
+    args = [
+        "--job.config_file", str(toml),
+        "--job.dump_folder", str(dump),
+        "--model.hf_assets_path", str(assets["tokenizer"]),
+        "--training.dataset", "c4_test",
+        "--training.dataset_path", str(assets["dataset"]),
+        "--training.steps", str(steps),
+        "--training.seq_len", str(seq_len),
+        "--training.local_batch_size", str(batch_size),
+        "--lr_scheduler.warmup_steps", str(min(2, steps)),
+        "--debug.seed", "0",
+    ]  # fmt: skip
+    if fast:
+        args += list(CPU_FAST_ARGS)
+    return args + list(extra)
+
+
+# --------------------------------------------------------------------------------------
+# Running a trainer in this process
+# --------------------------------------------------------------------------------------
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _record_losses(trainer: Any) -> None:
+    """Attach ``trainer.loss_history``: ``(step, global_avg_loss, grad_norm)`` per logged step."""
+    mp = trainer.metrics_processor
+    history: list[tuple[int, float, float]] = []
+    orig_log = mp.log
+
+    def log(step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float, *a: Any, **kw: Any):
+        history.append((step, float(global_avg_loss), float(grad_norm)))
+        return orig_log(step, global_avg_loss, global_max_loss, grad_norm, *a, **kw)
+
+    mp.log = log
+    trainer.loss_history = history
+
+
+def _single_process_env(env: dict[str, str] | None) -> dict[str, str]:
+    out = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    if "MASTER_PORT" not in (env or {}):
+        out["MASTER_PORT"] = str(find_free_port())
+    out.update(env or {})
+    return out
+
+
+def run_trainer(trainer_cls: type | None, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
+    """Patch, set the launcher env vars, and build ``trainer_cls(ConfigManager().parse_args(args))``.
+
+    Returns the trainer (not yet trained) with ``trainer.loss_history`` attached.
+    Without ``RANK`` in ``env`` or ``os.environ`` (set by :func:`spawn_gloo` or
+    torchrun) a single-process world on a free ``MASTER_PORT`` is assumed.
+    The caller owns cleanup: prefer :func:`trainer_session`.
+    ``ConfigManager.parse_args`` is always given ``args`` explicitly: its default
+    is ``sys.argv[1:]`` *captured at import time* (pytest's argv, under pytest).
+    """
+    patch_torchtitan_for_cpu()
+    env = dict(env or {})
+    if "RANK" not in env and "RANK" not in os.environ:
+        env = _single_process_env(env)  # no launcher: a world of one
+    os.environ.update(env)
+    from torchtitan.config import ConfigManager
+
+    if trainer_cls is None:
+        from torchtitan.train import Trainer as trainer_cls
+    config = ConfigManager().parse_args(list(args))
+    trainer = trainer_cls(config)
+    _record_losses(trainer)
+    return trainer
+
+
+def _cleanup(trainer: Any) -> None:
+    try:
+        if trainer is not None:
+            trainer.close()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        # utils.GarbageCollection calls gc.disable() and never re-enables it.
+        gc.enable()
+
+
+@contextlib.contextmanager
+def trainer_session(
+    trainer_cls: type | None, args: Sequence[str], env: dict[str, str] | None = None
+) -> Iterator[Any]:
+    """:func:`run_trainer` as a context manager: closes the trainer, destroys the
+    process group, re-enables ``gc`` and restores ``os.environ`` afterwards."""
+    saved_env = dict(os.environ)
+    trainer = None
+    try:
+        trainer = run_trainer(trainer_cls, args, env)
+        yield trainer
+    finally:
+        _cleanup(trainer)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+# --------------------------------------------------------------------------------------
+# Several processes on gloo
+# --------------------------------------------------------------------------------------
+
+
+def _spawn_entry(
+    local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str, env: dict[str, str]
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "HF_DATASETS_OFFLINE": "1",
+        }
+    )
+    # Two ranks on two cores: one intra-op thread each, or they fight over the cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    result: dict[str, Any]
+    try:
+        patch_torchtitan_for_cpu()
+        result = {"ok": True, "value": fn(*args)}
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    finally:
+        if torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{local_rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+def spawn_gloo(
+    fn: Callable, *args: Any, world_size: int = 2, env: dict[str, str] | None = None, timeout: float = 300
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` fresh processes (``spawn``) that see
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and a patched
+    torchtitan; return the per-rank return values (rank order).
+
+    ``fn`` must be importable by the children (a module-level function) and its
+    return value picklable.  ``fn`` typically calls :func:`run_trainer` with
+    ``env=None`` (the rank variables are already set) and trains; it may also
+    init the process group itself.  A failure on any rank raises ``RuntimeError``
+    carrying that rank's traceback.
+    """
+    import torch.multiprocessing as mp
+
+    port = find_free_port()
+    with tempfile.TemporaryDirectory(prefix="tt_gloo_") as out_dir:
+        ctx = mp.start_processes(
+            _spawn_entry,
+            args=(world_size, port, fn, args, out_dir, dict(env or {})),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        error: Exception | None = None
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"spawn_gloo: {fn.__name__} did not finish in {timeout} s")
+        except mp.ProcessRaisedException as e:  # pragma: no cover - reported below
+            error = e
+        except mp.ProcessExitedException as e:
+            error = e
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"spawn_gloo: rank {rank} wrote no result ({error})")
+            with open(path, "rb") as f:
+                res = pickle.load(f)
+            if not res["ok"]:
+                raise RuntimeError(f"spawn_gloo: rank {rank} failed: {res['error']}\n{res['traceback']}")
+            results.append(res["value"])
+        if error is not None:
+            raise RuntimeError(f"spawn_gloo: {error}")
+        return results
+
+
+def train_and_report(trainer_cls_path: str | None, args: Sequence[str]) -> dict[str, Any]:
+    """``spawn_gloo`` target: build a trainer from the current env, train, return losses."""
+    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else None
+    from torch.distributed.tensor import DTensor
+
+    trainer = run_trainer(trainer_cls, args)
+    try:
+        t0 = time.perf_counter()
+        trainer.train()
+        params = list(trainer.model_parts[0].parameters())
+        return {
+            "rank": torch.distributed.get_rank(),
+            "world_size": torch.distributed.get_world_size(),
+            "fsdp": trainer.parallel_dims.fsdp_enabled,
+            "dtensor_params": all(isinstance(p, DTensor) for p in params),
+            "losses": list(trainer.loss_history),
+            "seconds": time.perf_counter() - t0,
+            "steps": trainer.step,
+        }
+    finally:
+        _cleanup(trainer)
+
+
+# --------------------------------------------------------------------------------------
+# Command line: `python -m tests.torchtitan_cpu [--trainer mod:Cls] [--nproc N] -- <args>`
+# --------------------------------------------------------------------------------------
+
+
+def _load_class(path: str) -> type:
+    mod_name, _, attr = path.partition(":")
+    if not attr:
+        mod_name, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(mod_name), attr)
+
+
+def _main_single(trainer_cls_path: str | None, args: list[str]) -> None:
+    patch_torchtitan_for_cpu()
+    import torchtitan.train as tt_train
+
+    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else tt_train.Trainer
+    for k, v in _single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():
+        os.environ.setdefault(k, v)
+    # torchtitan.train.main parses sys.argv[1:] (bound at import of ConfigManager.parse_args'
+    # default); pass the arguments explicitly instead by mirroring main().
+    from torchtitan.config import ConfigManager
+
+    orig_parse = ConfigManager.parse_args
+    ConfigManager.parse_args = lambda self, a=None: orig_parse(self, args if a is None else a)
+    try:
+        tt_train.main(trainer_cls)
+    finally:
+        ConfigManager.parse_args = orig_parse
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.torchtitan_cpu",
+        description="Run torchtitan's train main() on CPU (gloo) with the test shim applied. "
+        "Arguments after '--' go to torchtitan (e.g. --job.config_file x.toml).",
+    )
+    parser.add_argument("--trainer", default=None, help="trainer class, 'pkg.module:Class' (default torchtitan's)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (gloo); >1 spawns them")
+    parser.add_argument("--no-fast", action="store_true", help="do not prepend CPU_FAST_ARGS")
+    parser.add_argument(
+        "--llama3-debug",
+        metavar="DIR",
+        default=None,
+        help="prepend torchtitan's llama3 debug-model config with a tokenizer and corpus built under DIR",
+    )
+    ns, rest = parser.parse_known_args(argv)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    args = [] if ns.no_fast else list(CPU_FAST_ARGS)
+    if ns.llama3_debug:
+        root = Path(ns.llama3_debug)
+        args += llama3_debug_args(debug_assets(root), root / "outputs", fast=False)
+    args += rest
+    # CPU_FAST_ARGS come first so anything given on the command line wins (tyro: last wins);
+    # --job.config_file is found anywhere in the list.
+    if ns.nproc == 1 and "RANK" not in os.environ:
+        _main_single(ns.trainer, args)
+    elif "RANK" in os.environ:  # already launched by torchrun
+        _main_single(ns.trainer, args)
+    else:
+        results = spawn_gloo(train_and_report, ns.trainer, args, world_size=ns.nproc, timeout=3600)
+        for r in results:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,12 +25,13 @@ class _RecurrenceReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_logits, keys, values):
         batch, seq_len, *channels = keys.shape
-        gates = torch.sigmoid(gate_logits.float())  # [B, T, ...]
-        key_state = keys.new_zeros(batch, *channels, dtype=torch.float32)
-        value_state = keys.new_zeros(batch, *channels, dtype=torch.float32)
-        key_states = torch.empty(batch, seq_len, *channels, dtype=torch.float32, device=keys.device)
+        acc = torch.promote_types(keys.dtype, torch.float32)  # fp32 state (float64 for float64 inputs)
+        gates = torch.sigmoid(gate_logits.to(acc))  # [B, T, ...]
+        key_state = keys.new_zeros(batch, *channels, dtype=acc)
+        value_state = keys.new_zeros(batch, *channels, dtype=acc)
+        key_states = torch.empty(batch, seq_len, *channels, dtype=acc, device=keys.device)
         value_states = torch.empty_like(key_states)
-        keys32, values32 = keys.float(), values.float()
+        keys32, values32 = keys.to(acc), values.to(acc)
         for t in range(seq_len):
             a = gates[:, t]
             key_state = a * key_state + (1 - a) * keys32[:, t]
@@ -44,22 +45,23 @@ class _RecurrenceReference(torch.autograd.Function):
     def backward(ctx, grad_key_states, grad_value_states):
         gate_logits, keys, values, key_states, value_states = ctx.saved_tensors
         batch, seq_len, *channels = keys.shape
-        gates = torch.sigmoid(gate_logits.float())
-        grad_k_state = keys.new_zeros(batch, *channels, dtype=torch.float32)
+        acc = key_states.dtype
+        gates = torch.sigmoid(gate_logits.to(acc))
+        grad_k_state = keys.new_zeros(batch, *channels, dtype=acc)
         grad_v_state = torch.zeros_like(grad_k_state)
-        grad_gate = torch.empty(batch, seq_len, *channels, dtype=torch.float32, device=keys.device)
+        grad_gate = torch.empty(batch, seq_len, *channels, dtype=acc, device=keys.device)
         grad_keys = torch.empty_like(grad_gate)
         grad_values = torch.empty_like(grad_gate)
         zero = torch.zeros_like(grad_k_state)
         for t in range(seq_len - 1, -1, -1):
             a = gates[:, t]
-            grad_k_state = grad_k_state + grad_key_states[:, t].float()
-            grad_v_state = grad_v_state + grad_value_states[:, t].float()
+            grad_k_state = grad_k_state + grad_key_states[:, t].to(acc)
+            grad_v_state = grad_v_state + grad_value_states[:, t].to(acc)
             prev_k = key_states[:, t - 1] if t > 0 else zero
             prev_v = value_states[:, t - 1] if t > 0 else zero
             grad_keys[:, t] = grad_k_state * (1 - a)
             grad_values[:, t] = grad_v_state * (1 - a)
-            grad_a = grad_k_state * (prev_k - keys[:, t].float()) + grad_v_state * (prev_v - values[:, t].float())
+            grad_a = grad_k_state * (prev_k - keys[:, t].to(acc)) + grad_v_state * (prev_v - values[:, t].to(acc))
             grad_gate[:, t] = grad_a * a * (1 - a)
             grad_k_state = grad_k_state * a
             grad_v_state = grad_v_state * a

@@ -28,9 +28,10 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> to
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, H, hd]`` by ``cos_sin [T, 2, hd]`` (rotate-half pairs), fp32 math."""
-    cos, sin = cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]  # [T, 1, hd]
-    x32 = x.float()
+    """Rotate ``x [B, T, H, hd]`` by ``cos_sin [T, 2, hd]`` (rotate-half pairs), in fp32 (or wider)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos_sin[:, 0, None, :].to(acc), cos_sin[:, 1, None, :].to(acc)  # [T, 1, hd]
+    x32 = x.to(acc)
     first, second = x32.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)

@@ -1,0 +1,302 @@
+"""``ratplus-export``: a torchtitan DCP checkpoint -> the exported-model folder (``layout.py``).
+
+torchtitan 0.2.2 (``components/checkpoint.py``) writes ``{dump_folder}/{checkpoint.folder}/step-N/``
+(a ``.metadata`` file plus ``__R_0.distcp`` shards). Its ``ModelWrapper`` puts the model's
+tensors at the top level of the DCP state dict under their plain FQNs
+(``tok_embeddings.weight``, ``layers.0.seq_layer.in_proj.weight``, ...: ``get_model_state_dict``
+drops the ``_orig_mod.``/``_checkpoint_wrapped_module.`` wrapper names); everything else
+lives under ``optimizer.``, ``lr_scheduler.``, ``dataloader.``, ``train_state``. A
+``last_save_model_only`` (or step-0 seed) checkpoint holds only the model keys.
+
+DCP stores each tensor as its global (unsharded) shape, so a checkpoint saved under any
+FSDP/TP layout loads here into plain full CPU tensors, without a process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ratplus_titan.model.args import RATPlusModelArgs
+from ratplus_titan.model.flavors import ratplus_flavors
+from ratplus_titan.pattern import Pattern
+
+from .layout import check_state_dict, expected_shapes, save_export
+
+# First FQN component of every model tensor torchtitan writes for a RAT+ model
+# ("output" only shows up if someone saved an untied head: check_state_dict then names it).
+MODEL_ROOTS = ("tok_embeddings", "layers", "norm", "output")
+# Module-wrapper names that may appear inside FQNs written by other tools.
+WRAPPER_NAMES = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+DTYPES = ("bfloat16", "float16", "float32")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def default_tokenizer() -> Path:
+    """The LLaMA-2 SentencePiece model shipped with the package."""
+    import ratplus_titan
+
+    return Path(ratplus_titan.__file__).parent / "assets" / "llama2" / "tokenizer.model"
+
+
+# ---- finding and reading the DCP checkpoint ----------------------------------------------
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """``path`` is a DCP folder (has ``.metadata``) or a folder of ``step-N`` DCP folders."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a torchtitan checkpoint/ or checkpoint/step-N folder")
+    if (path / ".metadata").is_file():
+        if step is not None:
+            match = _STEP_DIR.match(path.name)
+            if match is None or int(match[1]) != step:
+                raise ValueError(f"--step {step} was given but {path} is itself a DCP checkpoint ({path.name})")
+        return path
+    steps = {}
+    for child in path.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / ".metadata").is_file():
+            steps[int(match[1])] = child
+    if not steps:
+        raise FileNotFoundError(f"{path} holds no DCP checkpoint: no .metadata and no step-N/.metadata inside")
+    if step is None:
+        return steps[max(steps)]
+    if step not in steps:
+        raise FileNotFoundError(f"{path} has no step-{step}; steps found: {', '.join(map(str, sorted(steps)))}")
+    return steps[step]
+
+
+def canonical_name(key: str) -> str:
+    """Drop module-wrapper components (``_orig_mod`` etc.) from a tensor name."""
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_NAMES)
+
+
+def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP checkpoint as a full CPU tensor in its saved dtype.
+
+    Non-model entries (optimizer, lr_scheduler, dataloader, train_state) are not read.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    checkpoint_dir = Path(checkpoint_dir)
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    wanted: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        name = canonical_name(key)
+        if not isinstance(meta, TensorStorageMetadata) or name.split(".")[0] not in MODEL_ROOTS:
+            continue
+        if name in names.values():
+            raise ValueError(f"{checkpoint_dir}: tensor {name!r} is stored twice (as {key!r} and another name)")
+        wanted[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        names[key] = name
+    if not wanted:
+        sample = ", ".join(sorted(metadata.state_dict_metadata)[:5])
+        raise ValueError(
+            f"{checkpoint_dir} holds no model tensors (names starting with {', '.join(MODEL_ROOTS)}); "
+            f"its first entries are: {sample}"
+        )
+    with warnings.catch_warnings():  # the single-process load is the intent, not a fallback
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    return {names[key]: tensor for key, tensor in wanted.items()}
+
+
+# ---- model arguments ------------------------------------------------------------------------
+
+
+def shape_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, int | bool]:
+    """dim, vocab_size, n_layers, ffn_multiplier and apply_re read off the tensor shapes."""
+    if "tok_embeddings.weight" not in state_dict:
+        raise KeyError("checkpoint is missing tensor 'tok_embeddings.weight'")
+    vocab_size, dim = state_dict["tok_embeddings.weight"].shape
+    layer_ids = {int(name.split(".")[1]) for name in state_dict if name.startswith("layers.")}
+    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    in_proj = state_dict.get("layers.0.seq_layer.in_proj.weight")
+    fc1 = state_dict.get("layers.0.ffn.fc1.weight")
+    return {
+        "dim": int(dim),
+        "vocab_size": int(vocab_size),
+        "n_layers": n_layers,
+        "ffn_multiplier": int(fc1.shape[0] // dim) if fc1 is not None else 4,
+        "apply_re": bool(in_proj is None or in_proj.shape[0] == 5 * dim),
+    }
+
+
+def resolve_args(
+    state_dict: dict[str, torch.Tensor],
+    flavor: str | None = None,
+    n_heads: int | None = None,
+    apply_re: bool | None = None,
+    max_seq_len: int | None = None,
+    source: str = "checkpoint",
+) -> RATPlusModelArgs:
+    """Model args for ``state_dict``: from ``flavor`` (checked against the shapes) or read off the shapes.
+
+    Without a flavor the head count cannot be read off any shape, so it comes from
+    ``n_heads`` or from the flavor whose sizes match; a wrong head count would silently
+    scramble the head-interleaved ``in_proj``, so it is never guessed.
+    """
+    found = shape_summary(state_dict)
+    if apply_re is None:
+        apply_re = bool(found["apply_re"])
+    if flavor is not None:
+        if flavor not in ratplus_flavors:
+            raise ValueError(f"flavor {flavor!r} is unknown: allowed values are {', '.join(ratplus_flavors)}")
+        base = ratplus_flavors[flavor]
+        changes: dict = {"apply_re": apply_re}
+    else:
+        sizes = {key: found[key] for key in ("dim", "vocab_size", "n_layers", "ffn_multiplier")}
+        matching = [name for name, a in ratplus_flavors.items() if all(getattr(a, k) == v for k, v in sizes.items())]
+        if n_heads is None and not matching:
+            raise ValueError(
+                f"{source}: sizes {sizes} match no flavor ({', '.join(ratplus_flavors)}); "
+                "give --flavor, or --n-heads so the model can be described from the shapes"
+            )
+        base = ratplus_flavors[matching[0]] if matching else RATPlusModelArgs()
+        changes = {**sizes, "apply_re": apply_re}
+    if n_heads is not None:
+        changes["n_heads"] = n_heads
+    if max_seq_len is not None:
+        changes["max_seq_len"] = max_seq_len
+    # A fresh instance: the flavor table's entries are shared and must not be mutated.
+    args = dataclasses.replace(base, **changes)
+    check_state_dict(args, state_dict, source=source)
+    return args
+
+
+# ---- the pattern recorded in config.json -----------------------------------------------------
+
+
+def _int_or_list(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "pattern", "the attention pattern the weights were trained/adapted for, recorded in config.json (default: dense)"
+    )
+    group.add_argument("--pattern", help="'dense' or 'd<D>w<W>s<S>', e.g. d16w256s4 (one pattern for every layer)")
+    group.add_argument("--dilation", type=_int_or_list, help="D: an int, or one per layer (comma-separated); -1 = none")
+    group.add_argument("--local-window", type=_int_or_list, help="W: an int or one per layer")
+    group.add_argument("--sinks", type=_int_or_list, help="S: an int or one per layer")
+
+
+def pattern_from_arguments(
+    parser: argparse.ArgumentParser, options: argparse.Namespace
+) -> tuple[int | list[int], int | list[int], int | list[int]] | None:
+    """``(dilation, local_window, sinks)`` from the CLI, or None when none was given."""
+    parts = (options.dilation, options.local_window, options.sinks)
+    if options.pattern is not None:
+        if any(p is not None for p in parts):
+            parser.error("give --pattern or --dilation/--local-window/--sinks, not both")
+        try:
+            pattern = Pattern.parse(options.pattern)
+        except ValueError as err:
+            parser.error(str(err))
+        return pattern.dilation, pattern.local_window, pattern.sinks
+    if all(p is None for p in parts):
+        return None
+    dilation, window, sinks = parts
+    return (1 if dilation is None else dilation, 0 if window is None else window, 0 if sinks is None else sinks)
+
+
+def apply_pattern(args: RATPlusModelArgs, pattern: tuple | None) -> None:
+    if pattern is not None:
+        args.set_pattern(*pattern)  # validates (and names the layer for per-layer lists)
+
+
+# ---- the exporter --------------------------------------------------------------------------
+
+
+def export_dcp(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    flavor: str | None = None,
+    n_heads: int | None = None,
+    apply_re: bool | None = None,
+    max_seq_len: int | None = None,
+    pattern: tuple | None = None,
+    dtype: str = "bfloat16",
+    tokenizer: str | Path | None = None,
+    step: int | None = None,
+) -> Path:
+    """Read the model tensors of a torchtitan DCP checkpoint and write the exported folder."""
+    checkpoint_dir = find_checkpoint(checkpoint, step)
+    state_dict = load_dcp_model_state_dict(checkpoint_dir)
+    args = resolve_args(state_dict, flavor, n_heads, apply_re, max_seq_len, source=str(checkpoint_dir))
+    apply_pattern(args, pattern)
+    state_dict = {name: state_dict[name] for name in expected_shapes(args)}
+    return save_export(out_dir, state_dict, args, dtype=dtype, tokenizer_path=tokenizer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ratplus-export",
+        description="Export a torchtitan DCP checkpoint of a RAT+ model (saved under any FSDP/TP layout) "
+        "to a folder with model.safetensors, config.json and the tokenizer.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint/step-N folder, or a checkpoint/ folder (takes the latest step)")
+    parser.add_argument("out_dir", help="folder to write")
+    parser.add_argument("--step", type=int, help="with a checkpoint/ folder: the step to export (default: latest)")
+    parser.add_argument(
+        "--flavor",
+        choices=sorted(ratplus_flavors),
+        help="model flavor; default: read the sizes off the tensors (a matching flavor gives the head count)",
+    )
+    parser.add_argument("--n-heads", type=int, help="number of heads (needed when no flavor matches the sizes)")
+    parser.add_argument("--max-seq-len", type=int, help="max_seq_len recorded in config.json (default: the flavor's)")
+    parser.add_argument(
+        "--apply-re",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the model has the recurrence (forget gate); default: read off the in_proj shape",
+    )
+    add_pattern_arguments(parser)
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported tensors")
+    parser.add_argument("--tokenizer", help="tokenizer file or folder to copy (default: the shipped LLaMA-2 tokenizer)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
+    return parser
+
+
+def tokenizer_from_arguments(options: argparse.Namespace) -> Path | None:
+    if options.no_tokenizer:
+        return None
+    return Path(options.tokenizer) if options.tokenizer else default_tokenizer()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    pattern = pattern_from_arguments(parser, options)
+    try:
+        out = export_dcp(
+            options.checkpoint,
+            options.out_dir,
+            flavor=options.flavor,
+            n_heads=options.n_heads,
+            apply_re=options.apply_re,
+            max_seq_len=options.max_seq_len,
+            pattern=pattern,
+            dtype=options.dtype,
+            tokenizer=tokenizer_from_arguments(options),
+            step=options.step,
+        )
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ratplus-export: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"ratplus-export: wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+
 @dataclass
 class RATPlus:
     joint_train: bool = False

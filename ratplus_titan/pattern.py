@@ -45,7 +45,7 @@ class Pattern:
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def parse(cls, spec: str) -> "Pattern":
+    def parse(cls, spec: str) -> Pattern:
         """``"dense"`` or ``"d16w256s4"`` (dilation 16, window 256, sinks 4)."""
         if spec == "dense":
             return cls()

@@ -11,7 +11,8 @@ attention and a second optimizer step; the LR schedule advances once.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torchtitan.components.loss import IGNORE_INDEX

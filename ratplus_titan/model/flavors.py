@@ -3,7 +3,6 @@
 from ratplus_titan.model.args import RATPlusModelArgs
 
 
-
 class Flavors(dict):
     """A dict whose missing-key error names the field and the allowed values."""
 

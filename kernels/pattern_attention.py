@@ -87,15 +87,16 @@ def pattern_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` over ``k, v`` under ``pattern``.
 
-    backend: ``auto`` (flex on CUDA, masked SDPA elsewhere), ``reference``, ``compact``, ``flex``,
-    ``triton`` (one fused kernel, forward and backward; ``pattern_attention_triton.py``).
+    backend: ``auto`` (``triton`` on CUDA, ``sdpa`` elsewhere); ``sdpa`` (explicit boolean mask);
+    ``triton`` (one fused kernel, forward and backward; ``pattern_attention_triton.py``);
+    ``flex`` (two FlexAttention calls + merge, eager use); ``reference``; ``compact``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seq_len = q.shape[-2]
     if pattern.covers_all(seq_len) and backend != "reference":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "sdpa"
+        backend = "triton" if q.is_cuda else "sdpa"
     if backend == "sdpa":
         mask = pattern.dense_mask(seq_len, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -103,14 +104,14 @@ def pattern_attention(
         return pattern_attention_reference(q, k, v, pattern, scale)
     if backend == "compact":
         return pattern_attention_compact(q, k, v, pattern, scale)
-    if backend == "flex":
-        from .flex import flex_pattern_attention
-
-        return flex_pattern_attention(q, k, v, pattern, scale)
     if backend == "triton":
         from .pattern_attention_triton import pattern_attention_triton
 
         return pattern_attention_triton(q, k, v, pattern, scale)
+    if backend == "flex":
+        from .flex import flex_pattern_attention
+
+        return flex_pattern_attention(q, k, v, pattern, scale)
     raise ValueError(
         f"attention backend {backend!r} is unknown: allowed values are auto, sdpa, reference, compact, flex, triton"
     )

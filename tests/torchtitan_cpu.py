@@ -26,7 +26,8 @@ Use::
 Multi-process (gloo) runs: :func:`spawn_gloo`.  Command line (what ``make train``
 uses on a CPU machine)::
 
-    python -m tests.torchtitan_cpu [--trainer pkg.mod:Cls] [--nproc N] -- <torchtitan args>
+    python -m tests.torchtitan_cpu [--trainer pkg.mod:Cls] [--nproc N] [--llama3-debug DIR] -- <torchtitan args>
+    torchrun --standalone --nproc_per_node=2 -m tests.torchtitan_cpu -- <torchtitan args>
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import tempfile
 import time
 import traceback
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,13 +59,16 @@ __all__ = [
     "LLAMA3_DEBUG_TOML",
     "CpuDeviceModule",
     "build_debug_tokenizer",
+    "create_seed_checkpoint",
     "debug_assets",
     "find_free_port",
     "llama3_debug_args",
     "main",
     "patch_torchtitan_for_cpu",
+    "replicate_corpus_for_ranks",
     "run_trainer",
     "spawn_gloo",
+    "train_and_report",
     "trainer_session",
     "write_debug_corpus",
 ]
@@ -179,9 +184,6 @@ class _NoSleepTime(types.ModuleType):
         return None
 
 
-_PATCHED: set[str] = set()
-
-
 def _patch_fsdp_for_gloo() -> None:
     """FSDP2 reduce-scatters gradients with ``ReduceOp.PREMUL_SUM(1/factor)`` (or ``AVG``)
     for fp32/bf16 grads; gloo supports neither ("Cannot use ReduceOp.PREMUL_SUM with
@@ -204,26 +206,34 @@ def _patch_fsdp_for_gloo() -> None:
     ) -> Any:
         if device_type == "cpu":
             force_sum_reduction_for_comms = True
-        return orig(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type, factor, force_sum_reduction_for_comms)
+        return orig(
+            reduce_scatter_group, all_reduce_group, reduce_dtype, device_type, factor, force_sum_reduction_for_comms
+        )
 
     _get_gradient_divide_factors._tt_cpu_shim = True  # type: ignore[attr-defined]
     coll._get_gradient_divide_factors = _get_gradient_divide_factors
 
 
-def _patch_module(mod: types.ModuleType) -> None:
-    if getattr(mod, "device_type", None) is not None and isinstance(mod.device_type, str):
+def _patch_module(mod: types.ModuleType, original: tuple[str, Any]) -> None:
+    # Only names that hold torchtitan's pre-patch values (bound by `from torchtitan.tools.utils
+    # import device_type, device_module`), so unrelated module globals are left alone.
+    if "device_type" in vars(mod) and mod.device_type == original[0]:
         mod.device_type = "cpu"
-    if isinstance(getattr(mod, "device_module", None), types.ModuleType | CpuDeviceModule):
+    if "device_module" in vars(mod) and mod.device_module is original[1]:
         mod.device_module = CPU_DEVICE_MODULE
 
 
-def patch_torchtitan_for_cpu(skip_final_sleep: bool = True) -> None:
+def patch_torchtitan_for_cpu(
+    skip_final_sleep: bool = True, packages: Sequence[str] = ("torchtitan", "ratplus_titan")
+) -> None:
     """Make the stock torchtitan 0.2.2 ``Trainer`` run on CPU with gloo.  Idempotent.
 
     * ``device_type``/``device_module`` -> ``"cpu"``/:class:`CpuDeviceModule` in
       ``torchtitan.tools.utils`` (first, so modules imported later bind the CPU
       values) and in every already-imported ``torchtitan.*`` module;
       ``utils.get_device_info`` returns them too (``dual_pipe_v`` calls it).
+      Modules of the other ``packages`` (our plugin) that bound the names from
+      torchtitan before the patch are rebound as well.
     * ``utils.get_peak_flops`` -> constant (no ``lspci`` subprocess, no A100 warning).
     * ``torchtitan.train.time.sleep`` -> no-op (``skip_final_sleep``): saves 2 s per run.
 
@@ -233,6 +243,11 @@ def patch_torchtitan_for_cpu(skip_final_sleep: bool = True) -> None:
     """
     import torchtitan.tools.utils as tt_utils
 
+    # torchtitan's own choice, normally ("cuda", torch.cuda); kept on the module itself so
+    # that a second copy of this file (imported under another name) sees it too.
+    if not hasattr(tt_utils, "_tt_cpu_shim_original"):
+        tt_utils._tt_cpu_shim_original = (tt_utils.device_type, tt_utils.device_module)
+    original = tt_utils._tt_cpu_shim_original
     tt_utils.device_type = "cpu"
     tt_utils.device_module = CPU_DEVICE_MODULE
     tt_utils.get_device_info = lambda: ("cpu", CPU_DEVICE_MODULE)
@@ -246,12 +261,14 @@ def patch_torchtitan_for_cpu(skip_final_sleep: bool = True) -> None:
     import torchtitan.train as tt_train
 
     for name, mod in list(sys.modules.items()):
-        if (name == "torchtitan" or name.startswith("torchtitan.")) and mod is not None:
-            _patch_module(mod)
-            _PATCHED.add(name)
+        if mod is not None and any(name == p or name.startswith(p + ".") for p in packages):
+            _patch_module(mod, original)
 
     _patch_fsdp_for_gloo()
-    if skip_final_sleep and not isinstance(tt_train.time, _NoSleepTime):
+    # With CPU_FAST_ARGS (--training.mixed_precision_param float32) torchtitan builds
+    # torch.autocast("cpu", dtype=float32), which disables itself with this warning.
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+    if skip_final_sleep and tt_train.time is time:
         tt_train.time = _NoSleepTime()
 
 
@@ -338,6 +355,41 @@ def build_debug_tokenizer(
         json.dumps({"bos_token": bos, "eos_token": eos, "add_bos_token": True, "add_eos_token": True})
     )
     return out
+
+
+def replicate_corpus_for_ranks(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, world_size: int) -> Path:
+    """``out_dir/train.jsonl`` = ``world_size`` copies of ``dataset_dir/train.jsonl``.
+
+    torchtitan shards a map-style dataset contiguously (``split_dataset_by_node``), so
+    every rank then reads exactly the batches a single process reads from
+    ``dataset_dir``: with the same initial weights (:func:`create_seed_checkpoint`) an
+    N-rank data-parallel run must reproduce the single-process losses.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (Path(dataset_dir) / "train.jsonl").read_text(encoding="utf-8")
+    (out / "train.jsonl").write_text(text * world_size, encoding="utf-8")
+    return out
+
+
+def create_seed_checkpoint(args: Sequence[str], trainer_cls: type | None = None) -> Path:
+    """Save step-0 weights the way ``torchtitan.train.main`` does for
+    ``--checkpoint.create_seed_checkpoint`` (one process, no sharding) and return the
+    folder to pass as ``--checkpoint.initial_load_path`` (with ``--checkpoint.enable``).
+
+    Needed to compare runs of different world sizes: FSDP initialises sharded
+    weights with DTensor's RNG, which differs from single-process init.
+    """
+    extra = [
+        "--checkpoint.enable",
+        "--checkpoint.create_seed_checkpoint",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+    ]
+    with trainer_session(trainer_cls, [*args, *extra]) as trainer:
+        trainer.checkpointer.save(curr_step=0, last_step=True)
+        folder = Path(trainer.checkpointer.folder) / "step-0"
+    return folder
 
 
 def debug_assets(root: str | os.PathLike, max_docs: int = 200) -> dict[str, Path]:
@@ -546,19 +598,34 @@ def _cleanup(trainer: Any) -> None:
 
 @contextlib.contextmanager
 def trainer_session(
-    trainer_cls: type | None, args: Sequence[str], env: dict[str, str] | None = None
+    trainer_cls: type | None,
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    num_threads: int | None = None,
 ) -> Iterator[Any]:
     """:func:`run_trainer` as a context manager: closes the trainer, destroys the
-    process group, re-enables ``gc`` and restores ``os.environ`` afterwards."""
+    process group, re-enables ``gc`` and restores ``os.environ`` (and the intra-op
+    thread count, when ``num_threads`` is given) afterwards.
+
+    ``num_threads=1`` makes a run immune to the OpenMP spin-wait slowdown on a
+    shared/oversubscribed machine (see TORCHTITAN_CPU_NOTES.md); leave it ``None``
+    on a dedicated machine.
+    """
     saved_env = dict(os.environ)
+    saved_threads = torch.get_num_threads()
     trainer = None
     try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         trainer = run_trainer(trainer_cls, args, env)
         yield trainer
     finally:
-        _cleanup(trainer)
-        os.environ.clear()
-        os.environ.update(saved_env)
+        try:
+            _cleanup(trainer)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            torch.set_num_threads(saved_threads)
 
 
 # --------------------------------------------------------------------------------------
@@ -652,10 +719,18 @@ def spawn_gloo(
         return results
 
 
-def train_and_report(trainer_cls_path: str | None, args: Sequence[str]) -> dict[str, Any]:
-    """``spawn_gloo`` target: build a trainer from the current env, train, return losses."""
-    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else None
+def train_and_report(trainer_cls_path: str | None, args: Sequence[str], log: bool = False) -> dict[str, Any]:
+    """:func:`spawn_gloo` target: build a trainer (``"pkg.mod:Cls"`` or ``None`` for
+    torchtitan's) from the rank env, train, return a picklable summary: ``rank``,
+    ``world_size``, ``fsdp``, ``dtensor_params``, ``losses`` (``[(step, loss,
+    grad_norm)]``), ``seconds``, ``steps``.  ``log=True`` turns on torchtitan's log."""
     from torch.distributed.tensor import DTensor
+
+    if log:
+        from torchtitan.tools.logging import init_logger
+
+        init_logger()
+    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else None
 
     trainer = run_trainer(trainer_cls, args)
     try:
@@ -713,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Arguments after '--' go to torchtitan (e.g. --job.config_file x.toml).",
     )
     parser.add_argument("--trainer", default=None, help="trainer class, 'pkg.module:Class' (default torchtitan's)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (gloo); >1 spawns them")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="ranks (gloo); >1 spawns them and prints a JSON summary per rank"
+    )
     parser.add_argument("--no-fast", action="store_true", help="do not prepend CPU_FAST_ARGS")
     parser.add_argument(
         "--llama3-debug",
@@ -731,14 +808,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args += rest
     # CPU_FAST_ARGS come first so anything given on the command line wins (tyro: last wins);
     # --job.config_file is found anywhere in the list.
-    if ns.nproc == 1 and "RANK" not in os.environ:
-        _main_single(ns.trainer, args)
-    elif "RANK" in os.environ:  # already launched by torchrun
-        _main_single(ns.trainer, args)
-    else:
-        results = spawn_gloo(train_and_report, ns.trainer, args, world_size=ns.nproc, timeout=3600)
+    if ns.nproc > 1 and "RANK" not in os.environ:
+        results = spawn_gloo(train_and_report, ns.trainer, args, True, world_size=ns.nproc, timeout=24 * 3600)
         for r in results:
             print(json.dumps(r))
+    else:  # one process, or one rank of a torchrun launch
+        _main_single(ns.trainer, args)
 
 
 if __name__ == "__main__":

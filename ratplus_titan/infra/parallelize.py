@@ -36,6 +36,14 @@ _SAC_SAVE_LIST = {
 }
 
 
+def _sac_save_list() -> set:
+    """Also keep the outputs of our own kernels (registered once their modules load on CUDA)."""
+    if torch.cuda.is_available():
+        from ratplus_titan.kernels import pattern_attention_triton, recurrence_triton  # noqa: F401  (register ops)
+    ours = [getattr(torch.ops.ratplus, name, None) for name in ("recurrence_scan", "pattern_attention")]
+    return _SAC_SAVE_LIST | {op.default for op in ours if op is not None}
+
+
 def parallelize_ratplus(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     """TP -> AC -> per-block compile -> FSDP2, the order torchtitan's models use."""
     if parallel_dims.cp_enabled or parallel_dims.pp_enabled:
@@ -63,7 +71,7 @@ def parallelize_ratplus(model: nn.Module, parallel_dims: ParallelDims, job_confi
             model,
             job_config.activation_checkpoint,
             model_compile_enabled=compile_model,
-            op_sac_save_list=_SAC_SAVE_LIST,
+            op_sac_save_list=_sac_save_list(),
             base_folder=job_config.job.dump_folder,
         )
     if compile_model:

@@ -37,25 +37,16 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, flavor: str, steps: int, batch: int, seq_len: int, ngpu: int, extra: list[str], log_dir: Path) -> dict:
-    module, variant_args = VARIANTS[name]
-    config = REPO / "train_configs" / f"ratplus_{flavor.lower()}.toml"
+def launch(module: str, args: list[str], ngpu: int, log_path: Path) -> tuple[list[dict], str, int]:
+    """One ``torchrun`` of a torchtitan entry point; the per-step rows parsed from its log."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ngpu}", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint=localhost:0", "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-        "-m", module, "--job.config_file", str(config),
-        "--job.dump_folder", str(log_dir / name), "--training.steps", str(steps),
-        "--training.seq_len", str(seq_len), "--training.local_batch_size", str(batch),
-        "--training.global_batch_size", "-1", "--training.dataset", "bundled",
-        "--lr_scheduler.warmup_steps", "2", "--checkpoint.no-enable", "--metrics.log_freq", "1",
-        "--metrics.no-enable-tensorboard", "--metrics.disable_color_printing",
-        "--compile.enable", "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
-        *variant_args, *extra,
+        "--rdzv_endpoint=localhost:0", "--local-ranks-filter", "0", "--role", "rank", "--tee", "3", "-m", module, *args,
     ]  # fmt: skip
-    print(f"[{name}] batch {batch}: {' '.join(cmd[3:])}", flush=True)
+    print(f"$ {' '.join(cmd[3:])}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
     output = proc.stdout + proc.stderr
-    (log_dir / f"{name}_b{batch}.log").write_text(output)
+    log_path.write_text(output)
     rows = [
         {"step": int(m[1]), "loss": float(m[2]), "memory_gib": float(m[3]), "tps": float(m[4].replace(",", "")),
          "tflops": float(m[5].replace(",", "")), "mfu": float(m[6])}
@@ -65,11 +56,28 @@ def run_variant(name: str, flavor: str, steps: int, batch: int, seq_len: int, ng
     for row in rows:
         if row["step"] in sparse:
             row["loss_sparse"] = sparse[row["step"]]
-    result = {"variant": name, "batch": batch, "returncode": proc.returncode, "steps": rows}
-    if proc.returncode != 0 or not rows:
+    return rows, output, proc.returncode
+
+
+def run_variant(name: str, flavor: str, steps: int, batch: int, seq_len: int, ngpu: int, extra: list[str], log_dir: Path) -> dict:
+    module, variant_args = VARIANTS[name]
+    config = REPO / "train_configs" / f"ratplus_{flavor.lower()}.toml"
+    args = [
+        "--job.config_file", str(config),
+        "--job.dump_folder", str(log_dir / name), "--training.steps", str(steps),
+        "--training.seq_len", str(seq_len), "--training.local_batch_size", str(batch),
+        "--training.global_batch_size", "-1", "--training.dataset", "bundled",
+        "--lr_scheduler.warmup_steps", "2", "--checkpoint.no-enable", "--metrics.log_freq", "1",
+        "--metrics.no-enable-tensorboard", "--metrics.disable_color_printing",
+        "--compile.enable", "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
+        *variant_args, *extra,
+    ]  # fmt: skip
+    rows, output, returncode = launch(module, args, ngpu, log_dir / f"{name}_b{batch}.log")
+    result = {"variant": name, "batch": batch, "returncode": returncode, "steps": rows}
+    if returncode != 0 or not rows:
         oom = "out of memory" in output.lower()
         result["error"] = "out of memory" if oom else output[-3000:]
-        print(f"[{name}] failed ({'OOM' if oom else proc.returncode})\n{output[-3000:] if not oom else ''}", flush=True)
+        print(f"[{name}] failed ({'OOM' if oom else returncode})\n{output[-3000:] if not oom else ''}", flush=True)
     return result
 
 

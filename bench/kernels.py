@@ -158,7 +158,7 @@ def bench_scan(results: dict, shapes=SCAN_SHAPES, baseline: bool = True) -> None
             fwd_cfg, bwd_cfg = rt.default_configs(shape, keys.dtype)
             fwd_ms, bwd_ms = _time_scan_ops(rt, gates, keys, values, grad_k, grad_v, fwd_cfg, bwd_cfg)
             row.update(
-                config={"fwd (chunk, block_c, warps, vec)": fwd_cfg, "bwd (chunk, block_c, warps, vec)": bwd_cfg},
+                config={"fwd (chunk, block_c, warps, per_sm)": fwd_cfg, "bwd (chunk, block_c, warps, per_sm)": bwd_cfg},
                 fwd_bytes=fwd_bytes,
                 bwd_bytes=bwd_bytes,
                 fwd_ms=fwd_ms,

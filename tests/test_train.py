@@ -120,7 +120,7 @@ def seed_checkpoint(folder: Path, token_bin: Path) -> list[str]:
     with trainer_session(RATPlusTrainer, args) as trainer:
         trainer.checkpointer.save(curr_step=0, last_step=True)
     return ["--checkpoint.enable", "--checkpoint.initial_load_path", str(folder / "checkpoint" / "step-0"),
-            "--checkpoint.interval", "1000", "--checkpoint.no-last-save-model-only"]  # fmt: skip
+            "--checkpoint.no-last-save-model-only"]  # fmt: skip
 
 
 def assert_same_losses(single, ranks):
@@ -131,21 +131,27 @@ def assert_same_losses(single, ranks):
                 assert actual[key] == pytest.approx(expected[key], abs=1e-5), (key, single, ranks)
 
 
-@pytest.mark.slow
-def test_fsdp_two_ranks_match_one_process(tmp_path, token_bin):
-    """FSDP2 over 2 gloo ranks (global batch split 2 + 2) gives the one-process losses (batch 4)."""
-    common = seed_checkpoint(tmp_path / "seed", token_bin)
-    single = train(trainer_args(tmp_path / "one", 3, *common, data=token_bin, batch=4))
-    fsdp = ("--parallelism.data_parallel_shard_degree", "2")
-    ranks = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / "fsdp", 3, *common, *fsdp, data=token_bin, batch=2))
-    assert_same_losses(single, ranks)
+LAYOUTS = {  # the same global batch of 2 windows a step: rank r of W reads windows r, r + W, ...
+    "fsdp": (("--parallelism.data_parallel_shard_degree", "2"), 1),
+    "tp": (("--parallelism.tensor_parallel_degree", "2"), 2),
+}
 
 
 @pytest.mark.slow
-def test_tensor_parallel_two_ranks_match_one_process(tmp_path, token_bin):
-    """TP=2 (head-interleaved in_proj split, sequence-parallel norms, vocab-sharded tied head)."""
-    common = seed_checkpoint(tmp_path / "seed", token_bin)
-    single = train(trainer_args(tmp_path / "one", 3, *common, data=token_bin))
-    tp = ("--parallelism.tensor_parallel_degree", "2")
-    ranks = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / "tp", 3, *common, *tp, data=token_bin))
-    assert_same_losses(single, ranks)
+def test_fsdp_and_tp_match_one_process_and_resume_across_layouts(tmp_path, token_bin):
+    """FSDP2 over 2 gloo ranks and TP=2 (head-interleaved in_proj split, sequence-parallel norms,
+    vocab-sharded tied head) give the one-process losses; a step-2 DCP checkpoint of either
+    layout resumes under the other and continues with the same losses."""
+    seed = seed_checkpoint(tmp_path / "seed", token_bin)
+    common = [*seed, "--checkpoint.interval", "2"]
+    single = train(trainer_args(tmp_path / "one", 4, *common, data=token_bin, batch=2))
+    runs = {}
+    for layout, (flags, batch) in LAYOUTS.items():
+        runs[layout] = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / layout, 4, *common, *flags, data=token_bin, batch=batch))
+        assert_same_losses(single, runs[layout])
+    for source, target in (("fsdp", "tp"), ("tp", "fsdp")):
+        folder = tmp_path / f"{source}_as_{target}"
+        shutil.copytree(tmp_path / source / "checkpoint" / "step-2", folder / "checkpoint" / "step-2")
+        flags, batch = LAYOUTS[target]
+        resumed = spawn_gloo(train_in_this_rank, trainer_args(folder, 4, "--checkpoint.interval", "1000", *flags, data=token_bin, batch=batch))
+        assert_same_losses(single[2:], resumed)

@@ -186,6 +186,43 @@ class TokenWindowDataset(IterableDataset, Stateful):
         self._next = state_dict["next_window"]
         self._epoch = state_dict["epoch"]
 
+    def global_position(self) -> dict[str, int]:
+        """Windows consumed by all ranks together (every rank advances in step): layout-free."""
+        return {"windows": self._next * self._world, "epoch": self._epoch}
+
+    def load_global_position(self, position: dict[str, int]) -> None:
+        self._next, self._epoch = position["windows"] // self._world, position["epoch"]
+
+
+class ReshardableDataloader(ParallelAwareDataloader):
+    """Saves the ``.bin`` data position as a global window count, so a checkpoint resumes under
+    any data-parallel degree (e.g. saved with FSDP over 2 ranks, resumed with TP=2 on 1 dp rank).
+
+    Rank r of W reads windows r, r + W, ...: after n steps of b windows per rank, the next
+    global window is n * b * W whatever the layout, as long as the global batch is the same.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_position": self.dataset.global_position()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.dataset.load_global_position(state_dict["global_position"])
+
+
+class TextDataloader(ParallelAwareDataloader):
+    """torchtitan's per-rank data state, with a clear error when the data-parallel degree changed."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and state_dict.get("world_size") != self.dp_world_size:
+            raise ValueError(
+                f"the checkpoint's data position was saved with {state_dict.get('world_size')} data-parallel ranks, "
+                f"this run has {self.dp_world_size}: a text dataset's position cannot be resharded. Resume with the "
+                "same data-parallel degree, use a pre-tokenized training.dataset = 'bin' (reshardable), or pass "
+                "--checkpoint.exclude_from_loading dataloader (the data stream then restarts)"
+            )
+        super().load_state_dict(state_dict)
+
 
 def build_dataloader(
     dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer | None, job_config: JobConfig, infinite: bool = True
@@ -233,7 +270,8 @@ def _loader(
         )
     dataset = build_dataset(section, tokenizer, dp_rank, dp_world_size, infinite)
     kwargs = {**asdict(section.loader), "batch_size": section.batch_size}
-    return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    loader_cls = ReshardableDataloader if isinstance(dataset, TokenWindowDataset) else TextDataloader
+    return loader_cls(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
 def _open_text(section: DataSection) -> tuple[datasets.IterableDataset, str]:

@@ -34,7 +34,7 @@ def token_bin(path: Path, tokens: int = 2_000_000) -> Path:
     from ratplus_titan.data.tokenizer import load_tokenizer
 
     tokenizer, ids = load_tokenizer(None), []
-    with gzip.open(BUNDLED_CORPUS, "rt") as f:
+    with gzip.open(BUNDLED_CORPUS["train"], "rt") as f:
         for line in f:
             ids.extend(tokenizer.encode(json.loads(line)["text"], add_bos=True, add_eos=True))
             if len(ids) >= tokens:

@@ -274,12 +274,24 @@ def tokenizer_from_arguments(options: argparse.Namespace) -> Path | None:
     return Path(options.tokenizer) if options.tokenizer else default_tokenizer()
 
 
+def run_cli(prog: str, call) -> None:
+    """Run ``call()`` (which writes a folder); report a bad input as one line on stderr, exit 1."""
+    try:
+        out = call()
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{prog}: wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
     pattern = pattern_from_arguments(parser, options)
-    try:
-        out = export_dcp(
+    run_cli(
+        "ratplus-export",
+        lambda: export_dcp(
             options.checkpoint,
             options.out_dir,
             flavor=options.flavor,
@@ -290,12 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             step=options.step,
-        )
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ratplus-export: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"ratplus-export: wrote {out}")
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -41,6 +40,7 @@ from .export import (
     apply_pattern,
     canonical_name,
     pattern_from_arguments,
+    run_cli,
     tokenizer_from_arguments,
 )
 from .layout import official_to_interleaved, save_export
@@ -302,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
     pattern = pattern_from_arguments(parser, options)
-    try:
-        out = import_official(
+    run_cli(
+        "ratplus-import-official",
+        lambda: import_official(
             options.checkpoint,
             options.out_dir,
             n_heads=options.n_heads,
@@ -312,12 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             trust_pickle=options.trust_pickle,
-        )
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ratplus-import-official: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"ratplus-import-official: wrote {out}")
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from triton.runtime import interpreter  # noqa: E402
 
 from ratplus_titan.kernels import recurrence_triton as rt  # noqa: E402
 from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step  # noqa: E402
+from tests.kernels.test_recurrence import loop_float64  # noqa: E402
 
 
 def _vectorized_scan(self, inputs):
@@ -59,22 +60,8 @@ def _interpreter(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# independent float64 version and inputs
+# independent float64 version (tests/kernels/test_recurrence.py) and inputs
 # ----------------------------------------------------------------------------------------------
-
-
-def loop_float64(gate_logits, keys, values):
-    """DESIGN §1 step 3, one time step at a time, in float64 (autograd gives the backward)."""
-    a = torch.sigmoid(gate_logits.double())
-    key_state = torch.zeros_like(a[:, 0])
-    value_state = torch.zeros_like(a[:, 0])
-    key_states, value_states = [], []
-    for t in range(keys.shape[1]):
-        key_state = a[:, t] * key_state + (1 - a[:, t]) * keys[:, t].double()
-        value_state = a[:, t] * value_state + (1 - a[:, t]) * values[:, t].double()
-        key_states.append(key_state)
-        value_states.append(value_state)
-    return torch.stack(key_states, 1), torch.stack(value_states, 1)
 
 
 def model_views(batch, seq_len, heads, head_dim, gate_center, dtype, seed):

@@ -5,7 +5,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
-from ratplus_titan.data.dataset import build_dataloader
+from ratplus_titan.data.dataset import build_dataloader, build_validator
 from ratplus_titan.data.tokenizer import build_tokenizer
 from ratplus_titan.infra.parallelize import parallelize_ratplus
 from ratplus_titan.model import RATPlusModel, ratplus_flavors
@@ -24,6 +24,7 @@ def ratplus_train_spec() -> TrainSpec:
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,  # [validation] enable = true, dataset = "bundled" (held-out split)
     )
 
 

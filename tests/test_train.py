@@ -155,3 +155,17 @@ def test_fsdp_and_tp_match_one_process_and_resume_across_layouts(tmp_path, token
         flags, batch = LAYOUTS[target]
         resumed = spawn_gloo(train_in_this_rank, trainer_args(folder, 4, "--checkpoint.interval", "1000", *flags, data=token_bin, batch=batch))
         assert_same_losses(single[2:], resumed)
+
+
+def test_validation_on_the_bundled_held_out_split(tmp_path):
+    from ratplus_titan.train import RATPlusTrainer
+
+    register_test_flavor()
+    validation = ["--validation.enable", "--validation.dataset", "bundled", "--validation.freq", "2",
+                  "--validation.steps", "2", "--validation.seq_len", "64", "--validation.local_batch_size", "2"]  # fmt: skip
+    logged = []
+    with trainer_session(RATPlusTrainer, trainer_args(tmp_path, 4, "--checkpoint.no-enable", *validation)) as trainer:
+        trainer.metrics_processor.log_validation = lambda loss, step, **kw: logged.append((step, float(loss)))
+        trainer.train()
+    assert [step for step, _ in logged] == [1, 2, 4]  # torchtitan also validates after the first step
+    assert all(torch.isfinite(torch.tensor(loss)) and 5.0 < loss < 12.0 for _, loss in logged), logged

@@ -458,6 +458,10 @@ class Validator(_TitanValidator):
         if job_config.validation.steps == -1:
             logger.warning("validation.steps = -1 may hang when ranks hold different amounts of validation data")
 
+    def post_dataloading_process(self, input_dict, labels, model_parts):
+        """RAT+ builds its attention pattern itself: no attention masks to pass (torchtitan asks the model)."""
+        return input_dict["input"], labels, {k: v for k, v in input_dict.items() if k != "input"}, {}
+
 
 def build_validator(
     job_config: JobConfig,

@@ -1,7 +1,7 @@
 """torchtitan's own llama3, at RAT+ flavor shapes, on our data pipeline: the throughput baseline.
 
 ``--experimental.custom_import bench.llama3_same_shape`` registers the train spec
-``llama3_same_shape`` with flavors ``1B``, ``3B``, ``7B``: the same width, depth and
+``llama3_same_shape`` with flavors ``1B``, ``3B``, ``7B`` (and ``llama3_8B``, torchtitan's own 8B): the same width, depth and
 heads as our flavors, full multi-head attention (no GQA), LLaMA-2 vocab, and a SwiGLU
 FFN whose hidden size (8/3 d, rounded to 256) gives the same FFN parameters and FLOPs
 as RAT+'s 4d GELU FFN (3 x 8/3 d^2 = 2 x 4 d^2).
@@ -9,7 +9,7 @@ as RAT+'s 4d GELU FFN (3 x 8/3 d^2 = 2 x 4 d^2).
 
 import dataclasses
 
-from torchtitan.models.llama3 import TransformerModelArgs, get_train_spec
+from torchtitan.models.llama3 import TransformerModelArgs, get_train_spec, llama3_args
 from torchtitan.protocols.train_spec import get_train_spec as registered
 from torchtitan.protocols.train_spec import register_train_spec
 
@@ -36,7 +36,8 @@ except ValueError:
         NAME,
         dataclasses.replace(
             get_train_spec(),
-            model_args={flavor: same_shape(flavor) for flavor in ("1B", "3B", "7B")},
+            # plus torchtitan's own Llama 3 8B (GQA, SwiGLU 14336, its 128K vocab), the 7B comparison
+            model_args={**{flavor: same_shape(flavor) for flavor in ("1B", "3B", "7B")}, "llama3_8B": llama3_args["8B"]},
             build_dataloader_fn=build_dataloader,
             build_tokenizer_fn=build_tokenizer,
             build_validator_fn=None,

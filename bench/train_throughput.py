@@ -34,6 +34,9 @@ VARIANTS = {
     "ratplus_joint": ("ratplus_titan.train", ["--ratplus.joint-train"]),
     "ratplus_float8": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--model.converters", "quantize.linear.float8"]),
     "attention": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--ratplus.apply-re", "False"]),
+    # torchtitan's own Llama 3 8B next to the 7B flavor (issue: 7B on 4 x H200)
+    "llama3_8b": ("torchtitan.train", ["--model.name", "llama3_same_shape", "--model.flavor", "llama3_8B",
+                                       "--experimental.custom_import", "bench.llama3_same_shape"]),
 }
 
 

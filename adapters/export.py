@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ratplus_titan.head_groups import parse_layer_pattern
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.flavors import ratplus_flavors
 from ratplus_titan.pattern import Pattern
@@ -185,25 +186,31 @@ def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "pattern", "the attention pattern the weights were trained/adapted for, recorded in config.json (default: dense)"
     )
-    group.add_argument("--pattern", help="'dense' or 'd<D>w<W>s<S>', e.g. d16w256s4 (one pattern for every layer)")
+    group.add_argument(
+        "--pattern",
+        help="'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4) or head groups (e.g. '8:dense+8:d64w0s0'): one for every "
+        "layer, or one per layer comma-separated",
+    )
     group.add_argument("--dilation", type=_int_or_list, help="D: an int, or one per layer (comma-separated); -1 = none")
     group.add_argument("--local-window", type=_int_or_list, help="W: an int or one per layer")
     group.add_argument("--sinks", type=_int_or_list, help="S: an int or one per layer")
 
 
-def pattern_from_arguments(
-    parser: argparse.ArgumentParser, options: argparse.Namespace
-) -> tuple[int | list[int], int | list[int], int | list[int]] | None:
-    """``(dilation, local_window, sinks)`` from the CLI, or None when none was given."""
+def pattern_from_arguments(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tuple | None:
+    """``(dilation, local_window, sinks[, head_groups])`` from the CLI (``args.set_pattern``'s arguments), or None."""
     parts = (options.dilation, options.local_window, options.sinks)
     if options.pattern is not None:
         if any(p is not None for p in parts):
             parser.error("give --pattern or --dilation/--local-window/--sinks, not both")
+        specs = [spec.strip() for spec in options.pattern.split(",")]
         try:
-            pattern = Pattern.parse(options.pattern)
+            patterns = [parse_layer_pattern(spec) for spec in specs]
         except ValueError as err:
             parser.error(str(err))
-        return pattern.dilation, pattern.local_window, pattern.sinks
+        if len(patterns) == 1 and isinstance(patterns[0], Pattern):
+            pattern = patterns[0]
+            return pattern.dilation, pattern.local_window, pattern.sinks
+        return 1, 0, 0, specs  # head groups, or one spec per layer: checked against the model by set_pattern
     if all(p is None for p in parts):
         return None
     dilation, window, sinks = parts

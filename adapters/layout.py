@@ -87,7 +87,7 @@ def args_from_dict(values: dict) -> RATPlusModelArgs:
 class ExportedModel:
     args: RATPlusModelArgs
     state_dict: dict[str, torch.Tensor]
-    pattern: dict  # {"dilation", "local_window", "sinks"}: the pattern the weights were trained/adapted for
+    pattern: dict  # {"dilation", "local_window", "sinks"[, "head_groups"]}: the pattern the weights were trained/adapted for
     dtype: str
     tokenizer_path: Path | None
 
@@ -108,11 +108,14 @@ def save_export(
     torch_dtype = getattr(torch, dtype)
     tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": FORMAT})
+    pattern = {"dilation": args.dilation, "local_window": args.local_window, "sinks": args.sinks}
+    if args.head_groups:
+        pattern["head_groups"] = list(args.head_groups)
     config = {
         "format": FORMAT,
         "version": VERSION,
         "model_args": args_to_dict(args),
-        "pattern": {"dilation": args.dilation, "local_window": args.local_window, "sinks": args.sinks},
+        "pattern": pattern,
         "dtype": dtype,
         "in_proj_layout": "head_interleaved",
     }
@@ -144,7 +147,8 @@ def load_export(path: str | Path) -> ExportedModel:
         raise ValueError(f"{config_file}: format {config.get('format')!r} is not {FORMAT!r}")
     args = args_from_dict(config["model_args"])
     # The args carry the recorded pattern too, so save_export(load_export(p)) writes the same config.
-    args.set_pattern(config["pattern"]["dilation"], config["pattern"]["local_window"], config["pattern"]["sinks"])
+    recorded = config["pattern"]
+    args.set_pattern(recorded["dilation"], recorded["local_window"], recorded["sinks"], recorded.get("head_groups"))
     state_dict = load_file(str(path / "model.safetensors"))
     check_state_dict(args, state_dict, source=str(path / "model.safetensors"))
     tokenizer = next((path / f for f in TOKENIZER_FILES if (path / f).exists()), None)

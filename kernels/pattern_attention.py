@@ -7,7 +7,9 @@ Shapes: ``q, k, v`` are ``[B, H, T, hd]``; outputs ``[B, H, T, hd]``.
   compact dilated rows (positions ``D-1 mod D``) with a block-causal mask that
   leaves out what the local/sink part covers, the local window + sinks
   separately, merged by their log-sum-exp weights.
-- ``pattern_attention``: dispatch (dense SDPA, Flex/Triton on CUDA, masked SDPA on CPU).
+- ``pattern_attention``: dispatch (dense SDPA, Flex/Triton on CUDA, masked SDPA on CPU); it also
+  takes the other layer patterns: ``TopKPattern`` (``topk_attention.py``) and ``HeadGroups``
+  (attention per group of heads, concatenated).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ratplus_titan.head_groups import HeadGroups, LayerPattern
 from ratplus_titan.pattern import Pattern
+from ratplus_titan.topk import TopKPattern
 
 
 def masked_attention(
@@ -81,7 +85,7 @@ def pattern_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: Pattern,
+    pattern: LayerPattern,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -90,9 +94,20 @@ def pattern_attention(
     backend: ``auto`` (``triton`` on CUDA, ``sdpa`` elsewhere); ``sdpa`` (explicit boolean mask);
     ``triton`` (one fused kernel, forward and backward; ``pattern_attention_triton.py``);
     ``flex`` (two FlexAttention calls + merge, eager use); ``reference``; ``compact``.
+    ``HeadGroups``: each group of heads under its own pattern. ``TopKPattern``: the plain
+    PyTorch reference whatever the backend (no fused kernel yet).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seq_len = q.shape[-2]
+    if isinstance(pattern, HeadGroups):
+        outs = [pattern_attention(q[:, h], k[:, h], v[:, h], p, scale, backend) for h, p in pattern.slices()]
+        return torch.cat(outs, dim=1)  # [B, H, T, hd]
+    if isinstance(pattern, TopKPattern):
+        if pattern.covers_all(seq_len) and backend != "reference":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        from .topk_attention import topk_attention_reference
+
+        return topk_attention_reference(q, k, v, pattern, scale)
     if pattern.covers_all(seq_len) and backend != "reference":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if backend == "auto":

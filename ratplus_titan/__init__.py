@@ -12,9 +12,11 @@ _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "kernels" / "recurrence.py").exists() and str(_checkout) not in __path__:
     __path__.append(str(_checkout))
 
+from ratplus_titan.head_groups import HeadGroups, parse_layer_pattern  # noqa: E402
 from ratplus_titan.pattern import Pattern  # noqa: E402
+from ratplus_titan.topk import TopKPattern  # noqa: E402
 from ratplus_titan.train_spec import register  # noqa: E402
 
 register()
 
-__all__ = ["Pattern"]
+__all__ = ["HeadGroups", "Pattern", "TopKPattern", "parse_layer_pattern"]

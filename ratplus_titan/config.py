@@ -20,6 +20,11 @@ class RATPlus:
     sinks: list[int] = field(default_factory=lambda: [0])
     """Number of attention-sink tokens at the start: one value, or one per layer."""
 
+    head_groups: list[str] = field(default_factory=list)
+    """Layer patterns as spec strings, replacing dilation/local_window/sinks: one for every layer, or one per
+    layer. A spec is a pattern ('dense', 'd16w256s4') or head groups '<n_heads>:<pattern>' joined by '+'
+    (heads in order), e.g. ["8:dense+8:d64w0s0"]. Empty: the pattern comes from dilation/local_window/sinks."""
+
     apply_re: bool | None = None
     """False trains the attention baseline (no recurrence); None keeps the flavor's value."""
 

@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt text; repeat the option for a batch of prompts (they may differ in length)")
     parser.add_argument("--pattern", default="d16w256s4",
                         help="attention pattern: 'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4, d-1w256s4 for no dilation), "
-                             "a comma-separated list with one per layer (hybrids), or 'config' for the pattern "
-                             "recorded in config.json (default: %(default)s)")
+                             "top-k blocks 'topk<block>k<k>s<S>[-quest|-moba|-ratplus]' (e.g. topk64k8s4-ratplus), "
+                             "head groups '<n>:<pattern>+...' (e.g. 8:dense+8:d16w256s4), a comma-separated list "
+                             "with one per layer (hybrids), or 'config' for the pattern recorded in config.json "
+                             "(default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: %(default)s)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.torchtitan_cpu import spawn_gloo, trainer_session
-from tests.trainer_utils import register_test_flavor, trainer_args, write_token_bin
+from tests.trainer_utils import REPO, register_test_flavor, trainer_args, write_token_bin
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,17 @@ def test_validation_on_the_bundled_held_out_split(tmp_path):
         trainer.train()
     assert [step for step, _ in logged] == [1, 2, 4]  # torchtitan also validates after the first step
     assert all(torch.isfinite(torch.tensor(loss)) and 5.0 < loss < 12.0 for _, loss in logged), logged
+
+
+def test_head_groups_from_the_config_train_and_split_under_tensor_parallel(tmp_path, token_bin, monkeypatch):
+    """``[ratplus] head_groups`` (per layer; groups that straddle the TP=2 rank bound at head 2):
+    TP ranks run their slice of the groups and give the one-process losses; the groups change them."""
+    monkeypatch.syspath_prepend(str(REPO))  # the spawned ranks unpickle a function of `tests`
+    seed = seed_checkpoint(tmp_path / "seed", token_bin)
+    groups = ["--ratplus.no-joint-train", "--ratplus.head_groups", "1:dense+3:d4w2s1,2:d8w0s0+2:d-1w4s1"]
+    single = train(trainer_args(tmp_path / "one", 3, *seed, *groups, data=token_bin))
+    tp = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / "tp", 3, *seed, *groups, "--parallelism.tensor_parallel_degree", "2", data=token_bin))
+    for losses in tp:
+        assert [row["loss"] for row in losses] == pytest.approx([row["loss"] for row in single], abs=1e-5)
+    dense = train(trainer_args(tmp_path / "dense", 3, *seed, "--ratplus.no-joint-train", data=token_bin))
+    assert abs(dense[-1]["loss"] - single[-1]["loss"]) > 1e-4

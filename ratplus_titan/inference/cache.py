@@ -29,6 +29,13 @@ is a tensor computed from ``pos``; conditional writes are ``torch.where`` select
 step has fixed shapes and can be captured in a CUDA graph.
 
 Sequences of one batch may have different lengths (ragged): each has its own ``pos``.
+
+Other layer patterns have their own layer caches, with the same interface (``fill``,
+``attend``, ``key_state``/``value_state``, byte counts; ``make_layer_cache`` picks one):
+
+- ``TopKPattern``: ``TopKLayerCache`` (``topk_cache.py``): every row, plus per-block summaries;
+- ``HeadGroups``: ``HeadGroupCache``: one cache per group of heads (each a ``LayerCache`` or a
+  ``TopKLayerCache`` over its heads), the recurrence state kept for the whole layer.
 """
 
 from __future__ import annotations
@@ -38,8 +45,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ratplus_titan.kernels.decode import cache_update
+from ratplus_titan.head_groups import HeadGroups, LayerPattern
+from ratplus_titan.inference.state import register_recurrence_state
+from ratplus_titan.inference.topk_cache import TopKLayerCache
+from ratplus_titan.kernels.decode import cache_update, decode_attention
 from ratplus_titan.pattern import Pattern
+from ratplus_titan.topk import TopKPattern
+
+# Per step, the valid rows and row moves of each distinct RowLayout (``DecodeCache.step_plans``).
+StepPlans = dict["RowLayout", tuple[torch.Tensor, "StorePlan"]]
 
 
 @dataclass(frozen=True)
@@ -169,9 +183,7 @@ class LayerCache(nn.Module):
         shape = (batch_size, n_heads, layout.rows, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        state_shape = (batch_size, n_heads, head_dim) if recurrent else (0,)
-        self.register_buffer("key_state", torch.zeros(state_shape, dtype=torch.float32, device=device), persistent=False)
-        self.register_buffer("value_state", torch.zeros(state_shape, dtype=torch.float32, device=device), persistent=False)
+        register_recurrence_state(self, batch_size, n_heads, head_dim, recurrent, device)
 
     def fill(
         self,
@@ -206,9 +218,113 @@ class LayerCache(nn.Module):
             plan.move_from_new, backend=backend,
         )  # fmt: skip
 
+    def attend(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, plans: StepPlans,
+        backend: str = "auto",
+    ) -> torch.Tensor:  # fmt: skip
+        """One decode step's attention ``q, k_new, v_new [B, H, hd]`` -> ``[B, H, hd]``; then files the new row."""
+        valid, plan = plans[self.layout]
+        out = decode_attention(q, self.k, self.v, valid, k_new, v_new, backend=backend)
+        self.store(plan, k_new, v_new, backend=backend)
+        return out
+
+    def row_layouts(self) -> list[RowLayout]:
+        return [self.layout]
+
+    def kv_bytes_per_sequence(self) -> int:
+        return 2 * self.k[0].numel() * self.k.element_size()
+
+    def state_bytes_per_sequence(self) -> int:
+        return 2 * self.key_state[0].numel() * self.key_state.element_size() if self.key_state.numel() else 0
+
     def reset(self) -> None:
         for buffer in (self.k, self.v, self.key_state, self.value_state):
             buffer.zero_()
+
+
+class HeadGroupCache(nn.Module):
+    """One layer of ``HeadGroups``: a cache per group of heads; ``key_state, value_state [B, H, hd]`` for all heads."""
+
+    def __init__(
+        self,
+        pattern: HeadGroups,
+        batch_size: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        recurrent: bool = True,
+    ):
+        super().__init__()
+        self.heads = [heads for heads, _ in pattern.slices()]
+        self.groups = nn.ModuleList(
+            make_layer_cache(p, batch_size, max_seq_len, heads.stop - heads.start, head_dim, dtype, device, recurrent=False)
+            for heads, p in pattern.slices()
+        )
+        register_recurrence_state(self, batch_size, pattern.n_heads, head_dim, recurrent, device)
+
+    def fill(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        key_state: torch.Tensor | None = None,
+        value_state: torch.Tensor | None = None,
+    ) -> None:
+        """``keys, values [B, T, H, hd]`` (rotated), states ``[B, H, hd]``: each group takes its heads."""
+        for heads, group in zip(self.heads, self.groups):
+            group.fill(keys[:, :, heads], values[:, :, heads], lengths)
+        if key_state is not None and self.key_state.numel():
+            self.key_state[: keys.shape[0]].copy_(key_state)
+            self.value_state[: keys.shape[0]].copy_(value_state)
+
+    def attend(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor, plans: StepPlans,
+        backend: str = "auto",
+    ) -> torch.Tensor:  # fmt: skip
+        """``q, k_new, v_new [B, H, hd]`` -> ``[B, H, hd]``: each group over its own cache."""
+        outs = [
+            group.attend(q[:, h], k_new[:, h], v_new[:, h], pos, plans, backend)
+            for h, group in zip(self.heads, self.groups)
+        ]
+        return torch.cat(outs, dim=1)
+
+    def row_layouts(self) -> list[RowLayout]:
+        return [layout for group in self.groups for layout in group.row_layouts()]
+
+    def kv_bytes_per_sequence(self) -> int:
+        return sum(group.kv_bytes_per_sequence() for group in self.groups)
+
+    def state_bytes_per_sequence(self) -> int:
+        return 2 * self.key_state[0].numel() * self.key_state.element_size() if self.key_state.numel() else 0
+
+    def reset(self) -> None:
+        self.key_state.zero_()
+        self.value_state.zero_()
+        for group in self.groups:
+            group.reset()
+
+
+AnyLayerCache = LayerCache | TopKLayerCache | HeadGroupCache
+
+
+def make_layer_cache(
+    pattern: LayerPattern,
+    batch_size: int,
+    max_seq_len: int,
+    n_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    recurrent: bool = True,
+) -> AnyLayerCache:
+    """The cache of one layer running ``pattern`` (``n_heads`` heads, up to ``max_seq_len`` tokens)."""
+    if isinstance(pattern, HeadGroups):
+        pattern.check(n_heads)
+        return HeadGroupCache(pattern, batch_size, max_seq_len, head_dim, dtype, device, recurrent)
+    if isinstance(pattern, TopKPattern):
+        return TopKLayerCache(pattern, batch_size, max_seq_len, n_heads, head_dim, dtype, device, recurrent)
+    return LayerCache(RowLayout(pattern, max_seq_len), batch_size, n_heads, head_dim, dtype, device, recurrent)
 
 
 class DecodeCache(nn.Module):
@@ -216,7 +332,7 @@ class DecodeCache(nn.Module):
 
     def __init__(
         self,
-        patterns: list[Pattern],
+        patterns: list[LayerPattern],
         batch_size: int,
         max_seq_len: int,
         n_heads: int,
@@ -228,21 +344,21 @@ class DecodeCache(nn.Module):
         super().__init__()
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.layers = nn.ModuleList(
-            LayerCache(RowLayout(p, max_seq_len), batch_size, n_heads, head_dim, dtype, device, recurrent)
-            for p in patterns
+            make_layer_cache(p, batch_size, max_seq_len, n_heads, head_dim, dtype, device, recurrent) for p in patterns
         )
         self.register_buffer("pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
 
-    def step_plans(self) -> list[tuple[torch.Tensor, StorePlan]]:
-        """Per layer, for the query at ``pos``: its valid rows (``[B]`` counts or ``[B, R]`` mask) and store plan.
+    def step_plans(self) -> StepPlans:
+        """Per row layout, for the query at ``pos``: its valid rows (``[B]`` counts or ``[B, R]`` mask) and store plan.
 
-        Computed once per distinct layout and shared by the layers that have it.
+        Computed once per distinct layout and shared by the layers (and head groups) that have it.
         """
-        by_layout: dict[RowLayout, tuple[torch.Tensor, StorePlan]] = {}
+        plans: StepPlans = {}
         for layer in self.layers:
-            if layer.layout not in by_layout:
-                by_layout[layer.layout] = (layer.layout.valid_rows(self.pos), layer.layout.store_plan(self.pos))
-        return [by_layout[layer.layout] for layer in self.layers]
+            for layout in layer.row_layouts():
+                if layout not in plans:
+                    plans[layout] = (layout.valid_rows(self.pos), layout.store_plan(self.pos))
+        return plans
 
     def reset(self) -> None:
         self.pos.zero_()
@@ -251,15 +367,11 @@ class DecodeCache(nn.Module):
 
     # ---- memory --------------------------------------------------------------
     def kv_bytes_per_sequence(self) -> int:
-        """Bytes of key/value rows one sequence holds (measured from the tensors)."""
-        return sum((layer.k[0].numel() * layer.k.element_size()) * 2 for layer in self.layers)
+        """Bytes of key/value rows (and top-k block summaries) one sequence holds (measured from the tensors)."""
+        return sum(layer.kv_bytes_per_sequence() for layer in self.layers)
 
     def state_bytes_per_sequence(self) -> int:
-        return sum(
-            (layer.key_state[0].numel() * layer.key_state.element_size()) * 2
-            for layer in self.layers
-            if layer.key_state.numel()
-        )
+        return sum(layer.state_bytes_per_sequence() for layer in self.layers)
 
     def bytes_per_sequence(self) -> int:
         return self.kv_bytes_per_sequence() + self.state_bytes_per_sequence()

@@ -8,8 +8,10 @@
     for event in lm.stream(["Once upon"], max_new_tokens=64):
         print(event.text, end="", flush=True)
 
-The pattern may be one ``Pattern``, a spec string (``"d16w256s4"``, ``"dense"``), or one
-per layer (hybrids).
+The pattern may be one layer pattern, a spec string, or one per layer (hybrids). Layer patterns:
+``Pattern`` (``"dense"``, ``"d16w256s4"``), ``TopKPattern`` (top-k block attention,
+``"topk64k8s4-ratplus"``), or ``HeadGroups`` (a pattern per group of heads,
+``"8:dense+8:d64w0s0"``).
 """
 
 from __future__ import annotations
@@ -23,39 +25,37 @@ import torch
 from torch import nn
 
 from ratplus_titan.adapters.layout import check_state_dict, load_export
+from ratplus_titan.head_groups import HeadGroups, LayerPattern, resolve_layer_patterns
 from ratplus_titan.inference.cache import DecodeCache
 from ratplus_titan.inference.step import decode_one_token, prefill
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusModel, rope_cache
-from ratplus_titan.pattern import Pattern, resolve_patterns
+from ratplus_titan.pattern import Pattern
+from ratplus_titan.topk import TopKPattern
 
-PatternLike = Pattern | str | Sequence[Pattern | str]
+PatternLike = LayerPattern | str | Sequence[LayerPattern | str]
 
 DEFAULT_PATTERN = Pattern(dilation=16, local_window=256, sinks=4)
 
 
-def resolve_inference_patterns(pattern: PatternLike | None, n_layers: int) -> list[Pattern]:
-    """One ``Pattern`` per layer from a ``Pattern``, a spec string, or a per-layer list of either."""
+def resolve_inference_patterns(pattern: PatternLike | None, n_layers: int, n_heads: int | None = None) -> list[LayerPattern]:
+    """One layer pattern per layer from a pattern, a spec string, or a per-layer list of either.
+
+    ``n_heads``: head groups must add up to it (checked when given).
+    """
     if pattern is None:
         pattern = DEFAULT_PATTERN
-    if isinstance(pattern, (Pattern, str)):
-        pattern = [pattern] * n_layers
-    patterns = [Pattern.parse(p) if isinstance(p, str) else p for p in pattern]
-    if len(patterns) != n_layers:
-        raise ValueError(f"{len(patterns)} patterns given for a model of {n_layers} layers: give one, or one per layer")
-    for p in patterns:
-        if not isinstance(p, Pattern):
-            raise TypeError(f"pattern {p!r} is neither a Pattern nor a spec string like 'd16w256s4'")
-    return patterns
+    if isinstance(pattern, (Pattern, TopKPattern, HeadGroups, str)):
+        pattern = [pattern]
+    return resolve_layer_patterns(list(pattern), n_layers, n_heads)
 
 
-def _describe(patterns: list[Pattern]) -> str:
+def _describe(patterns: list[LayerPattern]) -> str:
     return str(patterns[0]) if len(set(patterns)) == 1 else "[" + ", ".join(map(str, patterns)) + "]"
 
 
-def check_adapted_pattern(adapted: dict, patterns: list[Pattern], n_layers: int) -> None:
+def check_adapted_pattern(recorded: list[LayerPattern], patterns: list[LayerPattern]) -> None:
     """Warn when a sparse pattern differs from the one the checkpoint was trained/adapted for."""
-    recorded = resolve_patterns(n_layers, adapted["dilation"], adapted["local_window"], adapted["sinks"])
     mismatched = [i for i, (want, have) in enumerate(zip(patterns, recorded)) if not want.is_dense and want != have]
     if mismatched:
         warnings.warn(
@@ -86,7 +86,9 @@ class RATPlusLM(nn.Module):
         if max_seq_len <= 0 or max_batch_size <= 0:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be >= 1")
         patterns = (
-            list(model_args.patterns) if pattern is None else resolve_inference_patterns(pattern, model_args.n_layers)
+            list(model_args.patterns)
+            if pattern is None
+            else resolve_inference_patterns(pattern, model_args.n_layers, model_args.n_heads)
         )
         # A private copy of the arguments, sized for inference (RoPE table of max_seq_len rows).
         args = dataclasses.replace(model_args, max_seq_len=max_seq_len)
@@ -129,12 +131,10 @@ class RATPlusLM(nn.Module):
         """
         exported = load_export(path)  # shape errors come from check_state_dict
         args = exported.args
-        patterns = (
-            resolve_patterns(args.n_layers, **exported.pattern)
-            if pattern is None
-            else resolve_inference_patterns(pattern, args.n_layers)
-        )
-        check_adapted_pattern(exported.pattern, patterns, args.n_layers)
+        # load_export sets the recorded pattern on the args
+        recorded = list(args.patterns)
+        patterns = recorded if pattern is None else resolve_inference_patterns(pattern, args.n_layers, args.n_heads)
+        check_adapted_pattern(recorded, patterns)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         dtype = dtype or getattr(torch, exported.dtype)
@@ -166,7 +166,7 @@ class RATPlusLM(nn.Module):
 
     def set_pattern(self, pattern: PatternLike) -> None:
         """Switch the inference pattern(s); the decode cache is dropped (its layout depends on them)."""
-        self.patterns = resolve_inference_patterns(pattern, self.args.n_layers)
+        self.patterns = resolve_inference_patterns(pattern, self.args.n_layers, self.args.n_heads)
         self.model.set_patterns(self.patterns)
         self.free_cache()
 
@@ -202,14 +202,14 @@ class RATPlusLM(nn.Module):
         return self.cache
 
     def cache_bytes(self, batch_size: int = 1) -> int:
-        """Bytes the decode cache holds for ``batch_size`` sequences (measured when allocated)."""
-        if self.cache is not None:
-            return self.cache.bytes_per_sequence() * batch_size
-        per_layer_rows = sum(p.cache_rows(self.max_seq_len) for p in self.patterns)
-        element = torch.empty(0, dtype=self.dtype).element_size()
-        kv = 2 * per_layer_rows * self.args.dim * element
-        state = 2 * self.args.n_layers * self.args.dim * 4 if self.args.apply_re else 0
-        return (kv + state) * batch_size
+        """Bytes the decode cache holds for ``batch_size`` sequences (measured; on the meta device if not allocated)."""
+        cache = self.cache
+        if cache is None:
+            cache = DecodeCache(
+                self.patterns, 1, self.max_seq_len, self.args.n_heads, self.args.head_dim, self.dtype, "meta",
+                recurrent=self.args.apply_re,
+            )  # fmt: skip
+        return cache.bytes_per_sequence() * batch_size
 
     def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists -> right-padded ``[B, T]`` tokens and ``[B]`` lengths on the model device."""

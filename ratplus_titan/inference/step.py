@@ -12,15 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ratplus_titan.inference.cache import DecodeCache, LayerCache, StorePlan
-from ratplus_titan.kernels.decode import decode_attention
+from ratplus_titan.inference.cache import AnyLayerCache, DecodeCache, StepPlans
 from ratplus_titan.kernels.pattern_attention import pattern_attention
 from ratplus_titan.kernels.recurrence import gated_recurrence, recurrence_step
 from ratplus_titan.model.model import RATPlusBlock, RATPlusModel, apply_rope
 
 
 def _prefill_block(
-    block: RATPlusBlock, h: torch.Tensor, cos_sin: torch.Tensor, lengths: torch.Tensor, cache: LayerCache
+    block: RATPlusBlock, h: torch.Tensor, cos_sin: torch.Tensor, lengths: torch.Tensor, cache: AnyLayerCache
 ) -> torch.Tensor:
     """``h [B, T, d]`` -> ``[B, T, d]``; fills ``cache`` with the rows of the first ``lengths[b]`` positions."""
     layer = block.seq_layer
@@ -81,9 +80,9 @@ def _decode_block(
     block: RATPlusBlock,
     h: torch.Tensor,
     cos_sin: torch.Tensor,
-    valid: torch.Tensor,
-    plan: StorePlan,
-    cache: LayerCache,
+    pos: torch.Tensor,
+    plans: StepPlans,
+    cache: AnyLayerCache,
     backend: str,
 ) -> torch.Tensor:
     """``h [B, d]`` of one token per sequence (RoPE rows ``cos_sin [B, 2, hd]``) -> ``[B, d]``; files its rows in ``cache``."""
@@ -100,8 +99,7 @@ def _decode_block(
     # sequence is rotated at its own position.
     q = apply_rope(query[None], cos_sin)[0]  # [B, H, hd]
     k = apply_rope(key[None], cos_sin)[0]
-    attn = decode_attention(q, cache.k, cache.v, valid, k, value, backend=backend)  # [B, H, hd]
-    cache.store(plan, k, value, backend=backend)
+    attn = cache.attend(q, k, value, pos, plans, backend)  # [B, H, hd]; files the new row
     h = h + layer.out_proj((attn * torch.sigmoid(output_gate)).reshape(batch, -1))
     return block.ffn(h)
 
@@ -114,8 +112,8 @@ def decode_one_token(
     pos = cache.pos
     cos_sin = model.cos_sin[pos.clamp(max=model.cos_sin.shape[0] - 1)]  # [B, 2, hd]
     h = model.tok_embeddings(tokens)  # [B, d]
-    plans = cache.step_plans()  # [B, R] masks and row moves, once per distinct layout
-    for block, layer_cache, (valid, plan) in zip(model.layers.values(), cache.layers, plans, strict=True):
-        h = _decode_block(block, h, cos_sin, valid, plan, layer_cache, backend)
+    plans = cache.step_plans()  # [B, R] masks and row moves, once per distinct row layout
+    for block, layer_cache in zip(model.layers.values(), cache.layers, strict=True):
+        h = _decode_block(block, h, cos_sin, pos, plans, layer_cache, backend)
     cache.pos.add_(1)
     return F.linear(model.norm(h), model.tok_embeddings.weight)

@@ -23,6 +23,8 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import apply_compile, disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
+from ratplus_titan.head_groups import HeadGroups
+
 # Selective AC keeps the outputs of these ops instead of recomputing them.
 _SAC_SAVE_LIST = {
     torch.ops.aten.mm.default,
@@ -98,6 +100,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, float8_
     ``in_proj`` rows are head-interleaved (``[head][o,q,k,x,f][hd]``), so the plain
     column split of ``ColwiseParallel`` gives each rank whole heads of all five parts:
     the recurrence, RoPE, attention and gate then run on local heads with no communication.
+    A layer with head groups runs this rank's part of them (``HeadGroups.shard``; a group may span ranks).
     The LM head reuses the vocab-sharded embedding weight: logits come out vocab-sharded.
     """
     if float8_tensorwise:
@@ -133,6 +136,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, float8_
                 "ffn.fc2": rowwise(output_layouts=Shard(1)),
             },
         )
+        if isinstance(block.seq_layer.pattern, HeadGroups):
+            block.seq_layer.pattern = block.seq_layer.pattern.shard(tp_mesh.get_local_rank(), tp_mesh.size())
     if not loss_parallel:
         model.register_forward_hook(_gather_logits)
     logger.info(f"Applied {'float8 ' if float8_tensorwise else ''}tensor parallelism to the RAT+ model")

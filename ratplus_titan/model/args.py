@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
 
-from ratplus_titan.pattern import Pattern, resolve_patterns
+from ratplus_titan.head_groups import HeadGroups, LayerPattern, group_members, resolve_layer_patterns
+from ratplus_titan.pattern import DENSE, Pattern, resolve_patterns
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference", "compact", "flex", "triton")
 
@@ -29,8 +30,11 @@ class RATPlusModelArgs(BaseModelArgs):
     dilation: int | list[int] = 1
     local_window: int | list[int] = 0
     sinks: int | list[int] = 0
+    # Layer pattern specs, one for every layer or one per layer, replacing dilation/local_window/sinks:
+    # plain patterns ("d16w256s4") or head groups ("8:dense+8:d64w0s0"). Empty: use dilation/...
+    head_groups: list[str] = field(default_factory=list)
     attention_backend: str = "auto"
-    patterns: list[Pattern] = field(init=False, repr=False, default_factory=list)
+    patterns: list[LayerPattern] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
@@ -44,24 +48,42 @@ class RATPlusModelArgs(BaseModelArgs):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is invalid: allowed values are {', '.join(ATTENTION_BACKENDS)}"
             )
-        self.patterns = resolve_patterns(self.n_layers, self.dilation, self.local_window, self.sinks, "ratplus.")
+        self.patterns = self._resolve_patterns()
+
+    def _resolve_patterns(self) -> list[LayerPattern]:
+        patterns = resolve_patterns(self.n_layers, self.dilation, self.local_window, self.sinks, "ratplus.")
+        if isinstance(self.head_groups, str):
+            self.head_groups = [self.head_groups]
+        if not self.head_groups:
+            return patterns
+        if any(p != DENSE for p in patterns):
+            raise ValueError(
+                "ratplus.head_groups and ratplus.dilation/local_window/sinks are both set: give the pattern one way "
+                "(head_groups entries may be plain patterns too, e.g. 'd16w256s4')"
+            )
+        return resolve_layer_patterns(self.head_groups, self.n_layers, self.n_heads, "ratplus.head_groups", training=True)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     def set_pattern(
-        self, dilation: int | list[int], local_window: int | list[int], sinks: int | list[int]
+        self,
+        dilation: int | list[int],
+        local_window: int | list[int],
+        sinks: int | list[int],
+        head_groups: list[str] | None = None,
     ) -> None:
         self.dilation, self.local_window, self.sinks = dilation, local_window, sinks
-        self.patterns = resolve_patterns(self.n_layers, dilation, local_window, sinks, "ratplus.")
+        self.head_groups = list(head_groups or [])
+        self.patterns = self._resolve_patterns()
 
     def check_seq_len(self, seq_len: int, extra: tuple[Pattern, ...] = ()) -> None:
         """Raise if ``seq_len`` is one that a configured pattern cannot serve."""
         if seq_len <= 0:
             raise ValueError(f"training.seq_len={seq_len} is invalid: allowed values are >= 1")
-        for pattern in [*self.patterns, *extra]:
-            if pattern.dilation > seq_len:
+        for pattern in [m for p in [*self.patterns, *extra] for m in group_members(p)]:
+            if isinstance(pattern, Pattern) and pattern.dilation > seq_len:
                 raise ValueError(
                     f"training.seq_len={seq_len} cannot serve pattern {pattern}: no position would be a dilated key; "
                     f"use seq_len >= {pattern.dilation} or a dilation in [1, {seq_len}] (or -1)"
@@ -78,20 +100,26 @@ class RATPlusModelArgs(BaseModelArgs):
             self.__post_init__()
             from ratplus_titan.config import per_layer
 
-            self.set_pattern(per_layer(section.dilation), per_layer(section.local_window), per_layer(section.sinks))
+            self.set_pattern(
+                per_layer(section.dilation), per_layer(section.local_window), per_layer(section.sinks), section.head_groups
+            )
         seq_len = job_config.training.seq_len
         joint = (Pattern(section.joint_dilation),) if section is not None and section.joint_train else ()
         self.check_seq_len(seq_len, joint)
         self.max_seq_len = seq_len
 
     # ---- counts -------------------------------------------------------------
-    def attention_pairs(self, seq_len: int, pattern: Pattern) -> float:
-        """Average number of (query, key) pairs a query attends to, over positions 0..T-1."""
+    def attention_pairs(self, seq_len: int, pattern: LayerPattern) -> float:
+        """Average number of (query, key) pairs a query attends to, over positions 0..T-1 (and heads)."""
         if pattern.covers_all(seq_len):
             return (seq_len + 1) / 2
+        if isinstance(pattern, HeadGroups):
+            return sum(n * self.attention_pairs(seq_len, p) for n, p in pattern.groups) / pattern.n_heads
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"no training FLOP count for {pattern}: top-k patterns are inference only")
         return float(pattern.dense_mask(seq_len).sum()) / seq_len
 
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int, patterns: list[Pattern] | None = None) -> tuple[int, int]:
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int, patterns: list[LayerPattern] | None = None) -> tuple[int, int]:
         """Parameters, and training FLOPs per token (forward + backward = 3x forward).
 
         Counts the matmuls (6 per parameter, embedding excluded as a lookup but the tied

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ratplus_titan.head_groups import LayerPattern
 from ratplus_titan.kernels.pattern_attention import pattern_attention
 from ratplus_titan.kernels.recurrence import gated_recurrence
 from ratplus_titan.model.args import RATPlusModelArgs
-from ratplus_titan.pattern import Pattern
 
 # The fused input projection is split in this order (DESIGN §1 step 2).
 PROJECTION_PARTS = ("output_gate", "query", "key", "value", "forget_gate")
@@ -40,7 +40,7 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 class RATPlusLayer(nn.Module):
     """The RAT+ sequence layer: norm -> in_proj -> recurrence -> RoPE -> pattern attention -> gate -> out_proj."""
 
-    def __init__(self, args: RATPlusModelArgs, pattern: Pattern):
+    def __init__(self, args: RATPlusModelArgs, pattern: LayerPattern):
         super().__init__()
         self.n_heads, self.head_dim, self.apply_re = args.n_heads, args.head_dim, args.apply_re
         self.pattern = pattern
@@ -61,7 +61,7 @@ class RATPlusLayer(nn.Module):
         fused = self.in_proj(self.input_norm(u))  # [B, T, H_local * parts * hd]; under TP+SP, T is whole here
         return list(fused.unflatten(-1, (-1, n_parts, self.head_dim)).unbind(dim=3))
 
-    def forward(self, u: torch.Tensor, cos_sin: torch.Tensor, pattern: Pattern | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cos_sin: torch.Tensor, pattern: LayerPattern | None = None) -> torch.Tensor:
         pattern = self.pattern if pattern is None else pattern
         parts = self.project(u)
         output_gate, query, key, value = parts[:4]  # [B, T, H, hd] each
@@ -70,7 +70,8 @@ class RATPlusLayer(nn.Module):
         q = apply_rope(query, cos_sin).transpose(1, 2)  # [B, H, T, hd]
         k = apply_rope(key, cos_sin).transpose(1, 2)
         v = value.transpose(1, 2)
-        attn = pattern_attention(q, k, v, pattern, backend=self.attention_backend)  # [B, H, T, hd]
+        # [B, H, T, hd]; under HeadGroups each group of heads attends under its own pattern
+        attn = pattern_attention(q, k, v, pattern, backend=self.attention_backend)
         attn = attn.transpose(1, 2) * torch.sigmoid(output_gate)  # [B, T, H, hd]
         return u + self.out_proj(attn.flatten(2))
 
@@ -92,7 +93,7 @@ class RATPlusBlock(nn.Module):
         self.seq_layer = RATPlusLayer(args, args.patterns[layer_id])
         self.ffn = FeedForward(args)
 
-    def forward(self, u: torch.Tensor, cos_sin: torch.Tensor, pattern: Pattern | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cos_sin: torch.Tensor, pattern: LayerPattern | None = None) -> torch.Tensor:
         return self.ffn(self.seq_layer(u, cos_sin, pattern))
 
 
@@ -122,18 +123,18 @@ class RATPlusModel(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def set_patterns(self, patterns: list[Pattern]) -> None:
+    def set_patterns(self, patterns: list[LayerPattern]) -> None:
         """Switch every layer's configured pattern (inference, adaptation)."""
         for layer, pattern in zip(self.layers.values(), patterns, strict=True):
             layer.seq_layer.pattern = pattern
 
-    def hidden_states(self, tokens: torch.Tensor, pattern: Pattern | None = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, pattern: LayerPattern | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
         cos_sin = self.cos_sin[: tokens.shape[1]]
         for layer in self.layers.values():
             h = layer(h, cos_sin, pattern)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, pattern: Pattern | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pattern: LayerPattern | None = None) -> torch.Tensor:
         h = self.hidden_states(tokens, pattern)
         return F.linear(h, self.tok_embeddings.weight)

@@ -74,7 +74,8 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_CORPUS = Path("/work/shared/data/corpus/en_pd_ccby.train.jsonl.gz")
+# The real-text corpus shipped with the package (a copy of shared/data/corpus; see ratplus_titan/assets/README.md).
+SHARED_CORPUS = REPO_ROOT / "ratplus_titan" / "assets" / "corpus" / "en_pd_ccby.train.jsonl.gz"
 
 
 # --------------------------------------------------------------------------------------

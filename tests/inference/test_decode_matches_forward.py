@@ -25,15 +25,6 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_lm(pattern, apply_re=True, n_layers=3, seed=0):
     torch.manual_seed(seed)
     # init_std 0.1: attention weights are far from uniform, so a wrong key set moves the logits a lot

@@ -8,14 +8,6 @@ from ratplus_titan.inference.generate import sample
 from ratplus_titan.model.args import RATPlusModelArgs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CharTokenizer:
     """Printable ASCII, one character per token (ids 0..94); optional eos id."""
 

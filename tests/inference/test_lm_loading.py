@@ -15,14 +15,6 @@ from ratplus_titan.model.model import RATPlusModel
 from ratplus_titan.pattern import Pattern
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """A tiny model with the LLaMA-2 tokenizer (vocab 32000), adapted for d4w8s2."""

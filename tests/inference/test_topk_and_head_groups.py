@@ -10,12 +10,11 @@ from ratplus_titan.inference.topk_cache import TopKLayerCache
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.pattern import DENSE, Pattern
 from ratplus_titan.topk import TopKPattern
-from tests.inference.test_decode_matches_forward import (  # noqa: F401  (one_thread: an autouse fixture)
+from tests.inference.test_decode_matches_forward import (
     MAX_SEQ_LEN,
     TOL,
     decode_logits,
     max_diff,
-    one_thread,
     tiny_lm,
 )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
 
+from ratplus_titan.config import per_layer
 from ratplus_titan.head_groups import HeadGroups, LayerPattern, group_members, resolve_layer_patterns
 from ratplus_titan.pattern import DENSE, Pattern, resolve_patterns
 
@@ -98,8 +99,6 @@ class RATPlusModelArgs(BaseModelArgs):
             if section.attention_backend:
                 self.attention_backend = section.attention_backend
             self.__post_init__()
-            from ratplus_titan.config import per_layer
-
             self.set_pattern(
                 per_layer(section.dilation), per_layer(section.local_window), per_layer(section.sinks), section.head_groups
             )

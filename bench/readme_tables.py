@@ -59,15 +59,22 @@ def layouts() -> list[str]:
         "| run | " + " | ".join(f"step {r['step']}" for r in runs["fsdp"]["steps"]) + " |",
         "|---|" + "---|" * len(runs["fsdp"]["steps"]),
     ]
+    steps = [r["step"] for r in runs["fsdp"]["steps"]]
     for name, run in runs.items():
-        cells = [f"{r['loss']:.3f}" for r in run["steps"]] or ["failed"] + [""] * (len(runs["fsdp"]["steps"]) - 1)
+        by_step = {r["step"]: r["loss"] for r in run["steps"]}
+        cells = [f"{by_step[s]:.3f}" if s in by_step else "" for s in steps] if by_step else ["failed"] + [""] * (len(steps) - 1)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if any(run["rc"] for run in runs.values()):
-        lines += ["", "The cross-layout resumes failed in this run: torchtitan 0.2.2 keeps the data position per data-parallel "
-                  "rank and refuses a changed dp degree. `.bin` data now saves a layout-free position "
-                  "(`ReshardableDataloader`); the cross-layout resume is tested on CPU (gloo) in "
-                  "`tests/test_train.py::test_fsdp_and_tp_match_one_process_and_resume_across_layouts`; "
-                  "the GPU rerun is pending."]  # fmt: skip
+        lines += ["", "The cross-layout resumes failed in this run (see the JSON)."]
+    else:
+        # a resumed run continues the run whose step-5 checkpoint it loaded
+        gaps = []
+        for name, run in runs.items():
+            if "_resumed_as_" in name:
+                origin = {r["step"]: r["loss"] for r in runs[name.split("_step")[0]]["steps"]}
+                gaps.append(max(abs(r["loss"] - origin[r["step"]]) for r in run["steps"]))
+        lines += ["", f"Each resumed run loads the other layout's step-5 DCP checkpoint (model, optimizer, scheduler, "
+                  f"data position) and continues within {max(gaps):.4f} of the run that saved it."]  # fmt: skip
     return lines
 
 

@@ -124,6 +124,31 @@ def scan() -> list[str]:
     return lines
 
 
+def layer() -> list[str]:
+    data = load("layer_H100.json")
+    if not data:
+        return []
+    shape, parts = data["shape"], data.get("parts", {})
+    lines = [
+        f"**Whole RAT+ layer vs the attention baseline** — {data['device']}, torch {data['torch']}, {data['date'][:10]}; "
+        f"1B layer (norm, projections, scan, RoPE, attention, gate, out), B={shape['batch']} T={shape['seq_len']}, bf16, "
+        "forward + backward (`bench/layer.py`, `layer_H100.json`).",
+        "",
+        "| mode | layer | pattern | fwd ms | fwd+bwd ms | vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = {r["mode"]: r["fwd_bwd_ms"] for r in data["rows"] if r["layer"] == "baseline"}
+    for r in data["rows"]:
+        lines.append(f"| {r['mode']} | {r['layer']} | {r['pattern']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                     f"{r['fwd_bwd_ms'] / base[r['mode']]:.3f}x |")  # fmt: skip
+    if parts:
+        lines += ["", f"The RAT+ layer does {data['flop_ratio_ratplus_over_baseline']:.3f}x the baseline's matrix FLOPs "
+                  f"(the forget-gate rows of the input projection). Alone, the scan op takes {parts['scan_fwd_bwd_ms']:.2f} ms "
+                  f"forward + backward ({parts['scan_share_of_ratplus_eager_fwd_bwd']:.0%} of the eager RAT+ layer) and the "
+                  f"forget-gate rows {parts['in_proj_ratplus_fwd_bwd_ms'] - parts['in_proj_baseline_fwd_bwd_ms']:.2f} ms."]  # fmt: skip
+    return lines
+
+
 def decode() -> list[str]:
     data = load("decode_h100.json")
     if not data:
@@ -167,7 +192,7 @@ def evaluation() -> list[str]:
 
 
 def section() -> str:
-    parts = [training(), layouts(), attention(), scan(), decode(), evaluation()]
+    parts = [training(), layouts(), layer(), attention(), scan(), decode(), evaluation()]
     return "\n\n".join("\n".join(p) for p in parts if p)
 
 

@@ -29,11 +29,14 @@ channels at T = 256K give 262K tiles of 32 x 64. Programs are one per tile (defa
 persistent (``programs per SM`` > 0 in the configs) and then load their next tile while they
 wait on the look-back of the current one.
 
-Measured on an H100 (bench/results/scan_check_H100_run1.json, this tile layout): forward
-about 52% and backward about 30% of the device-to-device copy bandwidth, at both
-[4, 16384, 16, 128] and [1, 262144, 16, 128]; each program's life is bound by the latency of
-the look-back round trips and the registers that Triton's cross-lane scan needs (about 5 per
-element), not by bandwidth.
+Measured on an H100 (bench/results/scan_check_H100.json and kernels_H100.json, 2026-11-23):
+at [4, 16384, 16, 128] bf16 the forward moves its bytes at 62% of the device-to-device copy
+bandwidth (0.72 ms) and the backward at 46% (1.56 ms); 58% / 44% at [1, 262144, 16, 128].
+Smaller tiles and fewer warps run faster (a program's life is latency: load, cross-lane scan,
+look-back round trips), up to the point where per-tile costs dominate. Two variants were timed
+and rejected (scan_check_H100_rejected.json): storing the aggregate and inclusive rows straight
+from the tile instead of the cross-row sums (backward 1.7x slower), and a vectorized look-back
+that reads 4-16 chunk flags at once and composes them with one scan (forward 1.45x slower).
 
 The backward runs the same scheme in reverse time. Per tile it recomputes the forward
 scan from the saved chunk-start states (no fp32 intermediates over T are stored), runs
@@ -480,7 +483,7 @@ def _step_kernel(
 
 # Per input dtype: forward (chunk, block_c cap, warps, programs per SM, 0 = one program per tile);
 # backward (block_c cap, warps, programs per SM), same chunk. bf16 from the H100 sweep of this tile
-# layout (bench/results/scan_check_H100_run1.json: forward (32, 64, 2) and backward (32, 32, 2) were
+# layout (bench/results/scan_check_H100.json: forward (32, 64, 2) and backward (32, 32, 2) were
 # the fastest pair sharing a chunk); persistent programs (programs per SM > 0) are not yet timed.
 _FWD_CONFIG = {torch.bfloat16: (32, 64, 2, 0), torch.float16: (32, 64, 2, 0), torch.float32: (32, 32, 2, 0)}
 _BWD_CONFIG = {torch.bfloat16: (32, 2, 0), torch.float16: (32, 2, 0), torch.float32: (32, 2, 0)}

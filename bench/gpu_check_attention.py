@@ -25,23 +25,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from bench._package import import_without_train_spec  # noqa: E402
 
-def _import_kernels_without_train_spec() -> None:
-    """The device machine has no torchtitan: map the two packages by path, skipping ``ratplus_titan/__init__``."""
-    try:
-        import ratplus_titan  # noqa: F401
-    except ImportError:
-        import pathlib
-        import types
-
-        root = pathlib.Path(__file__).resolve().parents[1]
-        for name, folder in (("ratplus_titan", "ratplus_titan"), ("ratplus_titan.kernels", "kernels")):
-            module = types.ModuleType(name)
-            module.__path__ = [str(root / folder)]
-            sys.modules[name] = module
-
-
-_import_kernels_without_train_spec()
+import_without_train_spec()
 
 from ratplus_titan.kernels import pattern_attention_triton as pat  # noqa: E402
 from ratplus_titan.pattern import Pattern  # noqa: E402

@@ -22,22 +22,9 @@ from pathlib import Path
 
 import torch
 
+from bench._package import import_without_train_spec  # noqa: E402
 
-def _import_kernels_without_train_spec() -> None:
-    """The device machine has no torchtitan: map the two packages by path, skipping ``ratplus_titan/__init__``."""
-    try:
-        import ratplus_titan  # noqa: F401
-    except ImportError:
-        import types
-
-        root = Path(__file__).resolve().parents[1]
-        for name, folder in (("ratplus_titan", "ratplus_titan"), ("ratplus_titan.kernels", "kernels")):
-            module = types.ModuleType(name)
-            module.__path__ = [str(root / folder)]
-            sys.modules[name] = module
-
-
-_import_kernels_without_train_spec()
+import_without_train_spec()
 
 
 # ----------------------------------------------------------------------------------------------

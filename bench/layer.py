@@ -68,22 +68,9 @@ def _process_start() -> float:
 
 _START = _process_start()
 
+from bench._package import import_without_train_spec  # noqa: E402
 
-def _import_package() -> None:
-    """Import ``ratplus_titan``; if its ``__init__`` cannot (no data deps), map the folders by path."""
-    try:
-        import ratplus_titan  # noqa: F401
-    except Exception:  # e.g. no `datasets` on the device machine
-        import types
-
-        root = Path(__file__).resolve().parents[1]
-        for name, folder in (("ratplus_titan", "ratplus_titan"), ("ratplus_titan.kernels", "kernels")):
-            module = types.ModuleType(name)
-            module.__path__ = [str(root / folder)]
-            sys.modules[name] = module
-
-
-_import_package()
+import_without_train_spec()
 
 from ratplus_titan.model import model as model_module  # noqa: E402
 from ratplus_titan.model.args import RATPlusModelArgs  # noqa: E402

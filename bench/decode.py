@@ -78,6 +78,7 @@ def copy_bandwidth() -> float:
 
 # ---- 1. checks ------------------------------------------------------------------------
 def check_kernel() -> dict:
+    from ratplus_titan.kernels import decode_triton
     from ratplus_titan.kernels.decode import cache_update_reference, decode_attention_reference
     from ratplus_titan.kernels.decode_triton import cache_update_triton, decode_attention_triton, split_plan
 
@@ -102,6 +103,7 @@ def check_kernel() -> dict:
                                            v_new.float())
         rel_c = ((out_c.float() - ref_c).norm() / ref_c.norm()).item()
         results.append({"shape": [batch, heads, rows, head_dim], "splits": split_plan(batch, heads, rows, q.device)[0],
+                        "kernel": decode_triton.CONFIG.kernel,
                         "rel_err_mask": rel, "rel_err_counts": rel_c,
                         "finite": bool(out.isfinite().all() and out_c.isfinite().all())})
         log(f"check kernel {batch}x{heads}x{rows}x{head_dim}: rel err {rel:.2e} (mask), {rel_c:.2e} (counts)")
@@ -158,7 +160,8 @@ def check_model() -> dict:
 
 # ---- 2. kernel bandwidth --------------------------------------------------------------------
 def kernel_bandwidth(contexts: list[int], batch: int, copy_bw: float) -> list[dict]:
-    from ratplus_titan.kernels.decode_triton import decode_attention_triton, split_plan
+    from ratplus_titan.kernels import decode_triton
+    from ratplus_titan.kernels.decode_triton import decode_attention_triton, flat_plan, split_plan
     from ratplus_titan.pattern import Pattern
 
     heads, head_dim = 16, 128
@@ -177,7 +180,8 @@ def kernel_bandwidth(contexts: list[int], batch: int, copy_bw: float) -> list[di
                 bw = read / (ms / 1e3)
                 results.append({"context": ctx, "pattern": name, "valid": mode, "batch": batch, "rows": rows, "ms": ms,
                                 "bytes_read": read, "bytes_per_s": bw, "fraction_of_copy_bw": bw / copy_bw,
-                                "splits": split_plan(batch, heads, rows, q.device)[0]})
+                                "splits": split_plan(batch, heads, rows, q.device)[0], "kernel": decode_triton.CONFIG.kernel,
+                                "flat_programs": flat_plan(batch, heads, rows, q.device).num_programs})
                 log(f"kernel ctx {ctx:6d} {name:10s} rows {rows:6d} {mode:6s}: {ms:8.3f} ms, {bw / 1e12:.2f} TB/s = "
                     f"{bw / copy_bw:.0%} of copy")
             k_cache = v_cache = None
@@ -186,7 +190,10 @@ def kernel_bandwidth(contexts: list[int], batch: int, copy_bw: float) -> list[di
 
 
 def sweep_kernel(contexts: list[int], batch: int, copy_bw: float) -> dict:
-    """Time the split kernel over launch configurations; the best (geometric mean over cases) becomes CONFIG."""
+    """Time the split path over launch configurations; the best (geometric mean) becomes CONFIG if the default is split.
+
+    The flat path (the default) has its own sweep: ``python -m bench.gpu_decode_sweep``.
+    """
     import itertools
 
     from ratplus_titan.kernels import decode_triton
@@ -194,7 +201,7 @@ def sweep_kernel(contexts: list[int], batch: int, copy_bw: float) -> dict:
 
     heads, head_dim = 16, 128
     grid = [
-        decode_triton.DecodeConfig(bn, nw, ns, pps, mr)
+        decode_triton.DecodeConfig(bn, nw, ns, pps, mr, kernel="split")
         for bn, nw, ns, pps, mr in itertools.product((64, 128), (4, 8), (1, 2, 3, 4), (8, 16, 32, 64), (64, 256))
     ]
     default = decode_triton.CONFIG
@@ -233,7 +240,8 @@ def sweep_kernel(contexts: list[int], batch: int, copy_bw: float) -> dict:
     top = [{"config": vars(grid[i]), "geomean": geomean(fractions[i]), "fractions": fractions[i]} for i in ranked[:10]]
     for entry in top[:5]:
         log(f"sweep top: {entry['geomean']:.0%} {entry['config']} {[round(f, 2) for f in entry['fractions']]}")
-    decode_triton.CONFIG = grid[ranked[0]]
+    if default.kernel == "split":
+        decode_triton.CONFIG = grid[ranked[0]]
     return {"cases": cases, "top": top, "chosen": vars(grid[ranked[0]])}
 
 

@@ -1,21 +1,36 @@
-"""Triton split-K decode attention (forward only): one query per sequence over its cache rows.
+"""Triton decode attention (forward only): one query per sequence over its cache rows.
 
 Same contract as ``decode.decode_attention_reference``::
 
     q [B, H, hd], k_cache/v_cache [B, H, R, hd], valid [B, R] bool, k_new/v_new [B, H, hd] -> [B, H, hd]
 
-Decoding is memory bound: every cache row is read once per step. Long caches are split
-along the rows ("split-K", flash-decoding): program ``(b*H + h, split)`` streams rows
-``[split * rows_per_split, ...)`` of one head of one sequence through an online softmax
-(exp2 domain, fp32 statistics) and writes a partial output and its log-sum-exp; a second
-small kernel merges the partials of each head together with the new token's own row.
+Decoding is memory bound: every cache row is read once per step, so the kernel should stream the
+cache at copy bandwidth. Two paths (``DecodeConfig.kernel``):
+
+``flat`` (default): one launch of about ``programs_per_sm x SMs`` programs, all resident at once. The row
+tiles of all (sequence, head) pairs form one sequence, head after head; each program streams a
+contiguous run of it through an online softmax (exp2 domain, fp32 statistics) in a single loop, so a
+program does not ramp up and drain per head, every program reads about the same number of bytes and
+there is no tail wave. With ``row_stats`` (default) each row slot of a tile keeps its own online-softmax
+statistics, merged once at a head's end, so the loop has no cross-warp reduction and no barrier: every
+warp issues its next loads as soon as its own rows are done. When the runs are whole heads (the usual case: many heads), a program writes
+each head's output itself, merged with the new token's own row. When a head is cut between programs
+(few heads, long rows: stream-K), each contributor writes a partial (output, log-sum-exp) and bumps the
+head's arrival counter (an atomic); the last to arrive merges them, so no program waits and there is
+no second kernel.
+
+``split``: the previous flash-decoding path: program ``(b*H + h, split)`` streams rows
+``[split * rows_per_split, ...)`` of one head and writes a partial; a second small kernel merges the
+partials of each head together with the new token's own row. Small sparse caches lose to its fixed
+costs: few tiles per program (each program ramps up and drains), a nearly empty last split per head
+(R = sinks + window + T/D is 4 rows past a multiple of 256), and the second launch.
 
 Ragged batches: ``valid`` is either a ``[B, R]`` bool mask (rows a sequence may not see
 have ``False``; their loads are predicated off, so they cost no memory traffic) or ``[B]``
 counts (rows ``[0, count)`` are valid: the decode cache's sparse layout and the dense
-pattern keep their valid rows as a prefix). With counts, a program's loop ends at the count
-and no row load waits for a mask load. The number of splits depends only on the
-static shapes (B, H, R) and the GPU, so a captured CUDA graph replays unchanged.
+pattern keep their valid rows as a prefix). With counts no row load waits for a mask load. The
+partition depends only on the static shapes (B, H, R) and the GPU, so a captured CUDA graph replays
+unchanged.
 
 The op is ``torch.ops.ratplus.decode_attention`` (a ``torch.library.custom_op`` with a
 fake), so ``torch.compile`` and CUDA-graph capture treat it as one opaque call.
@@ -130,17 +145,231 @@ def _decode_merge_kernel(
     tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
+# --------------------------------------------------------------------------------------
+# flat (persistent, stream-K) decode: one launch, the programs stream a contiguous run of row tiles
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _flat_load_tile(
+    Q, K, V, VALID, t, t_end, NB, H, R,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
+    offs_n, offs_d, d_mask, qk_scale,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Loads of tile ``t`` (head ``t // NB``, rows ``(t % NB) * BLOCK_N + [0, BLOCK_N)``); all masked off when ``t >= t_end``."""
+    in_range = t < t_end
+    bh = tl.minimum(t, t_end - 1) // NB  # past the end (the last prefetch): address the last tile, load nothing
+    b = bh // H
+    h = bh - b * H
+    rows = (tl.minimum(t, t_end - 1) - bh * NB) * BLOCK_N + offs_n
+    if HAS_MASK:
+        limit = tl.where(in_range, R, 0)
+        visible = tl.load(VALID + b.to(tl.int64) * stride_mb + rows, mask=rows < limit, other=0) != 0
+    else:
+        # counts: rows [0, count) are valid; no row load waits on a mask load
+        limit = tl.where(in_range, tl.minimum(tl.load(VALID + b).to(tl.int32), R), 0)
+        visible = rows < limit
+    load_mask = visible[:, None] & d_mask[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows[:, None].to(tl.int64) * stride_kr
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vr
+    # both loads are issued before either is used: a tile's key and value bytes are in flight together
+    k = tl.load(k_ptrs + offs_d[None, :], mask=load_mask, other=0.0, eviction_policy="evict_first")
+    v = tl.load(v_ptrs + offs_d[None, :], mask=load_mask, other=0.0, eviction_policy="evict_first")
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * qk_scale
+    return q, k, v, visible
+
+
+@triton.jit
+def _flat_finish(q, m_i, l_i, acc, K_NEW, V_NEW, OUT, b, h,
+                 stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask):
+    """Output of a head from its (unnormalised) cache statistics merged with the new token's own row."""
+    k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    self_score = tl.sum(q * k_new, axis=0)  # the new row is always visible: m is finite
+    m = tl.maximum(m_i, self_score)
+    alpha = tl.exp2(m_i - m)  # 0 when the cache part is empty (m_i = -inf)
+    self_weight = tl.exp2(self_score - m)
+    out = (acc * alpha + self_weight * v_new) / (l_i * alpha + self_weight)
+    tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _flat_epilogue(
+    q, m_i, l_i, acc, t, t0, pid, tiles_per_program, NB, H,
+    K_NEW, V_NEW, OUT, O_PART, LSE_PART, COUNT,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask,
+    HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, MERGE: tl.constexpr,
+):
+    """End of a head's run of tiles in this program: the head's output, or a partial the last contributor merges."""
+    bh = t // NB
+    b = bh // H
+    h = bh - b * H
+    if MERGE:
+        # programs p own tiles [p * tiles_per_program, ...): the head's contributors are first_p..last_p
+        first_p = (bh * NB) // tiles_per_program
+        last_p = (bh * NB + NB - 1) // tiles_per_program
+        if first_p == last_p:
+            _flat_finish(q, m_i, l_i, acc, K_NEW, V_NEW, OUT, b, h,
+                         stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask)
+        else:
+            # partial: normalised output and lse (exp2 domain); -inf lse marks a run with no visible row
+            has_rows = l_i > 0.0
+            part = acc / tl.where(has_rows, l_i, 1.0)
+            lse = tl.where(has_rows, m_i + tl.log2(tl.where(has_rows, l_i, 1.0)), -float("inf"))
+            slot = pid - first_p
+            tl.store(O_PART + (bh.to(tl.int64) * BLOCK_C + slot) * HEAD_DIM + offs_d, part, mask=d_mask)
+            tl.store(LSE_PART + bh.to(tl.int64) * BLOCK_C + slot, lse)
+            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+            arrived = tl.atomic_add(COUNT + bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == last_p - first_p:  # the last contributor to arrive merges (no program ever waits)
+                tl.debug_barrier()
+                offs_c = tl.arange(0, BLOCK_C)
+                c_mask = offs_c <= last_p - first_p
+                lses = tl.load(LSE_PART + bh.to(tl.int64) * BLOCK_C + offs_c, mask=c_mask, other=-float("inf"),
+                               cache_modifier=".cg")
+                parts = tl.load(O_PART + (bh.to(tl.int64) * BLOCK_C + offs_c[:, None]) * HEAD_DIM + offs_d[None, :],
+                                mask=c_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+                k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+                v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+                self_score = tl.sum(q * k_new, axis=0)
+                m = tl.maximum(tl.max(lses, axis=0), self_score)
+                weights = tl.exp2(lses - m)  # 0 for empty partials
+                self_weight = tl.exp2(self_score - m)
+                out = (tl.sum(weights[:, None] * parts, axis=0) + self_weight * v_new) / (tl.sum(weights, axis=0) + self_weight)
+                tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+    else:
+        _flat_finish(q, m_i, l_i, acc, K_NEW, V_NEW, OUT, b, h,
+                     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask)
+
+
+@triton.jit(do_not_specialize=["R", "NB", "total_tiles", "tiles_per_program"])  # one compile for all shapes
+def _decode_flat_kernel(
+    Q, K, V, VALID, K_NEW, V_NEW, OUT, O_PART, LSE_PART, COUNT,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kr,
+    stride_vb, stride_vh, stride_vr,
+    stride_mb,
+    stride_knb, stride_knh,
+    stride_vnb, stride_vnh,
+    stride_outb, stride_outh,
+    H, R, NB, total_tiles, tiles_per_program, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, MERGE: tl.constexpr, PREFETCH: tl.constexpr, ROW_STATS: tl.constexpr,
+):
+    # The tiles of all heads form one sequence, head after head (NB tiles of BLOCK_N rows per head); program
+    # ``pid`` streams tiles [t0, t1) in one loop, whatever heads they belong to, so no program ramps up or
+    # drains per head and every program reads about the same number of bytes. A head's statistics reset at
+    # its first tile and are written out at its last tile (or at the program's last tile: a partial).
+    pid = tl.program_id(0)
+    t0 = pid * tiles_per_program
+    t1 = tl.minimum(t0 + tiles_per_program, total_tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    if ROW_STATS:
+        # One online softmax per row slot of the tile (max, sum, output row): the loop reduces nothing
+        # across rows, so no warp waits on another (no shared memory, no barrier); the slots are merged
+        # once per head, at its end.
+        m_i = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    else:
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if PREFETCH:
+        q_next, k_next, v_next, vis_next = _flat_load_tile(
+            Q, K, V, VALID, t0, t1, NB, H, R,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
+            offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+        )
+    for t in range(t0, t1):
+        if PREFETCH:
+            # this tile was loaded during the previous iteration; issue the next tile's loads before computing
+            q = q_next
+            k = k_next
+            v = v_next
+            visible = vis_next
+            q_next, k_next, v_next, vis_next = _flat_load_tile(
+                Q, K, V, VALID, t + 1, t1, NB, H, R,
+                stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
+                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+            )
+        else:
+            q, k, v, visible = _flat_load_tile(
+                Q, K, V, VALID, t, t1, NB, H, R,
+                stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
+                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+            )
+        blk = t % NB
+        first = (blk == 0) | (t == t0)  # a new head starts: reset its statistics
+        m_i = tl.where(first, -float("inf"), m_i)
+        l_i = tl.where(first, 0.0, l_i)
+        acc = tl.where(first, 0.0, acc)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N], exp2 domain
+        scores = tl.where(visible, scores, -float("inf"))
+        if ROW_STATS:
+            m_new = tl.maximum(m_i, scores)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe)  # 0 where masked
+        if ROW_STATS:
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+            l_i = l_i * alpha + p
+        else:
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        if (blk == NB - 1) | (t == t1 - 1):
+            if ROW_STATS:  # merge the row slots: one max, sum and output row for the head
+                m_head = tl.max(m_i, axis=0)
+                weights = tl.exp2(m_i - tl.where(m_head == -float("inf"), 0.0, m_head))  # 0 for empty slots
+                l_head = tl.sum(l_i * weights, axis=0)
+                acc_head = tl.sum(acc * weights[:, None], axis=0)
+            else:
+                m_head = m_i
+                l_head = l_i
+                acc_head = acc
+            _flat_epilogue(
+                q, m_head, l_head, acc_head, t, t0, pid, tiles_per_program, NB, H,
+                K_NEW, V_NEW, OUT, O_PART, LSE_PART, COUNT,
+                stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask,
+                HEAD_DIM, BLOCK_C, MERGE,
+            )
+
+
 @dataclass
 class DecodeConfig:
-    """Launch parameters of the split kernel (bench/decode.py sweeps them)."""
+    """Launch parameters (bench/decode.py and bench/gpu_decode_sweep.py sweep them).
 
-    # Defaults: the best geometric mean of a 128-config sweep on an H100 (bench/decode.py,
-    # bench/results/decode_h100.json); the top ten were within 2% of one another.
+    ``kernel="flat"`` (default): one launch of ``_decode_flat_kernel``, a fixed number of resident programs
+    that each stream a contiguous run of row tiles across heads (stream-K); heads cut between programs are
+    merged by their last-arriving contributor (an atomic counter), so there is no second kernel.
+    ``kernel="split"``: the previous path, ``_decode_split_kernel`` over (head, split) + ``_decode_merge_kernel``.
+    """
+
+    # split path (the first five fields keep their order: bench/decode.py builds configs positionally).
+    # Its defaults were the best geometric mean of a 128-config sweep on an H100 (bench/results/decode_h100.json).
     block_n: int = 128  # cache rows per loop iteration
     num_warps: int = 8
     num_stages: int = 2
     programs_per_sm: int = 64  # split the rows until about this many programs per SM ...
     min_rows_per_split: int = 256  # ... but keep at least this many rows per program
+    kernel: str = "flat"  # "flat" or "split"
+    # flat path. Defaults: the best geometric mean of the H100 sweep (bench/results/gpu_decode_sweep_h100.json,
+    # 2026-11-23): 32-row tiles, 4 warps, 4 resident programs per SM, per-row statistics (no barrier in the loop)
+    # read the cache at 81-101% of the copy bandwidth (batch 64; 16K/64K context; dense, d16w256s4, d64w256s4).
+    flat_block_n: int = 32  # cache rows per tile
+    flat_num_warps: int = 4
+    flat_num_stages: int = 1  # Triton does not pipeline these (non-dot) loads; flat_prefetch double-buffers instead
+    flat_programs_per_sm: int = 4  # programs per SM, all resident at once (one wave): must fit the registers
+    flat_prefetch: bool = False  # load tile t + 1 while computing tile t (registers double-buffered)
+    flat_row_stats: bool = True  # softmax statistics per row slot, merged at the head's end: no per-tile reduction
+    flat_whole_heads: bool = True  # whole heads per program (no merge) when that balances within whole_heads_slack
+    flat_whole_heads_slack: float = 0.04
+    flat_fit_resident: bool = True  # on CUDA, lower programs_per_sm to what the compiled kernel's registers allow
 
 
 CONFIG = DecodeConfig()
@@ -155,7 +384,7 @@ def _num_sms(device: torch.device) -> int:
 def split_plan(
     batch: int, heads: int, rows: int, device: torch.device, config: DecodeConfig | None = None
 ) -> tuple[int, int]:
-    """(num_splits, rows_per_split) from the static shapes only (CUDA-graph safe)."""
+    """(num_splits, rows_per_split) of the split path, from the static shapes only (CUDA-graph safe)."""
     config = config or CONFIG
     target = config.programs_per_sm * _num_sms(device) if device.type == "cuda" else 8
     max_splits = max(1, math.ceil(rows / config.min_rows_per_split))
@@ -165,16 +394,50 @@ def split_plan(
     return num_splits, max(rows_per_split, config.block_n)
 
 
-@torch.library.custom_op("ratplus::decode_attention", mutates_args=())
-def _decode_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class FlatPlan:
+    """Work of the flat kernel: ``num_programs`` programs, program ``p`` owns tiles ``[p * tiles_per_program, ...)``."""
+
+    tiles_per_head: int  # ceil(rows / block_n), at least 1
+    total_tiles: int  # batch * heads * tiles_per_head
+    tiles_per_program: int
+    num_programs: int
+    max_contributors: int  # most programs one head's tiles are spread over (1: no merge)
+
+    @property
+    def merge(self) -> bool:
+        return self.max_contributors > 1
+
+
+def flat_plan(
+    batch: int, heads: int, rows: int, device: torch.device, config: DecodeConfig | None = None,
+    programs_per_sm: int | None = None,
+) -> FlatPlan:
+    """The flat kernel's partition, from the static shapes only (CUDA-graph safe).
+
+    ``slots = programs_per_sm * SMs`` programs run at once; the tiles are cut into at most that many equal
+    runs (stream-K), or into runs of whole heads when that is within ``whole_heads_slack`` as long (no merge).
+    """
+    config = config or CONFIG
+    nb = max(1, math.ceil(rows / config.flat_block_n))
+    bh = batch * heads
+    total = bh * nb
+    per_sm = config.flat_programs_per_sm if programs_per_sm is None else programs_per_sm
+    slots = max(1, per_sm * _num_sms(device))
+    tpp = math.ceil(total / slots)  # stream-K: every program within one tile of the mean
+    if config.flat_whole_heads:
+        heads_per_program = math.ceil(bh / slots)
+        if heads_per_program * nb <= tpp * (1.0 + config.flat_whole_heads_slack):
+            tpp = heads_per_program * nb
+    num_programs = math.ceil(total / tpp)
+    if tpp % nb == 0:
+        contributors = 1
+    else:  # a head's nb consecutive tiles meet at most ceil((nb - 1) / tpp) + 1 runs
+        contributors = min(num_programs, math.ceil((nb - 1) / tpp) + 1)
+    return FlatPlan(nb, total, tpp, num_programs, contributors)
+
+
+def _check_args(q, k_cache, v_cache, valid, k_new, v_new) -> bool:
     batch, heads, rows, head_dim = k_cache.shape
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         if t.stride(-1) != 1:
@@ -184,7 +447,12 @@ def _decode_attention_op(
         raise ValueError(f"decode_attention_triton: a valid mask must be [B, R] = {(batch, rows)} bool, unit last stride")
     if not has_mask and (valid.shape != (batch,) or valid.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"decode_attention_triton: valid counts must be [B] = ({batch},) int32/int64")
-    config = CONFIG
+    return has_mask
+
+
+def _split_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig) -> torch.Tensor:
+    batch, heads, rows, head_dim = k_cache.shape
+    has_mask = valid.dtype == torch.bool
     num_splits, rows_per_split = split_plan(batch, heads, rows, q.device, config)
     o_part = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
@@ -217,6 +485,113 @@ def _decode_attention_op(
         num_warps=4,
     )
     return out
+
+
+def _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig, plan: FlatPlan, warmup: bool):
+    """Launch the flat kernel for ``plan`` (``warmup``: compile only and return the compiled kernel)."""
+    batch, heads, rows, head_dim = k_cache.shape
+    has_mask = valid.dtype == torch.bool
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    block_c = triton.next_power_of_2(plan.max_contributors)
+    if plan.merge and not warmup:  # partials of the heads cut between programs, one arrival counter per head
+        o_part = torch.empty(batch * heads, block_c, head_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(batch * heads, block_c, dtype=torch.float32, device=q.device)
+        count = torch.zeros(batch * heads, dtype=torch.int32, device=q.device)
+    elif plan.merge:  # same types, nothing to allocate
+        o_part = lse_part = torch.empty(1, dtype=torch.float32, device=q.device)
+        count = torch.empty(1, dtype=torch.int32, device=q.device)
+    else:  # never touched (MERGE is a compile-time False)
+        o_part = lse_part = count = out
+    valid_arg = valid.view(torch.uint8) if has_mask else valid.contiguous()
+    args = (
+        q, k_cache, v_cache, valid_arg, k_new, v_new, out, o_part, lse_part, count,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        valid_arg.stride(0),
+        k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1),
+        out.stride(0), out.stride(1),
+        heads, rows, plan.tiles_per_head, plan.total_tiles, plan.tiles_per_program, scale * _LOG2E,
+    )  # fmt: skip
+    kwargs = dict(
+        HEAD_DIM=head_dim, BLOCK_N=config.flat_block_n, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_C=block_c,
+        HAS_MASK=has_mask, MERGE=plan.merge, PREFETCH=config.flat_prefetch, ROW_STATS=config.flat_row_stats,
+        num_warps=config.flat_num_warps, num_stages=config.flat_num_stages,
+    )
+    if warmup:
+        return _decode_flat_kernel.warmup(*args, grid=(1,), **kwargs)
+    _decode_flat_kernel[(plan.num_programs,)](*args, **kwargs)
+    return out
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_programs_per_sm(
+    q, k_cache, v_cache, valid, k_new, v_new, config: DecodeConfig, plan: FlatPlan, compile: bool = True
+) -> int:
+    """How many programs of the flat kernel fit on one SM at once (registers, shared memory, threads), on CUDA.
+
+    From the compiled kernel's register count; ``config.flat_programs_per_sm`` where that is not available
+    (or not yet known and ``compile`` is False).
+    """
+    key = (q.device, q.dtype, k_cache.dtype, k_cache.shape[-1], valid.dtype == torch.bool, plan.merge,
+           plan.max_contributors, config.flat_block_n, config.flat_num_warps, config.flat_num_stages,
+           config.flat_prefetch, config.flat_row_stats)  # fmt: skip
+    if key not in _RESIDENT and not compile:
+        return config.flat_programs_per_sm
+    if key not in _RESIDENT:
+        try:
+            kernel = _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, 1.0, config, plan, warmup=True)
+            kernel._init_handles()
+            props = torch.cuda.get_device_properties(q.device)
+            warps = config.flat_num_warps
+            regs_per_warp = math.ceil(max(int(kernel.n_regs), 1) * 32 / 256) * 256
+            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+            by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+            by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (int(kernel.metadata.shared) + 1024)
+            _RESIDENT[key] = max(1, min(by_regs, by_threads, by_smem, 32))
+        except Exception:  # an older/newer Triton without these attributes: trust the config
+            _RESIDENT[key] = config.flat_programs_per_sm
+    return _RESIDENT[key]
+
+
+def _flat_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig) -> torch.Tensor:
+    batch, heads, rows, _ = k_cache.shape
+    plan = flat_plan(batch, heads, rows, q.device, config)
+    if q.is_cuda and config.flat_fit_resident:
+        # One wave: every program resident from the start. Fewer programs per SM if the registers say so.
+        # While a CUDA graph is being captured nothing is compiled or loaded (not allowed then): the eager
+        # warm-up call before the capture has cached the count, which the same plan reuses.
+        capturing = torch.cuda.is_current_stream_capturing()
+        per_sm = config.flat_programs_per_sm
+        for _ in range(2):  # the plan's MERGE changes the kernel (and its registers) at most once more
+            fit = resident_programs_per_sm(q, k_cache, v_cache, valid, k_new, v_new, config, plan, not capturing)
+            if fit >= per_sm:
+                break
+            per_sm = fit
+            plan = flat_plan(batch, heads, rows, q.device, config, programs_per_sm=per_sm)
+    return _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config, plan, warmup=False)
+
+
+@torch.library.custom_op("ratplus::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _check_args(q, k_cache, v_cache, valid, k_new, v_new)
+    config = CONFIG
+    if config.kernel == "split":
+        return _split_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config)
+    if config.kernel == "flat":
+        return _flat_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config)
+    raise ValueError(f"decode_attention_triton: kernel {config.kernel!r} is unknown: allowed values are flat, split")
 
 
 @_decode_attention_op.register_fake

@@ -30,8 +30,8 @@ persistent (``programs per SM`` > 0 in the configs) and then load their next til
 wait on the look-back of the current one.
 
 Measured on an H100 (bench/results/scan_check_H100.json and kernels_H100.json, 2026-11-23):
-at [4, 16384, 16, 128] bf16 the forward moves its bytes at 62% of the device-to-device copy
-bandwidth (0.72 ms) and the backward at 46% (1.56 ms); 58% / 44% at [1, 262144, 16, 128].
+at [4, 16384, 16, 128] bf16 the forward moves its bytes at 63% of the device-to-device copy
+bandwidth (0.705 ms) and the backward at 52% (1.37 ms); 54% / 47% at [1, 262144, 16, 128].
 Smaller tiles and fewer warps run faster (a program's life is latency: load, cross-lane scan,
 look-back round trips), up to the point where per-tile costs dominate. Two variants were timed
 and rejected (scan_check_H100_rejected.json): storing the aggregate and inclusive rows straight
@@ -483,10 +483,10 @@ def _step_kernel(
 
 # Per input dtype: forward (chunk, block_c cap, warps, programs per SM, 0 = one program per tile);
 # backward (block_c cap, warps, programs per SM), same chunk. bf16 from the H100 sweep of this tile
-# layout (bench/results/scan_check_H100.json: forward (32, 64, 2) and backward (32, 32, 2) were
-# the fastest pair sharing a chunk); persistent programs (programs per SM > 0) are not yet timed.
-_FWD_CONFIG = {torch.bfloat16: (32, 64, 2, 0), torch.float16: (32, 64, 2, 0), torch.float32: (32, 32, 2, 0)}
-_BWD_CONFIG = {torch.bfloat16: (32, 2, 0), torch.float16: (32, 2, 0), torch.float32: (32, 2, 0)}
+# layout (bench/results/scan_check_H100.json, 2026-11-23: forward (16, 64, 2) and backward (16, 64, 2)
+# were the fastest pair sharing a chunk); persistent programs (programs per SM > 0) were slower.
+_FWD_CONFIG = {torch.bfloat16: (16, 64, 2, 0), torch.float16: (16, 64, 2, 0), torch.float32: (32, 32, 2, 0)}
+_BWD_CONFIG = {torch.bfloat16: (64, 2, 0), torch.float16: (64, 2, 0), torch.float32: (32, 2, 0)}
 
 
 def _pow2_at_least(n: int, low: int) -> int:

@@ -58,17 +58,23 @@ def test_reference_bfloat16_close():
 
 TRITON_SCRIPT = textwrap.dedent(
     """
+    import json
+    import os
+
     import torch
+    from ratplus_titan.kernels import decode_triton
     from ratplus_titan.kernels.decode import decode_attention_reference
-    from ratplus_titan.kernels.decode_triton import decode_attention_triton, split_plan
+    from ratplus_titan.kernels.decode_triton import decode_attention_triton, flat_plan, split_plan
     from tests_decode_cases import CASES, random_case
 
+    decode_triton.CONFIG = decode_triton.DecodeConfig(**json.loads(os.environ.get("DECODE_CONFIG", "{}")))
     for batch, heads, rows, head_dim in CASES:
         case = random_case(batch, heads, rows, head_dim, seed=rows + 1)
         expected = decode_attention_reference(*case)
         got = decode_attention_triton(*case)
         err = (got - expected).abs().max().item()
-        print(batch, heads, rows, head_dim, split_plan(batch, heads, rows, torch.device("cpu")), err)
+        cpu = torch.device("cpu")
+        print(batch, heads, rows, head_dim, split_plan(batch, heads, rows, cpu), flat_plan(batch, heads, rows, cpu), err)
         assert err < 1e-5, (batch, heads, rows, head_dim, err)
         # non-contiguous cache (a [B, R, H, hd] buffer seen as [B, H, R, hd])
         k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in case[1:3])
@@ -105,8 +111,28 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_kernel_matches_reference_interpreted(tmp_path):
+# Kernel paths (DecodeConfig fields): the split path; the flat path with whole heads per program (no merge),
+# with heads cut between programs (stream-K: partials merged by the last-arriving program), one program
+# for everything, one tile per program (every head merged from many partials), register prefetch.
+# row_stats: softmax statistics per row slot (merged at a head's end) or per head (reduced every tile).
+KERNEL_CONFIGS = {
+    "flat": {},
+    "split": {"kernel": "split"},
+    "flat-prefetch": {"flat_prefetch": True, "flat_block_n": 32},
+    "flat-head-stats": {"flat_row_stats": False},
+    "flat-head-stats-prefetch-streamk": {"flat_row_stats": False, "flat_prefetch": True, "flat_programs_per_sm": 5,
+                                         "flat_block_n": 16, "flat_whole_heads": False},
+    "flat-streamk": {"flat_programs_per_sm": 7, "flat_block_n": 16, "flat_whole_heads": False},
+    "flat-one-program": {"flat_programs_per_sm": 1, "flat_block_n": 128},
+    "flat-one-tile-per-program": {"flat_programs_per_sm": 4096, "flat_block_n": 16, "flat_prefetch": True},
+}
+
+
+@pytest.mark.parametrize("config", list(KERNEL_CONFIGS))
+def test_triton_kernel_matches_reference_interpreted(tmp_path, config):
     """Small sizes, several splits (rows > 256), ragged masks, rows not a multiple of the block, empty caches."""
+    import json
+
     cases = [(1, 1, 1, 4), (3, 2, 37, 16), (2, 2, 700, 8), (4, 3, 300, 24), (2, 1, 0, 8), (5, 2, 1030, 32)]
     (tmp_path / "tests_decode_cases.py").write_text(
         f"CASES = {cases!r}\n" + textwrap.dedent(
@@ -115,7 +141,8 @@ def test_triton_kernel_matches_reference_interpreted(tmp_path):
             """
         ) + _source_of(random_case)
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               DECODE_CONFIG=json.dumps(KERNEL_CONFIGS[config]))
     result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
@@ -157,3 +184,28 @@ def test_lm_decode_with_triton_kernels_interpreted():
     result = subprocess.run([sys.executable, "-c", LM_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("batch,heads,rows", [(1, 1, 0), (1, 16, 1000), (64, 16, 516), (3, 4, 70000), (7, 3, 129), (2, 16, 16384)])
+@pytest.mark.parametrize("per_sm,block_n,whole_heads,sms", [(4, 64, True, 132), (4, 64, False, 132), (2, 128, True, 1),
+                                                            (7, 16, False, 3), (1000, 16, True, 1)])
+def test_flat_plan_covers_every_tile_once(monkeypatch, batch, heads, rows, per_sm, block_n, whole_heads, sms):
+    """The partition: runs of equal length cover the tiles once, at most ``slots`` programs, the contributor bound holds."""
+    import math
+
+    from ratplus_titan.kernels import decode_triton as dt
+
+    monkeypatch.setattr(dt, "_num_sms", lambda device: sms)
+    config = dt.DecodeConfig(flat_programs_per_sm=per_sm, flat_block_n=block_n, flat_whole_heads=whole_heads)
+    plan = dt.flat_plan(batch, heads, rows, torch.device("cpu"), config)
+    nb = plan.tiles_per_head
+    assert nb == max(1, math.ceil(rows / block_n)) and plan.total_tiles == batch * heads * nb
+    assert plan.num_programs <= per_sm * sms
+    assert (plan.num_programs - 1) * plan.tiles_per_program < plan.total_tiles <= plan.num_programs * plan.tiles_per_program
+    # the most programs one head meets, by brute force over the heads
+    most = max(((h + 1) * nb - 1) // plan.tiles_per_program - (h * nb) // plan.tiles_per_program + 1 for h in range(batch * heads))
+    assert most <= plan.max_contributors
+    assert plan.merge == (most > 1)
+    stream_k = math.ceil(plan.total_tiles / (per_sm * sms))
+    assert plan.tiles_per_program == stream_k or (whole_heads and plan.tiles_per_program % nb == 0
+                                                 and plan.tiles_per_program <= stream_k * (1 + config.flat_whole_heads_slack))

@@ -1,0 +1,175 @@
+"""Held-out loss and perplexity of an exported model under one or more attention patterns.
+
+    ratplus-perplexity MODEL_DIR data/validation.bin --pattern dense --pattern d16w256s4 --seq-len 2048 --windows 256
+
+Reads the first ``--windows`` windows of ``seq_len + 1`` tokens from a pre-tokenized ``.bin`` file (the
+same windows ``[training] dataset = "bin"`` reads: ``python -m ratplus_titan.data.pretokenize`` writes
+them), runs the model under each pattern (full-sequence forward, the prefill path) and reports the mean
+next-token cross-entropy (nats) and its perplexity, overall and by position bucket: a sparse pattern
+equals dense attention for the first ``W`` positions, so the later buckets are where it can lose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BUCKETS = (256, 1024)
+"""Bucket edges: positions [0, 256), [256, 1024), [1024, seq_len)."""
+
+
+def read_windows(path: str | Path, seq_len: int, windows: int) -> torch.Tensor:
+    """The first ``windows`` windows of ``seq_len + 1`` tokens of a uint16 ``.bin`` file -> ``[N, seq_len + 1]``."""
+    from ratplus_titan.data.dataset import TokenWindowDataset
+
+    data = TokenWindowDataset([Path(path)], seq_len, 0, 1, name=str(path), infinite=False)
+    available = data.windows_per_rank
+    if available == 0:
+        raise ValueError(f"{path} holds fewer than seq_len + 1 = {seq_len + 1} tokens")
+    n = available if windows <= 0 else min(windows, available)
+    return torch.from_numpy(np.stack([data.window(i).astype(np.int64) for i in range(n)]))
+
+
+def bucket_edges(seq_len: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> list[tuple[int, int]]:
+    """``[(0, e0), (e0, e1), ..., (ek, seq_len)]`` for the edges inside ``(0, seq_len)``."""
+    cuts = [0, *(e for e in edges if 0 < e < seq_len), seq_len]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+@torch.no_grad()
+def heldout_loss(lm, windows: torch.Tensor, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> dict:
+    """Mean cross-entropy of ``lm`` (a ``RATPlusLM``, under its current pattern) on ``windows [N, T + 1]``.
+
+    Returns ``{"loss", "perplexity", "tokens", "by_position": {"a-b": loss}}``; sums are accumulated in
+    float64 over every position of every window.
+    """
+    seq_len = windows.shape[1] - 1
+    buckets = bucket_edges(seq_len, edges)
+    position_sum = torch.zeros(seq_len, dtype=torch.float64)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = lm(batch[:, :-1])  # [B, T, V]
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        position_sum += nll.view(batch.shape[0], seq_len).double().sum(0).cpu()
+        del logits, nll
+    n = windows.shape[0]
+    loss = float(position_sum.sum() / (n * seq_len))
+    by_position = {f"{a}-{b}": float(position_sum[a:b].sum() / (n * (b - a))) for a, b in buckets}
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n * seq_len, "by_position": by_position}
+
+
+def load(model_dir: str | Path, seq_len: int, dtype: str | None = None, device: str | None = None):
+    """A ``RATPlusLM`` for full-sequence evaluation of windows of ``seq_len`` tokens."""
+    from ratplus_titan.inference import RATPlusLM
+
+    return RATPlusLM.from_pretrained(model_dir, pattern="dense", dtype=dtype, device=device, max_seq_len=seq_len)
+
+
+def evaluate_pattern(lm, windows: torch.Tensor, spec: str, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> dict:
+    """``{"pattern", "kv_rows", "loss", "perplexity", "tokens", "by_position", "seconds"}`` of ``lm`` under ``spec``."""
+    lm.set_pattern(spec)
+    start = time.monotonic()
+    row = {"pattern": spec, "kv_rows": kv_rows(lm, windows.shape[1] - 1), **heldout_loss(lm, windows, batch_size, edges)}
+    row["seconds"] = round(time.monotonic() - start, 2)
+    return row
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    patterns: Sequence[str],
+    seq_len: int,
+    windows: int = 256,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    device: str | None = None,
+    quiet: bool = False,
+    edges: Sequence[int] = DEFAULT_BUCKETS,
+) -> list[dict]:
+    """One row per pattern (see :func:`evaluate_pattern`), the model loaded once."""
+    lm = load(model_dir, seq_len, dtype, device)
+    tokens = read_windows(data, seq_len, windows)
+    rows = []
+    for spec in patterns:
+        rows.append(evaluate_pattern(lm, tokens, spec, batch_size, edges))
+        if not quiet:
+            print_row(model_dir, rows[-1])
+    return rows
+
+
+def print_row(model_dir: str | Path, row: dict) -> None:
+    print(f"perplexity: {model_dir} {row['pattern']:>22s}: loss {row['loss']:.4f}  ppl {row['perplexity']:8.2f}  "
+          f"({row['tokens']:,} tokens, {row['seconds']:.1f} s)", flush=True)  # fmt: skip
+
+
+def kv_rows(lm, seq_len: int) -> int:
+    """KV rows per layer and head a decoder reads for the last token of a ``seq_len`` sequence, averaged over layers."""
+    rows = [pattern_rows(p, seq_len) for p in lm.patterns]
+    return round(sum(rows) / len(rows))
+
+
+def pattern_rows(pattern, seq_len: int) -> int:
+    from ratplus_titan.head_groups import HeadGroups
+    from ratplus_titan.pattern import Pattern
+
+    if isinstance(pattern, Pattern):
+        return pattern.cache_rows(seq_len)
+    if isinstance(pattern, HeadGroups):
+        return round(sum(n * pattern_rows(p, seq_len) for n, p in pattern.groups) / pattern.n_heads)
+    # top-k block: sinks + the selected blocks + the query's own block
+    return min(seq_len, pattern.sinks + (pattern.top_k + 1) * pattern.block_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ratplus-perplexity",
+        description="Held-out loss / perplexity of an exported RAT+ model under attention patterns.",
+    )
+    parser.add_argument("model_dir", help="folder written by ratplus-export")
+    parser.add_argument("data", help="uint16 .bin token file (python -m ratplus_titan.data.pretokenize)")
+    parser.add_argument("--pattern", action="append", dest="patterns",
+                        help="pattern spec (dense, d16w256s4, topk16k23s4-ratplus, 8:dense+8:d64w0s0); repeat for "
+                        "several (default: dense)")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=2048, help="window length (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=256, help="windows to evaluate, 0 = all (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: the exported dtype")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--output", help="write the rows as JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.windows < 0:
+        parser.error(f"--windows must be >= 0 (0 = all), got {args.windows}")
+    patterns = args.patterns or ["dense"]
+    from ratplus_titan.head_groups import parse_layer_pattern
+
+    for spec in patterns:
+        try:
+            parse_layer_pattern(spec)
+        except ValueError as e:
+            parser.error(f"--pattern {spec!r}: {e}")
+    rows = evaluate(args.model_dir, args.data, patterns, args.seq_len, args.windows, args.batch_size, args.dtype, args.device)
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""ratplus_titan.data.pretokenize: the .bin token stream equals the one the text datasets pack on the fly."""
+
+import gzip
+import json
+import lzma
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from ratplus_titan.data.dataset import BUNDLED_CORPUS, PackedTextDataset, TokenWindowDataset
+from ratplus_titan.data.pretokenize import main, pretokenize, read_documents
+from ratplus_titan.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_bin_windows_equal_the_packed_text_windows(tmp_path, tokenizer):
+    """Every window of the .bin (read by TokenWindowDataset) equals the packer's window from the same documents."""
+    source = BUNDLED_CORPUS["validation"]
+    out = tmp_path / "validation.bin"
+    n_tokens = pretokenize([source], out, workers=2, quiet=True)
+    assert out.stat().st_size == 2 * n_tokens
+    seq_len = 97  # not a divisor of anything in sight
+    docs = datasets.load_dataset("json", data_files=[str(source)], split="train", streaming=True)
+    packed = list(PackedTextDataset(docs, tokenizer, seq_len, name="bundled", infinite=False))
+    windows = list(TokenWindowDataset([out], seq_len, 0, 1, name="bin", infinite=False))
+    assert len(windows) == len(packed) == n_tokens // (seq_len + 1)
+    for (x_bin, y_bin), (x_text, y_text) in zip(windows, packed):
+        assert torch.equal(x_bin["input"], x_text["input"]) and torch.equal(y_bin, y_text)
+
+
+def test_every_suffix_reads_the_same_documents(tmp_path, tokenizer):
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta."]) for _ in range(rng.randint(1, 60))) for _ in range(7)]
+    lines = "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs))
+    (tmp_path / "a.jsonl").write_text(lines + "\n")  # a blank line is skipped
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(lines)
+    with lzma.open(tmp_path / "a.jsonl.xz", "wt") as f:
+        f.write(lines)
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.xz"):
+        assert list(read_documents(tmp_path / name)) == docs
+    (tmp_path / "b.txt").write_text(docs[0])
+    assert list(read_documents(tmp_path / "b.txt")) == [docs[0]]
+    # the stream: bos doc eos for each document, in order, from an independent per-document encode
+    out = tmp_path / "a.bin"
+    pretokenize([tmp_path / "a.jsonl.xz", tmp_path / "b.txt"], out, workers=2, quiet=True)
+    expected = [t for d in [*docs, docs[0]] for t in [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]]
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
+
+
+def test_bad_input_leaves_no_bin_behind(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text field"}) + "\n")
+    out = tmp_path / "out.bin"
+    assert main([str(bad), str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "'text'" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.jsonl", "out.bin"], "does not exist"),
+        (["{src}", "out.txt"], "must end in .bin"),
+        (["{src}", "out.bin", "--workers", "0"], "--workers must be >= 1"),
+        (["{weird}", "out.bin"], "allowed are .jsonl, .jsonl.gz, .jsonl.xz, .txt"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    src, weird = tmp_path / "a.jsonl", tmp_path / "a.csv"
+    src.write_text(json.dumps({"text": "x"}) + "\n")
+    weird.write_text("x")
+    argv = [a.format(src=src, weird=weird) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], str(tmp_path / argv[1]), *argv[2:]])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

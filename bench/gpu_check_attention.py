@@ -173,8 +173,8 @@ def flex_compiled_masks(q, k, v, pattern: Pattern, scale: float) -> torch.Tensor
     (no T x T mask in memory)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from ratplus_titan.kernels.flex import _flex_attention
     from ratplus_titan.kernels.pattern_attention import compact_rows, merge_by_lse
+    from ratplus_titan.kernels.pattern_attention_flex import _flex_attention
 
     seq_len = q.shape[-2]
     key = (pattern, seq_len)
@@ -212,7 +212,7 @@ def time_method(method: str, q, k, v, pattern: Pattern, rep_ms: float) -> tuple[
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     elif method == "flex":
-        from ratplus_titan.kernels.flex import flex_pattern_attention
+        from ratplus_titan.kernels.pattern_attention_flex import flex_pattern_attention
 
         def fwd():
             return flex_pattern_attention(q, k, v, pattern, scale)

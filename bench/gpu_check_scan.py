@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import kernels as kb  # noqa: E402
 from ratplus_titan.kernels import recurrence_triton as rt  # noqa: E402
-from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step  # noqa: E402
+from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step_reference  # noqa: E402
 
 log = kb.log
 RESULTS: dict = {}
@@ -184,7 +184,7 @@ def check() -> None:
     _, _, k, x, f = fused.unbind(2)
     ks, vs = torch.randn(2, 8, 16, 128, device="cuda")
     got = rt.recurrence_step_triton(f, k, x, ks, vs)
-    exp = recurrence_step(f, k, x, ks, vs)
+    exp = recurrence_step_reference(f, k, x, ks, vs)
     res["step"] = {n: compare(n, g, e, 1e-6, 1e-6) for n, g, e in zip(("K", "V"), got, exp)}
 
     # 5. torch.compile (inductor, fullgraph) of a block, and activation checkpointing

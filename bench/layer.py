@@ -465,7 +465,7 @@ def run(args: argparse.Namespace, results: Results, start: float, budget: float)
 
     def parts() -> None:
         """The recurrence op alone on the layer's strided views; in_proj alone (5d vs 4d)."""
-        from ratplus_titan.kernels.recurrence import gated_recurrence
+        from ratplus_titan.kernels.recurrence_dispatch import gated_recurrence
 
         # strided [B, T, H, hd] views of one fused projection output, as the layer hands them over
         fused = torch.randn(batch, seq_len, n_heads, 5, head_dim, device=device, dtype=dtype)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train with torchtitan + ratplus_titan (our copy of torchtitan's run_train.sh).
 #   NGPU=8 CONFIG_FILE=train_configs/ratplus_1b.toml ./run_train.sh [--extra.torchtitan args]
-# On a machine without a GPU it runs one CPU process through the test-only shim
-# (tests/torchtitan_cpu.py): torchtitan 0.2.2 assumes CUDA when no accelerator is present.
+# On a machine without a GPU it runs one CPU process with gloo (ratplus_titan/infra/cpu.py):
+# torchtitan 0.2.2 assumes CUDA when no accelerator is present.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -15,4 +15,4 @@ if [ "$NGPU" -gt 0 ]; then
     -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"
 fi
 echo "run_train.sh: no GPU found; training on CPU (one process, gloo)" >&2
-exec "$PYTHON" -m tests.torchtitan_cpu --trainer ratplus_titan.train:RATPlusTrainer -- --job.config_file "$CONFIG_FILE" "$@"
+exec "$PYTHON" -m ratplus_titan.infra.cpu --trainer ratplus_titan.train:RATPlusTrainer -- --job.config_file "$CONFIG_FILE" "$@"

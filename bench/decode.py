@@ -2,12 +2,13 @@
 
 One script for one device call (correctness first, then timings):
 
-1. ``check``: the Triton decode kernel against the PyTorch reference on the GPU (bf16, ragged
-   masks, several splits), and a tiny model's prefill + decode (eager and CUDA-graph replay)
-   against its full-sequence forward (fp32).
-2. ``kernel``: decode-attention bandwidth, batch 64, 16 heads x 128, bf16, contexts 16K and 64K,
-   for the dense row layout and the D=16 / D=64 layouts: cache bytes read per second, against
-   a device-to-device copy (bytes read + written per second).
+1. ``check``: the Triton decode kernels (``KERNELS``: the default flat kernel and the previous split
+   one) against the PyTorch reference on the GPU (bf16, ragged masks and counts), the cache update,
+   and a tiny model's prefill + decode (eager and CUDA-graph replay) against its full-sequence forward (fp32).
+2. ``kernel``: the decode-attention kernels at batch 64, 16 heads x 128, bf16, contexts 16K and 64K,
+   for the dense row layout and the D=16 / D=64 layouts, valid rows as counts (what the decode cache
+   passes): ms per call inside a CUDA graph of 8 calls over 2-4 cache sets larger than L2 (as decoding
+   replays it) and ``do_bench`` (L2 flushed before each call), cache bytes read against the copy bandwidth.
 3. ``throughput``: a 1B-shape model (dim 2048, 24 layers, 16 heads, vocab 32000, random bf16
    weights), decode steps captured in a CUDA graph, contexts 4K and 16K, for dense,
    d16w256s4 and d64w256s4, each at the largest batch (<= 256) whose cache fits; the cache is
@@ -16,69 +17,50 @@ One script for one device call (correctness first, then timings):
 
 Writes ``decode_<device>.json`` (and ``.png`` when matplotlib is there) into ``--out``
 (default ``$OUT`` or ``bench/results``). ``--plot FILE.json`` only draws the PNG of a JSON file.
+``--device cpu --phases kernel`` with small ``--kernel-contexts`` is a smoke run (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
+import contextlib
+import dataclasses
 import json
 import math
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
+from bench import common
+from bench.common import log
+
 PATTERNS = ("dense", "d16w256s4", "d64w256s4")
 
 
-def log(*args) -> None:
-    print(*args, flush=True)
+def kernel_configs() -> dict:
+    """The decode kernels timed side by side: the default flat kernel and the previous split + merge path."""
+    from ratplus_titan.kernels import decode_triton
+
+    return {"split": dataclasses.replace(decode_triton.DecodeConfig(), kernel="split"),
+            "flat": dataclasses.replace(decode_triton.DecodeConfig(), kernel="flat")}  # fmt: skip
 
 
-def device_slug() -> str:
-    name = torch.cuda.get_device_name().lower()
-    for slug in ("h200", "h100", "a100", "l40s", "l4"):
-        if slug in name:
-            return slug
-    return name.replace(" ", "_")
+@contextlib.contextmanager
+def use_config(config):
+    """``decode_triton.CONFIG`` set to ``config`` inside the block."""
+    from ratplus_titan.kernels import decode_triton
 
-
-def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    n = 2 * 1024**3  # 4 GiB of bf16
-    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(functools.partial(dst.copy_, src), iters=10)
-    src = dst = None
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / (ms / 1e3)
+    saved, decode_triton.CONFIG = decode_triton.CONFIG, config
+    try:
+        yield
+    finally:
+        decode_triton.CONFIG = saved
 
 
 # ---- 1. checks ------------------------------------------------------------------------
 def check_kernel() -> dict:
-    from ratplus_titan.kernels import decode_triton
     from ratplus_titan.kernels.decode import cache_update_reference, decode_attention_reference
     from ratplus_titan.kernels.decode_triton import cache_update_triton, decode_attention_triton, split_plan
 
@@ -94,20 +76,22 @@ def check_kernel() -> dict:
         valid[0] = False
         if batch > 2:
             valid[2, rows // 3 :] = False
-        out = decode_attention_triton(q, k_cache, v_cache, valid, k_new, v_new)
-        ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), valid, k_new.float(), v_new.float())
-        rel = ((out.float() - ref).norm() / ref.norm()).item()
         counts = torch.randint(0, rows + 1, (batch,), generator=gen, device="cuda")
-        out_c = decode_attention_triton(q, k_cache, v_cache, counts, k_new, v_new)
+        ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), valid, k_new.float(), v_new.float())
         ref_c = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), counts, k_new.float(),
                                            v_new.float())
-        rel_c = ((out_c.float() - ref_c).norm() / ref_c.norm()).item()
-        results.append({"shape": [batch, heads, rows, head_dim], "splits": split_plan(batch, heads, rows, q.device)[0],
-                        "kernel": decode_triton.CONFIG.kernel,
-                        "rel_err_mask": rel, "rel_err_counts": rel_c,
-                        "finite": bool(out.isfinite().all() and out_c.isfinite().all())})
-        log(f"check kernel {batch}x{heads}x{rows}x{head_dim}: rel err {rel:.2e} (mask), {rel_c:.2e} (counts)")
-        assert rel < 1e-2 and rel_c < 1e-2 and results[-1]["finite"], results[-1]
+        for kernel, config in kernel_configs().items():
+            with use_config(config):
+                out = decode_attention_triton(q, k_cache, v_cache, valid, k_new, v_new)
+                out_c = decode_attention_triton(q, k_cache, v_cache, counts, k_new, v_new)
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            rel_c = ((out_c.float() - ref_c).norm() / ref_c.norm()).item()
+            results.append({"shape": [batch, heads, rows, head_dim], "kernel": kernel,
+                            "splits": split_plan(batch, heads, rows, q.device, config)[0],
+                            "rel_err_mask": rel, "rel_err_counts": rel_c,
+                            "finite": bool(out.isfinite().all() and out_c.isfinite().all())})
+            log(f"check {kernel} kernel {batch}x{heads}x{rows}x{head_dim}: rel err {rel:.2e} (mask), {rel_c:.2e} (counts)")
+            assert rel < 1e-2 and rel_c < 1e-2 and results[-1]["finite"], results[-1]
     # cache update
     batch, heads, rows, head_dim = 32, 16, 300, 128
     k_cache = torch.randn(batch, heads, rows, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -158,91 +142,80 @@ def check_model() -> dict:
     return out
 
 
-# ---- 2. kernel bandwidth --------------------------------------------------------------------
-def kernel_bandwidth(contexts: list[int], batch: int, copy_bw: float) -> list[dict]:
-    from ratplus_titan.kernels import decode_triton
-    from ratplus_titan.kernels.decode_triton import decode_attention_triton, flat_plan, split_plan
+# ---- 2. decode kernels -----------------------------------------------------------------------
+def graph_ms(call, calls: int = 8, replays: int = 5) -> float:
+    """Milliseconds per ``call()`` inside a CUDA graph of ``calls`` calls (as decoding replays a step)."""
+    call()  # compile, fit the launch
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (replays * calls)
+
+
+def rotating_call(sets: list, valid: torch.Tensor):
+    """A call of the decode kernel on the next cache set at each invocation (the sets together exceed L2)."""
+    from ratplus_titan.kernels.decode_triton import decode_attention_triton
+
+    counter = [0]
+
+    def call():
+        q, k_cache, v_cache, k_new, v_new = sets[counter[0] % len(sets)]
+        counter[0] += 1
+        return decode_attention_triton(q, k_cache, v_cache, valid, k_new, v_new)
+
+    return call
+
+
+def kernel_timings(contexts: list[int], batch: int, copy_bw: float | None, device: str = "cuda") -> list[dict]:
+    """Each kernel of ``kernel_configs()`` at every (context, pattern): graph ms, do_bench ms, share of the copy BW."""
     from ratplus_titan.pattern import Pattern
 
     heads, head_dim = 16, 128
+    configs = kernel_configs()
     results = []
-    for ctx in contexts:
-        for name in PATTERNS:
-            rows = Pattern.parse(name).cache_rows(ctx)
-            k_cache = torch.empty(batch, heads, rows, head_dim, dtype=torch.bfloat16, device="cuda").normal_()
-            v_cache = torch.empty_like(k_cache).normal_()
-            q, k_new, v_new = (torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-            read = 2 * k_cache.numel() * k_cache.element_size()
-            # counts (what the decode cache passes for prefix layouts) and an all-true mask
-            for mode, valid in (("counts", torch.full((batch,), rows, dtype=torch.long, device="cuda")),
-                                ("mask", torch.ones(batch, rows, dtype=torch.bool, device="cuda"))):
-                ms = cuda_time_ms(functools.partial(decode_attention_triton, q, k_cache, v_cache, valid, k_new, v_new))
-                bw = read / (ms / 1e3)
-                results.append({"context": ctx, "pattern": name, "valid": mode, "batch": batch, "rows": rows, "ms": ms,
-                                "bytes_read": read, "bytes_per_s": bw, "fraction_of_copy_bw": bw / copy_bw,
-                                "splits": split_plan(batch, heads, rows, q.device)[0], "kernel": decode_triton.CONFIG.kernel,
-                                "flat_programs": flat_plan(batch, heads, rows, q.device).num_programs})
-                log(f"kernel ctx {ctx:6d} {name:10s} rows {rows:6d} {mode:6s}: {ms:8.3f} ms, {bw / 1e12:.2f} TB/s = "
-                    f"{bw / copy_bw:.0%} of copy")
-            k_cache = v_cache = None
+    for ci, (ctx, name) in enumerate((c, p) for c in contexts for p in PATTERNS):
+        rows = Pattern.parse(name).cache_rows(ctx)
+        set_bytes = 2 * batch * heads * rows * head_dim * 2  # keys and values, bf16
+        n_sets = 1 if device != "cuda" or set_bytes > 4e9 else max(2, min(4, math.ceil(1e9 / set_bytes)))
+        gen = torch.Generator(device=device).manual_seed(ci)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)  # noqa: B023
+
+        sets = [(rand(batch, heads, head_dim), rand(batch, heads, rows, head_dim), rand(batch, heads, rows, head_dim),
+                 rand(batch, heads, head_dim), rand(batch, heads, head_dim)) for _ in range(n_sets)]  # fmt: skip
+        valid = torch.full((batch,), rows, dtype=torch.long, device=device)
+        for kernel, config in configs.items():
+            row = {"context": ctx, "pattern": name, "rows": rows, "batch": batch, "variant": kernel,
+                   "bytes_read": set_bytes, "cache_sets": n_sets}  # fmt: skip
+            try:
+                with use_config(config):
+                    call = rotating_call(sets, valid)
+                    call()  # compile
+                    row["ms"] = common.do_bench(call, warmup_ms=10, rep_ms=40, device=device)
+                    if device == "cuda":
+                        row["graph_ms"] = graph_ms(call)
+                        row["graph_fraction_of_copy_bw"] = set_bytes / (row["graph_ms"] / 1e3) / copy_bw
+            except Exception as err:  # e.g. out of memory: keep the other rows
+                traceback.print_exc()
+                row["error"] = repr(err)[:500]
+            results.append(row)
+            timing = f"graph {row['graph_ms']:.3f} ms = {row['graph_fraction_of_copy_bw']:.0%} of copy, " if "graph_ms" in row else ""
+            log(f"kernel {kernel:5s} ctx {ctx:6d} {name:10s} rows {rows:6d}: {timing}do_bench {row.get('ms', float('nan')):.3f} ms")
+        sets = None
+        if device == "cuda":
             torch.cuda.empty_cache()
     return results
-
-
-def sweep_kernel(contexts: list[int], batch: int, copy_bw: float) -> dict:
-    """Time the split path over launch configurations; the best (geometric mean) becomes CONFIG if the default is split.
-
-    The flat path (the default) has its own sweep: ``python -m bench.gpu_decode_sweep``.
-    """
-    import itertools
-
-    from ratplus_titan.kernels import decode_triton
-    from ratplus_titan.pattern import Pattern
-
-    heads, head_dim = 16, 128
-    grid = [
-        decode_triton.DecodeConfig(bn, nw, ns, pps, mr, kernel="split")
-        for bn, nw, ns, pps, mr in itertools.product((64, 128), (4, 8), (1, 2, 3, 4), (8, 16, 32, 64), (64, 256))
-    ]
-    default = decode_triton.CONFIG
-    fractions: dict[int, list[float]] = {i: [] for i in range(len(grid))}
-    cases = []
-    for ctx in contexts:
-        for name in PATTERNS:
-            rows = Pattern.parse(name).cache_rows(ctx)
-            k_cache = torch.empty(batch, heads, rows, head_dim, dtype=torch.bfloat16, device="cuda").normal_()
-            v_cache = torch.empty_like(k_cache).normal_()
-            q, k_new, v_new = (torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-            valid = torch.full((batch,), rows, dtype=torch.long, device="cuda")  # counts, as the cache passes
-            read = 2 * k_cache.numel() * k_cache.element_size()
-            call = functools.partial(decode_triton.decode_attention_triton, q, k_cache, v_cache, valid, k_new, v_new)
-            best = (0.0, None)
-            for i, config in enumerate(grid):
-                decode_triton.CONFIG = config
-                try:
-                    fraction = read / (cuda_time_ms(call, iters=10, warmup=2) / 1e3) / copy_bw
-                except Exception:  # e.g. out of shared memory
-                    fraction = 0.0
-                fractions[i].append(fraction)
-                best = max(best, (fraction, i), key=lambda x: x[0])
-            decode_triton.CONFIG = default
-            cases.append({"context": ctx, "pattern": name, "rows": rows, "best_fraction": best[0],
-                          "best_config": vars(grid[best[1]]) if best[1] is not None else None,
-                          "default_fraction": fractions[grid.index(default)][-1] if default in grid else None})
-            log(f"sweep ctx {ctx:6d} {name:10s}: best {best[0]:.0%} with {grid[best[1]] if best[1] is not None else None}")
-            k_cache = v_cache = None
-            torch.cuda.empty_cache()
-
-    def geomean(values):
-        return math.exp(sum(math.log(max(v, 1e-6)) for v in values) / len(values))
-
-    ranked = sorted(range(len(grid)), key=lambda i: -geomean(fractions[i]))
-    top = [{"config": vars(grid[i]), "geomean": geomean(fractions[i]), "fractions": fractions[i]} for i in ranked[:10]]
-    for entry in top[:5]:
-        log(f"sweep top: {entry['geomean']:.0%} {entry['config']} {[round(f, 2) for f in entry['fractions']]}")
-    if default.kernel == "split":
-        decode_triton.CONFIG = grid[ranked[0]]
-    return {"cases": cases, "top": top, "chosen": vars(grid[ranked[0]])}
 
 
 # ---- 3./4. the 1B-shape model -------------------------------------------------------------
@@ -325,25 +298,22 @@ def summarize(result: dict) -> dict:
         if "dense" in lat and name in lat:
             summary[f"latency_ratio_{name}_vs_dense_b1_ctx1024"] = lat[name]["ms_per_step"] / lat["dense"]["ms_per_step"]
     for r in result.get("kernel", []) if isinstance(result.get("kernel"), list) else []:
-        summary[f"kernel_bw_fraction_{r['pattern']}_ctx{r['context']}_{r.get('valid', 'mask')}"] = r["fraction_of_copy_bw"]
+        if "graph_fraction_of_copy_bw" in r:
+            summary[f"kernel_{r['variant']}_bw_fraction_{r['pattern']}_ctx{r['context']}"] = r["graph_fraction_of_copy_bw"]
     return summary
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    contexts = sorted({r["context"] for r in result.get("throughput", [])})
+    fig, axes = common.figure(1, 3, figsize=(16, 4.5))
+    throughput = result.get("throughput", [])
+    contexts = sorted({r["context"] for r in throughput})
     width = 0.8 / max(len(PATTERNS), 1)
     for i, name in enumerate(PATTERNS):
-        values = [next((r["tokens_per_s"] for r in result["throughput"] if r["context"] == c and r["pattern"] == name
-                        and r.get("batch")), 0) for c in contexts]
+        values = [next((r["tokens_per_s"] for r in throughput if r["context"] == c and r["pattern"] == name
+                        and r.get("batch")), 0) for c in contexts]  # fmt: skip
         bars = axes[0].bar([j + i * width for j in range(len(contexts))], values, width, label=name)
-        batches = [next((r["batch"] for r in result["throughput"] if r["context"] == c and r["pattern"] == name), 0)
-                   for c in contexts]
+        batches = [next((r["batch"] for r in throughput if r["context"] == c and r["pattern"] == name), 0)
+                   for c in contexts]  # fmt: skip
         for bar, b in zip(bars, batches):
             axes[0].annotate(f"B={b}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", fontsize=7)
     axes[0].set_xticks([j + width for j in range(len(contexts))], [f"{c // 1024}K" for c in contexts])
@@ -353,65 +323,65 @@ def plot(result: dict, path: Path) -> None:
     lat = [r for r in result.get("latency", []) if r.get("batch")]
     axes[1].bar([r["pattern"] for r in lat], [r["ms_per_step"] for r in lat], color=["C0", "C1", "C2"][: len(lat)])
     axes[1].set_title("batch 1, context 1K: ms per token")
-    kernel = [r for r in result.get("kernel", []) if r.get("valid", "counts") == "counts"]
+    kernel = [r for r in result.get("kernel", []) if isinstance(r, dict) and r.get("variant") == "flat"]
     kcontexts = sorted({r["context"] for r in kernel})
     for i, name in enumerate(PATTERNS):
-        values = [next((r["fraction_of_copy_bw"] for r in kernel if r["context"] == c and r["pattern"] == name), 0)
-                  for c in kcontexts]
+        values = [next((r.get("graph_fraction_of_copy_bw", 0) for r in kernel if r["context"] == c and r["pattern"] == name), 0)
+                  for c in kcontexts]  # fmt: skip
         axes[2].bar([j + i * width for j in range(len(kcontexts))], values, width, label=name)
-    axes[2].axhline(0.75, color="k", ls="--", lw=1)
     axes[2].set_xticks([j + width for j in range(len(kcontexts))], [f"{c // 1024}K" for c in kcontexts])
-    axes[2].set_title("decode kernel: cache read BW / copy BW (B=64)", fontsize=10)
+    axes[2].set_title("flat decode kernel in a CUDA graph: cache read BW / copy BW (B=64)", fontsize=10)
     axes[2].legend()
     env = result.get("env", {})
     fig.suptitle(f"RAT+ decode, 1B shape, bf16 - {env.get('device', '?')}, torch {env.get('torch', '?')}, {env.get('date', '')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    log(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "bench/results", help="output folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
     parser.add_argument("--phases", default="check,kernel,throughput,latency",
-                        help="comma-separated phases: check, sweep (kernel launch configs; the best is used after), "
-                             "kernel, throughput, latency")
+                        help="comma-separated phases: check, kernel, throughput, latency")  # fmt: skip
     parser.add_argument("--contexts", default="4096,16384", help="throughput contexts")
-    parser.add_argument("--kernel-contexts", default="16384,65536", help="kernel bandwidth contexts")
-    parser.add_argument("--kernel-batch", type=int, default=64, help="kernel bandwidth batch")
+    parser.add_argument("--kernel-contexts", default="16384,65536", help="decode kernel contexts")
+    parser.add_argument("--kernel-batch", type=int, default=64, help="decode kernel batch")
     parser.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
     parser.add_argument("--reserve-gb", type=float, default=4.0, help="GPU memory left free when sizing batches")
     parser.add_argument("--plot", default=None, help="only draw the PNG of this JSON file")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke run of the kernel phase (TRITON_INTERPRET=1, small --kernel-contexts)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return 0
+    phases = args.phases.split(",")
+    unknown = [p for p in phases if p not in ("check", "kernel", "throughput", "latency")]
+    if unknown:
+        parser.error(f"phase {unknown[0]!r} is unknown: allowed are check, kernel, throughput, latency")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device (a CPU smoke run: --device cpu --phases kernel)")
+    if args.device == "cpu" and phases != ["kernel"]:
+        parser.error("--device cpu runs the kernel phase only (--phases kernel)")
+    common.import_without_train_spec()
 
-    phases = set(args.phases.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import triton
-
-    result: dict = {"env": {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-    }}
-    path = out / f"decode_{device_slug()}.json"
+    result: dict = {"env": common.environment(args.device)}
+    path = Path(args.out) / f"decode_{common.device_slug(args.device)}.json"
 
     def save():
         result["summary"] = summarize(result)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        common.write_json(path, result)
 
     t0 = time.time()
-    result["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
-    log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+    copy_bw = common.copy_bandwidth() if args.device == "cuda" else None
+    result["copy_bytes_per_s"] = copy_bw
+    log(f"copy bandwidth {(copy_bw or 0) / 1e12:.2f} TB/s (read + write)")
     kernel_contexts = [int(c) for c in args.kernel_contexts.split(",")]
     for phase, fn in (
         ("check", lambda: {"kernel": check_kernel(), "model": check_model()}),
-        ("sweep", lambda: sweep_kernel(kernel_contexts, args.kernel_batch, copy_bw)),
-        ("kernel", lambda: kernel_bandwidth(kernel_contexts, args.kernel_batch, copy_bw)),
+        ("kernel", lambda: kernel_timings(kernel_contexts, args.kernel_batch, copy_bw, args.device)),
     ):
         if phase in phases:
             try:
@@ -422,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
             log(f"[{phase} done at {time.time() - t0:.0f} s]")
 
-    if phases & {"throughput", "latency"}:
+    if {"throughput", "latency"} & set(phases):
         contexts = [int(c) for c in args.contexts.split(",")]
         lm = build_lm(max(contexts) + args.steps + 16, args.max_batch)
         reserve = args.reserve_gb * 1024**3
@@ -454,13 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     result["kernel_config"] = vars(decode_triton.CONFIG)
     save()
     log(json.dumps(result["summary"], indent=1))
-    try:
-        plot(result, path.with_suffix(".png"))
-    except ImportError:
-        log("matplotlib not installed: run python -m bench.decode --plot " + str(path))
+    common.plot_or_skip(plot, result, path.with_suffix(".png"))
     log(f"wrote {path} in {time.time() - t0:.0f} s")
-    return 0 if math.isfinite(copy_bw) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

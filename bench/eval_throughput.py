@@ -11,13 +11,12 @@ is ~512 tokens. Two measurements per (pattern, batch size):
 - ``simple_evaluate``: a whole ``lm_eval.simple_evaluate`` run of the same items as a local
   multiple-choice task (task building, requests, metrics).
 
-Writes ``bench/results/eval_throughput_<device>.json``.
+Writes ``eval_throughput_<device>.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import random
@@ -27,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import common
+from bench.common import REPO
+
 CORPUS = REPO / "ratplus_titan" / "assets" / "corpus" / "en_pd_ccby.validation.jsonl.gz"
 
 TASK_YAML = """task: bench_mc512
@@ -73,15 +74,17 @@ def make_items(tokenizer, n_items: int, context_tokens: int, seed: int = 0) -> l
     return items
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.eval_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flavor", default="1B", help="model shape (random weights) (default: %(default)s)")
     parser.add_argument("--items", type=int, default=400, help="multiple-choice items (4 requests each) (default: %(default)s)")
     parser.add_argument("--context-tokens", type=int, default=490, help="passage tokens per item (default: %(default)s)")
     parser.add_argument("--batch-sizes", default="16,32", help="comma-separated (default: %(default)s)")
     parser.add_argument("--patterns", default="dense,d16w256s4", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="results JSON (default: bench/results/eval_throughput_<device>.json)")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
+    args = parser.parse_args(argv)
 
     import lm_eval
     from lm_eval.api.instance import Instance
@@ -152,13 +155,9 @@ def main() -> None:
             runs.append(run)
             print(json.dumps(run), flush=True)
 
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    short = "h100" if "H100" in name else "h200" if "H200" in name else name.split()[-1].lower()
     result = {
         "what": "lm-eval loglikelihood throughput, ratplus model, 512-token multiple-choice requests (4 per item)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": name,
-        "torch": torch.__version__,
+        "env": common.environment(device),
         "lm_eval": lm_eval.__version__,
         "flavor": args.flavor,
         "parameters": n_params,
@@ -168,9 +167,7 @@ def main() -> None:
         "mean_request_tokens": round(sum(lengths) / len(lengths), 1),
         "runs": runs,
     }
-    out_path = Path(args.out) if args.out else REPO / "bench" / "results" / f"eval_throughput_{short}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    out_path = common.write_json(Path(args.out) / f"eval_throughput_{common.device_slug(device)}.json", result)
     print(f"wrote {out_path}")
 
 

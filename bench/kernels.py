@@ -1,62 +1,32 @@
-"""Kernel benchmarks on one GPU: one ``bench_<kernel>(results)`` function per kernel.
+"""Kernel benchmarks on one GPU: one ``bench_<name>(results, args)`` (and a plot) per kernel.
 
-Each bench times with ``do_bench`` (``triton.testing.do_bench`` medians), counts the bytes
-the op must move (each input read once, each output written once) and reports GB/s as a
-fraction of the measured device-to-device copy bandwidth (bytes read + written).
+- ``scan``: the Triton gated recurrence (``kernels/recurrence_triton.py``), forward and backward at
+  ``SCAN_SHAPES`` (bf16), as GB/s of the fewest bytes the op must move (each input read once, each
+  output written once) and as a share of the device-to-device copy bandwidth; against
+  ``associative_scan`` compiled.
+- ``attention``: the Triton pattern attention (``kernels/pattern_attention_triton.py``), forward and
+  backward ms at B=1, 16 x 128 heads, bf16, patterns d16w256s4 and d64w256s4, against dense causal
+  SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention path.
 
-``main`` runs the benches named on the command line (default: every ``bench_*`` here) and
-writes ``kernels_<device>.json`` plus one PNG per kernel into ``--out`` (default ``$OUT`` when
-set, else ``bench/results``). Usage: ``python -m bench.kernels [scan ...] [--out DIR]``.
+Writes ``kernels_<device>.json`` (``env``, ``copy_GBps`` and one entry per bench) and
+``<bench>_<device>.png`` into ``--out``. A new kernel: a ``bench_<name>`` and ``plot_<name>``
+pair and an entry in ``BENCHES``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from bench._package import import_without_train_spec  # noqa: E402
+from bench import common
+from bench.common import do_bench, log
 
-import_without_train_spec()
-
-
-# ----------------------------------------------------------------------------------------------
-# shared helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
-
-
-def device_slug() -> str:
-    name = torch.cuda.get_device_name()
-    for key in ("H100", "H200", "A100", "B200"):
-        if key in name:
-            return key
-    return name.replace(" ", "_")
-
-
-def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events, L2 flushed between runs)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
-def copy_bandwidth(gib: float = 2.0) -> float:
-    """Device-to-device copy, GB/s counting bytes read plus bytes written."""
-    src = torch.randn(int(gib * 2**30) // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / ms / 1e6
+common.import_without_train_spec()
 
 
 def gbps(nbytes: float, ms: float) -> float:
@@ -125,25 +95,25 @@ def _time_scan_ops(rt, gates, keys, values, grad_k, grad_v, fwd_cfg, bwd_cfg):
     states = rt._scan_fwd(gates, keys, values, *fwd_cfg)[2]
     fwd_ms = do_bench(lambda: rt._scan_fwd(gates, keys, values, *fwd_cfg))
     bwd_ms = do_bench(lambda: rt._scan_bwd(gates, keys, values, states, grad_k, grad_v, *bwd_cfg))
-    return fwd_ms, bwd_ms
+    return fwd_ms, bwd_ms, states
 
 
-def bench_scan(results: dict, shapes=SCAN_SHAPES, baseline: bool = True) -> None:
-    """Forward and backward of the Triton scan at ``shapes`` (bf16), against compiled associative_scan."""
+def bench_scan(results: dict, args: argparse.Namespace) -> None:
+    """Forward and backward of the Triton scan at ``SCAN_SHAPES`` (bf16), against compiled associative_scan."""
     from ratplus_titan.kernels import recurrence_triton as rt
 
     copy_bw = results["copy_GBps"]
     rows = results.setdefault("scan", [])
     fwd_base = torch.compile(assoc_scan_forward, fullgraph=True, dynamic=False)
     bwd_base = torch.compile(assoc_scan_backward, fullgraph=True, dynamic=False)
-    for shape in shapes:
+    for shape in SCAN_SHAPES:
         row = {"shape_BTHhd": list(shape), "dtype": "bfloat16"}
         rows.append(row)
         try:
             fused, gates, keys, values, grad_k, grad_v = scan_inputs(*shape)
             fwd_bytes, bwd_bytes = scan_bytes(*shape)
             fwd_cfg, bwd_cfg = rt.default_configs(shape, keys.dtype)
-            fwd_ms, bwd_ms = _time_scan_ops(rt, gates, keys, values, grad_k, grad_v, fwd_cfg, bwd_cfg)
+            fwd_ms, bwd_ms, states = _time_scan_ops(rt, gates, keys, values, grad_k, grad_v, fwd_cfg, bwd_cfg)
             row.update(
                 config={"fwd (chunk, block_c, warps, per_sm)": fwd_cfg, "bwd (chunk, block_c, warps, per_sm)": bwd_cfg},
                 fwd_bytes=fwd_bytes,
@@ -157,23 +127,20 @@ def bench_scan(results: dict, shapes=SCAN_SHAPES, baseline: bool = True) -> None
             )
             log(f"scan {shape}: fwd {fwd_ms:.3f} ms {row['fwd_GBps']:.0f} GB/s ({row['fwd_pct_copy']:.0f}% copy), "
                 f"bwd {bwd_ms:.3f} ms {row['bwd_GBps']:.0f} GB/s ({row['bwd_pct_copy']:.0f}% copy)")  # fmt: skip
-            if not baseline:
-                continue
             ours = rt.recurrence_triton(gates, keys, values)
-            states = rt._scan_fwd(gates, keys, values, *fwd_cfg)[2]
             ours_bwd = rt._scan_bwd(gates, keys, values, states, grad_k, grad_v, *bwd_cfg)
-            for name, fn, args, our_out, key in (
+            for name, fn, inputs, our_out, key in (
                 ("fwd", fwd_base, (gates, keys, values), ours, "fwd_ms"),
                 ("bwd", bwd_base, (gates, keys, values, grad_k, grad_v), ours_bwd, "bwd_ms"),
             ):
                 try:
                     start = time.time()
-                    base_out = fn(*args)
+                    base_out = fn(*inputs)
                     torch.cuda.synchronize()
                     row[f"assoc_{name}_compile_s"] = time.time() - start
                     row[f"assoc_{name}_rel_err_vs_ours"] = max(rel_err(o, b) for o, b in zip(our_out, base_out))
                     del base_out
-                    base_ms = do_bench(lambda fn=fn, args=args: fn(*args))
+                    base_ms = do_bench(lambda fn=fn, inputs=inputs: fn(*inputs))
                     row[f"assoc_{name}_ms"] = base_ms
                     row[f"{name}_speedup_vs_assoc"] = base_ms / row[key]
                     log(f"  associative_scan {name}: {base_ms:.3f} ms -> ours {row[f'{name}_speedup_vs_assoc']:.1f}x faster "
@@ -189,61 +156,147 @@ def bench_scan(results: dict, shapes=SCAN_SHAPES, baseline: bool = True) -> None
 
 
 def plot_scan(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in results.get("scan", []) if "fwd_GBps" in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = common.figure()
     labels, width = [], 0.35
     for i, row in enumerate(rows):
         labels.append("B={} T={} H={} hd={}".format(*row["shape_BTHhd"]))
         for j, name in enumerate(("fwd", "bwd")):
             ours = row[f"{name}_GBps"]
             x = i + (j - 0.5) * width
-            ax.bar(
-                x, ours, width * 0.9, color=("tab:blue", "tab:orange")[j], label=f"Triton {name}" if i == 0 else None
-            )
+            ax.bar(x, ours, width * 0.9, color=("tab:blue", "tab:orange")[j], label=f"Triton {name}" if i == 0 else None)
             ax.text(x, ours, f"{100 * ours / results['copy_GBps']:.0f}%", ha="center", va="bottom", fontsize=8)
             if f"assoc_{name}_ms" in row:
                 base = row[f"{name}_bytes"] / row[f"assoc_{name}_ms"] / 1e6
-                ax.bar(
-                    x,
-                    base,
-                    width * 0.45,
-                    color="gray",
-                    label="associative_scan (compiled)" if i == 0 and j == 0 else None,
-                )
+                ax.bar(x, base, width * 0.45, color="gray", label="associative_scan (compiled)" if i == 0 and j == 0 else None)
     ax.axhline(results["copy_GBps"], color="k", linestyle="--", linewidth=1, label="D2D copy")
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("GB/s (fewest bytes / time)")
-    ax.set_title(f"Gated recurrence scan, bf16, {results['device']}")
+    ax.set_title(f"Gated recurrence scan, bf16, {results['env']['device']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
-# pattern attention (kernels/pattern_attention_triton.py); the full check + sweep is bench/gpu_check_attention.py
+# pattern attention (kernels/pattern_attention_triton.py)
 # ----------------------------------------------------------------------------------------------
 
+ATTENTION_PATTERNS = ("d16w256s4", "d64w256s4")
+HEADS, HEAD_DIM = 16, 128
+SDPA_BACKENDS = {"sdpa_dense": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
-def bench_attention(results: dict, seq_lens=(16384, 65536, 131072, 262144)) -> None:
-    """Forward/backward ms of the Triton pattern attention (d16w256s4, d64w256s4), bf16, B=1, 16 x 128 heads,
-    against dense causal SDPA (default backend and FlashAttention-2) and the FlexAttention path."""
-    from bench.gpu_check_attention import bench_attention as run
 
-    run(results, seq_lens, methods=("sdpa_dense", "sdpa_flash", "flex_cbm", "triton"))
+def attention_forward(method: str, q, k, v, pattern):
+    """The forward of one method: dense causal SDPA (``sdpa_*``: default backend or one forced), or ours."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    scale = HEAD_DIM**-0.5
+    if method in SDPA_BACKENDS:
+        backend = SDPA_BACKENDS[method]
+        if backend is None:
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        def forced():
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        return forced
+    if method == "triton":
+        from ratplus_titan.kernels.pattern_attention_triton import pattern_attention_triton
+
+        return lambda: pattern_attention_triton(q, k, v, pattern, scale)
+    if method == "flex":
+        from ratplus_titan.kernels.pattern_attention_flex import flex_pattern_attention
+
+        return lambda: flex_pattern_attention(q, k, v, pattern, scale)
+    raise ValueError(f"attention method {method!r} is unknown: allowed are {', '.join([*SDPA_BACKENDS, 'triton', 'flex'])}")
+
+
+def time_attention(method: str, q, k, v, pattern, rep_ms: float) -> tuple[float, float]:
+    """(forward ms, backward ms) of one method; backward = the autograd backward alone."""
+    fwd = attention_forward(method, q, k, v, pattern)
+    device = q.device.type
+    with torch.no_grad():
+        fwd_ms = do_bench(fwd, warmup_ms=max(rep_ms / 4, 25), rep_ms=rep_ms, device=device)
+    out = fwd()
+    grad = torch.randn_like(out)
+    bwd = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
+    return fwd_ms, do_bench(bwd, warmup_ms=max(rep_ms / 4, 25), rep_ms=rep_ms, device=device)
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup of each pattern row over the SDPA rows of the same T (sdpa_dense: SDPA's default choice,
+    sdpa_flash: FlashAttention-2 forced)."""
+    for row in rows:
+        if row["method"].startswith("sdpa") or "fwd_ms" not in row:
+            continue
+        for base in rows:
+            if base["T"] == row["T"] and base["method"].startswith("sdpa") and "fwd_ms" in base:
+                suffix = "dense" if base["method"] == "sdpa_dense" else base["method"].removeprefix("sdpa_")
+                row[f"fwd_speedup_vs_{suffix}"] = base["fwd_ms"] / row["fwd_ms"]
+                row[f"bwd_speedup_vs_{suffix}"] = base["bwd_ms"] / row["bwd_ms"]
+
+
+def bench_attention(results: dict, args: argparse.Namespace) -> None:
+    """Forward/backward times (ms) and speedups over dense causal SDPA; bf16, B=1, 16 x 128 heads."""
+    import torch._functorch.config as functorch_config
+
+    from ratplus_titan.pattern import Pattern
+
+    functorch_config.donated_buffer = False  # the flex backward is timed with retain_graph=True
+    for name in ("recompile_limit", "cache_size_limit"):  # the flex path compiles once per shape
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    table = results.setdefault("attention", {"rows": []})
+    table["heads"] = args.heads
+    table["sdpa_backends"] = {"flash": torch.backends.cuda.flash_sdp_enabled(), "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+    rows = table["rows"]
+    for method in args.methods.split(","):
+        for seq_len in [int(t) for t in args.seq_lens.split(",")]:
+            q, k, v = (
+                torch.randn(1, args.heads, seq_len, HEAD_DIM, device=args.device).to(torch.bfloat16).requires_grad_(True)
+                for _ in range(3)
+            )
+            rep_ms = 400 if seq_len <= 65536 else 1500
+            for spec in ["dense"] if method.startswith("sdpa") else ATTENTION_PATTERNS:
+                row = {"T": seq_len, "method": method, "pattern": spec}
+                try:
+                    row["fwd_ms"], row["bwd_ms"] = time_attention(method, q, k, v, Pattern.parse(spec), rep_ms)
+                except Exception as err:  # noqa: BLE001 - keep the other rows (e.g. flex OOM at 262K)
+                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                rows.append(row)
+                add_speedups(rows)
+                log("attention", row)
+            del q, k, v
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def plot_attention(results: dict, path: Path) -> None:
-    from bench.gpu_check_attention import plot
-
-    plot(results, str(path))
+    rows = [r for r in results.get("attention", {}).get("rows", []) if "fwd_speedup_vs_dense" in r]
+    if not rows:
+        return
+    fig, axes = common.figure(1, 2, figsize=(11, 4))
+    for ax, key, title in [(axes[0], "fwd_speedup_vs_dense", "forward"), (axes[1], "bwd_speedup_vs_dense", "backward")]:
+        for method in sorted({r["method"] for r in rows}):
+            for pattern in sorted({r["pattern"] for r in rows}):
+                pts = sorted((r["T"], r[key]) for r in rows if r["method"] == method and r["pattern"] == pattern)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            linestyle="-" if method == "triton" else "--", label=f"{method} {pattern}")  # fmt: skip
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T")
+        ax.set_ylabel("speedup over dense causal SDPA")
+        ax.set_title(f"{title}, bf16, B=1, {results['attention'].get('heads', HEADS)}x{HEAD_DIM} heads")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    env = results["env"]
+    fig.suptitle(f"{env['device']}, torch {env['torch']}, {env['date']}")
+    common.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,42 +306,44 @@ def plot_attention(results: dict, path: Path) -> None:
 BENCHES = {"scan": (bench_scan, plot_scan), "attention": (bench_attention, plot_attention)}
 
 
-def environment() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benches", nargs="*", default=list(BENCHES), help=f"any of {list(BENCHES)}")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = environment()
-    results["copy_GBps"] = copy_bandwidth()
-    log(
-        f"{results['device']}  torch {results['torch']}  triton {results['triton']}  copy {results['copy_GBps']:.0f} GB/s"
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    json_path = out / f"kernels_{device_slug()}.json"
+    parser.add_argument("benches", nargs="*", default=list(BENCHES), help=f"any of {', '.join(BENCHES)} (default: all)")
+    parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
+    parser.add_argument("--seq-lens", default="16384,65536,131072,262144", help="attention: sequence lengths")
+    parser.add_argument(
+        "--methods", default="sdpa_dense,sdpa_flash,triton",
+        help=f"attention: comma list of {', '.join([*SDPA_BACKENDS, 'triton', 'flex'])}",
+    )  # fmt: skip
+    parser.add_argument("--heads", type=int, default=HEADS, help="attention: heads (of 128 dims)")
+    parser.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"),
+        help="cpu: a smoke run of the attention bench (TRITON_INTERPRET=1, small --seq-lens and --heads)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.benches if name not in BENCHES]
+    if unknown:
+        parser.error(f"bench {unknown[0]!r} is unknown: allowed are {', '.join(BENCHES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device (a CPU smoke run: --device cpu attention)")
+    if args.device == "cpu" and "scan" in args.benches:
+        parser.error("the scan bench needs a CUDA device")
+    out, slug = Path(args.out), common.device_slug(args.device)
+    results = {"env": common.environment(args.device)}
+    results["copy_GBps"] = common.copy_bandwidth() / 1e9 if args.device == "cuda" else None
+    env = results["env"]
+    log(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  copy {results['copy_GBps'] or 0:.0f} GB/s")
+    json_path = out / f"kernels_{slug}.json"
     for name in args.benches:
         bench, plot = BENCHES[name]
-        bench(results)
-        json_path.write_text(json.dumps(results, indent=1))
-        try:
-            plot(results, out / f"{name}_{device_slug()}.png")
-        except ImportError as error:  # no matplotlib: the JSON holds everything
-            log(f"no plot for {name}: {error}")
+        bench(results, args)
+        common.write_json(json_path, results)
+        common.plot_or_skip(plot, results, out / f"{name}_{slug}.png")
     log(f"wrote {json_path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -38,11 +38,8 @@ Writes ``layer_<device>.json`` into ``--out`` (default ``$OUT`` when set, else `
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import statistics
 import sys
 import threading
 import time
@@ -54,10 +51,10 @@ _START = time.time()  # the deadline counts from here, before torch's import
 
 import torch  # noqa: E402
 
-from bench import kernels as bench_kernels  # noqa: E402
-from bench._package import import_without_train_spec  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import log  # noqa: E402
 
-import_without_train_spec()
+common.import_without_train_spec()
 
 from ratplus_titan.model import model as model_module  # noqa: E402
 from ratplus_titan.model.args import RATPlusModelArgs  # noqa: E402
@@ -69,10 +66,6 @@ FULL = dict(flavor="1B", batch=8, seq_len=4096, patterns=("d16w256s4", "d64w256s
 TINY = dict(dim=256, n_heads=4, batch=2, seq_len=64, patterns=("d8w16s2",))  # debugmodel width, T=64
 
 
-def log(*args) -> None:
-    print(*args, flush=True)
-
-
 # ---- results, saved incrementally and by the watchdog -----------------------------------------------
 class Results:
     def __init__(self, path: Path):
@@ -82,14 +75,10 @@ class Results:
         with self.lock:
             for _ in range(20):  # the watchdog thread may catch the main thread mid-update: retry
                 try:
-                    text = json.dumps(self.data, indent=1, default=str)
-                    break
+                    common.write_json(self.path, self.data)
+                    return
                 except RuntimeError:
                     time.sleep(0.05)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(text)
-            tmp.replace(self.path)
 
 
 def start_watchdog(results: Results, seconds: float) -> threading.Timer:
@@ -209,26 +198,9 @@ def check_only_recurrence_differs(dim: int, n_heads: int, seq_len: int, device) 
 
 # ---- timing -----------------------------------------------------------------------------------------
 def make_timer(device: str, quick: bool):
-    if device == "cuda":
-        import triton.testing
-
-        warmup, rep = (10, 40) if quick else (50, 300)
-
-        def timer(fn) -> float:
-            return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-        return timer
-
-    def cpu_timer(fn, reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_timer
+    """Median ms of a call (``common.do_bench``): shorter runs for the tiny smoke run."""
+    warmup, rep = (10, 40) if quick else (50, 300)
+    return lambda fn: common.do_bench(fn, warmup_ms=warmup, rep_ms=rep, device=device)
 
 
 def sync(device: str) -> None:
@@ -278,13 +250,11 @@ def layer_flops(dim: int, seq_len: int, batch: int, apply_re: bool, pattern: Pat
 
 
 # ---- main -------------------------------------------------------------------------------------------
-def device_slug(device: str) -> str:
-    return bench_kernels.device_slug() if device == "cuda" else "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.layer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
     parser.add_argument(
         "--deadline", type=float, default=200.0, help="seconds: skip what does not fit, then save and exit"
     )
@@ -302,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device; use --device cpu --tiny")
-    results = Results(Path(args.out) / f"layer_{device_slug(args.device)}.json")
+    results = Results(Path(args.out) / f"layer_{common.device_slug(args.device)}.json")
     # The deadline counts from process start on the command line, from this call for in-process callers.
     start = _START if argv is None else time.time()
     # the watchdog fires a little before the deadline, so that the save lands in time
@@ -331,17 +301,11 @@ def run(args: argparse.Namespace, results: Results, start: float, budget: float)
     args_re, args_base = layer_args(args.tiny, True), layer_args(args.tiny, False)
     args_re.max_seq_len = args_base.max_seq_len = seq_len
     dim, n_heads, head_dim = args_re.dim, args_re.n_heads, args_re.head_dim
-    import triton  # noqa: F401  (version below; the kernels need it anyway)
-
     data = results.data
     data.update(
         bench="layer",
         goal="RAT+ layer fwd+bwd <= 1.15 x attention-baseline layer (apply_re=false), T=4096",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
+        env=common.environment(device),
         tiny=args.tiny,
         dtype=str(dtype).removeprefix("torch."),
         shape={"batch": batch, "seq_len": seq_len, "dim": dim, "n_heads": n_heads, "head_dim": head_dim,
@@ -356,7 +320,7 @@ def run(args: argparse.Namespace, results: Results, start: float, budget: float)
         rows=[],
         skipped=[],
     )  # fmt: skip
-    log(f"device {data['device']}, torch {torch.__version__}, triton {triton.__version__}; "
+    log(f"device {data['env']['device']}, torch {torch.__version__}, triton {data['env']['triton']}; "
         f"B={batch} T={seq_len} d={dim} H={n_heads}x{head_dim} {data['dtype']}; modes {modes}; deadline {args.deadline:.0f} s")  # fmt: skip
 
     # 1. the two layers differ by the recurrence only (fp32, small, on the bench device)
@@ -465,7 +429,7 @@ def run(args: argparse.Namespace, results: Results, start: float, budget: float)
 
     def parts() -> None:
         """The recurrence op alone on the layer's strided views; in_proj alone (5d vs 4d)."""
-        from ratplus_titan.kernels.recurrence import gated_recurrence
+        from ratplus_titan.kernels.recurrence_dispatch import gated_recurrence
 
         # strided [B, T, H, hd] views of one fused projection output, as the layer hands them over
         fused = torch.randn(batch, seq_len, n_heads, 5, head_dim, device=device, dtype=dtype)
@@ -548,7 +512,7 @@ def run(args: argparse.Namespace, results: Results, start: float, budget: float)
 
 def print_table(data: dict) -> None:
     log("")
-    log(f"RAT+ layer vs attention baseline: {data['device']}, B={data['shape']['batch']} T={data['shape']['seq_len']} "
+    log(f"RAT+ layer vs attention baseline: {data['env']['device']}, B={data['shape']['batch']} T={data['shape']['seq_len']} "
         f"d={data['shape']['dim']}, {data['dtype']}")  # fmt: skip
     log(f"{'mode':8s} {'layer':9s} {'pattern':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'vs base':>8s}")
     base = {r["mode"]: r for r in data["rows"] if r["layer"] == "baseline" and r["pattern"] == "dense"}

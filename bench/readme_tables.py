@@ -2,6 +2,9 @@
 
     python -m bench.readme_tables          # rewrites README.md between the results markers
     python -m bench.readme_tables --print  # prints the markdown only
+
+``SOURCES`` names the JSON file of each table and the benchmark that writes that format; after a
+rerun (e.g. on another GPU: other file names), point the table at the new file.
 """
 
 from __future__ import annotations
@@ -14,16 +17,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- results:begin (python -m bench.readme_tables) -->", "<!-- results:end -->"
 
+SOURCES = {  # table: JSON file in bench/results/ (written by)
+    "training": "train_1B_NVIDIA_H100_80GB_HBM3.json",  # python -m bench.train_throughput
+    "layouts": "parallel_layouts_NVIDIA_H200.json",  # python -m bench.parallel_layouts
+    "layer": "layer_H100.json",  # python -m bench.layer
+    "attention": "attention_H100.json",  # python -m bench.kernels attention
+    "scan": "kernels_H100.json",  # python -m bench.kernels scan
+    "decode": "decode_h100.json",  # python -m bench.decode
+    "decode_kernel": "gpu_decode_sweep_h100.json",  # python -m bench.decode --phases kernel
+    "decode_kernel_repeat": "gpu_decode_sweep_h100_repeat.json",  # the same, a second call (optional)
+    "evaluation": "eval_throughput_h100.json",  # python -m bench.eval_throughput
+}
 
-def load(name: str) -> dict | None:
-    path = RESULTS / name
+
+def load(table: str) -> dict | None:
+    path = RESULTS / SOURCES[table]
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def env_of(data: dict) -> dict:
+    """The environment record: ``data["env"]`` (older files keep device, torch, date at the top level)."""
+    return data.get("env", data)
+
+
 def training() -> list[str]:
-    data = load("train_1B_NVIDIA_H100_80GB_HBM3.json")
+    data = load("training")
     if not data:
         return []
+    env = env_of(data)
     base = data["variants"]["llama3"]["summary"]["tokens_per_s_per_gpu"]
     labels = {
         "ratplus": "RAT+ (joint training off)", "attention": "attention baseline (`apply_re = false`)",
@@ -31,7 +52,7 @@ def training() -> list[str]:
         "ratplus_float8": "RAT+ float8 (torchao)",
     }  # fmt: skip
     lines = [
-        f"**Training, 1B flavor** — {data['device']}, torch {data['torch']}, {data['date']}; seq {data['seq_len']}, "
+        f"**Training, 1B flavor** — {env['device']}, torch {env['torch']}, {env['date']}; seq {data['seq_len']}, "
         "bf16, compile, selective AC, local batch 8 (largest that fits), mean of steps 7–18 in one call "
         "(`bench/train_throughput.py`, `train_1B_*.json`).",
         "",
@@ -48,12 +69,12 @@ def training() -> list[str]:
 
 
 def layouts() -> list[str]:
-    data = load("parallel_layouts_NVIDIA_H200.json")
+    data = load("layouts")
     if not data:
         return []
-    runs = data["runs"]
+    env, runs = env_of(data), data["runs"]
     lines = [
-        f"**FSDP2 vs tensor parallel** — 2 x {data['device']}, torch {data['torch']}, {data['date']}; 7B width, 4 layers, "
+        f"**FSDP2 vs tensor parallel** — 2 x {env['device']}, torch {env['torch']}, {env['date']}; 7B width, 4 layers, "
         f"seq {data['seq_len']}, joint training, bf16, same seed checkpoint and batches (`bench/parallel_layouts.py`).",
         "",
         "| run | " + " | ".join(f"step {r['step']}" for r in runs["fsdp"]["steps"]) + " |",
@@ -79,7 +100,7 @@ def layouts() -> list[str]:
 
 
 def attention() -> list[str]:
-    data = load("attention_H100.json")
+    data = load("attention")
     if not data:
         return []
     rows = data["attention"]["rows"]
@@ -88,7 +109,7 @@ def attention() -> list[str]:
     lines = [
         f"**Pattern attention prefill** (Triton, one pass) — {data['env']['device']}, torch {data['env']['torch']}, "
         f"{data['env']['date']}; B=1, 16 heads x 128, bf16; speedup over dense causal SDPA (default backend; "
-        "FlashAttention-2 in brackets) (`bench/gpu_check_attention.py`, `attention_H100.json`).",
+        f"FlashAttention-2 in brackets) (`bench/kernels.py`, `{SOURCES['attention']}`).",
         "",
         "| T | d16w256s4 fwd | d16w256s4 bwd | d64w256s4 fwd | d64w256s4 bwd |",
         "|---|---|---|---|---|",
@@ -107,12 +128,13 @@ def attention() -> list[str]:
 
 
 def scan() -> list[str]:
-    data = load("kernels_H100.json")
+    data = load("scan")
     if not data:
         return []
+    env = env_of(data)
     lines = [
-        f"**Recurrence scan** (Triton) — {data['device']}, torch {data['torch']}, {data['date'][:10]}; bf16; "
-        f"copy bandwidth {data['copy_GBps']:.0f} GB/s (`bench/kernels.py`, `kernels_H100.json`).",
+        f"**Recurrence scan** (Triton) — {env['device']}, torch {env['torch']}, {env['date'][:10]}; bf16; "
+        f"copy bandwidth {data['copy_GBps']:.0f} GB/s (`bench/kernels.py`, `{SOURCES['scan']}`).",
         "",
         "| shape [B, T, H, hd] | fwd ms | fwd % of copy BW | bwd ms | bwd % of copy BW | vs associative_scan fwd / bwd |",
         "|---|---|---|---|---|---|",
@@ -125,14 +147,14 @@ def scan() -> list[str]:
 
 
 def layer() -> list[str]:
-    data = load("layer_H100.json")
+    data = load("layer")
     if not data:
         return []
-    shape, parts = data["shape"], data.get("parts", {})
+    env, shape, parts = env_of(data), data["shape"], data.get("parts", {})
     lines = [
-        f"**Whole RAT+ layer vs the attention baseline** — {data['device']}, torch {data['torch']}, {data['date'][:10]}; "
+        f"**Whole RAT+ layer vs the attention baseline** — {env['device']}, torch {env['torch']}, {env['date'][:10]}; "
         f"1B layer (norm, projections, scan, RoPE, attention, gate, out), B={shape['batch']} T={shape['seq_len']}, bf16, "
-        "forward + backward (`bench/layer.py`, `layer_H100.json`).",
+        f"forward + backward (`bench/layer.py`, `{SOURCES['layer']}`).",
         "",
         "| mode | layer | pattern | fwd ms | fwd+bwd ms | vs baseline |",
         "|---|---|---|---|---|---|",
@@ -150,13 +172,13 @@ def layer() -> list[str]:
 
 
 def decode() -> list[str]:
-    data = load("decode_h100.json")
+    data = load("decode")
     if not data:
         return []
     env = data["env"]
     lines = [
         f"**Decoding, 1B shape** — {env['device']}, torch {env['torch']}, {env['date'][:10]}; bf16, CUDA graphs, largest "
-        "batch that fits (cap 256) (`bench/decode.py`, `decode_h100.json`).",
+        f"batch that fits (cap 256) (`bench/decode.py`, `{SOURCES['decode']}`).",
         "",
         "| context | pattern | batch | tokens/s | vs dense | KV cache / sequence (MiB) |",
         "|---|---|---|---|---|---|",
@@ -170,20 +192,26 @@ def decode() -> list[str]:
     return lines + decode_kernel()
 
 
+def kernel_rows(data: dict) -> list[dict]:
+    """The decode-kernel rows timed in a CUDA graph: ``kernel`` of ``bench/decode.py`` (``timings`` in older files)."""
+    rows = data.get("kernel", data.get("timings", []))
+    return [r for r in rows if "graph_ms" in r] if isinstance(rows, list) else []
+
+
 def repeat_spread(rows: list[dict]) -> float | None:
     """Largest relative difference of the graph times against the repeat run of the same kernels (None: no repeat)."""
-    repeat = load("gpu_decode_sweep_h100_repeat.json") or {}
-    again = {(r["context"], r["pattern"], r["variant"]): r["graph_ms"] for r in repeat.get("timings", []) if "graph_ms" in r}
+    repeat = load("decode_kernel_repeat") or {}
+    again = {(r["context"], r["pattern"], r["variant"]): r["graph_ms"] for r in kernel_rows(repeat)}
     diffs = [abs(again[key] / r["graph_ms"] - 1) for r in rows if (key := (r["context"], r["pattern"], r["variant"])) in again]
     return max(diffs) if diffs else None
 
 
 def decode_kernel() -> list[str]:
-    data = load("gpu_decode_sweep_h100.json")
+    data = load("decode_kernel")
     if not data:
         return []
     env, copy_bw = data["env"], data["copy_bytes_per_s"]
-    rows = [r for r in data["timings"] if "graph_ms" in r]  # the two defaults: old (split) and new (flat)
+    rows = kernel_rows(data)  # the previous (split) kernel and the default (flat) one
     dense = {(r["context"], r["variant"]): r["graph_ms"] for r in rows if r["pattern"] == "dense"}
     lines = [
         "",
@@ -191,7 +219,7 @@ def decode_kernel() -> list[str]:
         f"ms per call inside a CUDA graph of 8 calls over 2-4 cache sets larger than L2 (as decoding replays it; "
         f"`triton.testing.do_bench` with its L2 flush in brackets); share of the copy bandwidth "
         f"({copy_bw / 1e12:.2f} TB/s) for the cache bytes read; speedup over dense decode at the same context "
-        "(`bench/gpu_decode_sweep.py`, `gpu_decode_sweep_h100.json`).",
+        f"(`bench/decode.py`, `{SOURCES['decode_kernel']}`).",
         "",
         "| context | pattern | cache rows | kernel | ms | share of copy BW | vs dense |",
         "|---|---|---|---|---|---|---|",
@@ -208,18 +236,19 @@ def decode_kernel() -> list[str]:
             "(its L2 flush writes 256 MB just before each call)")  # fmt: skip
     spread = repeat_spread(rows)
     if spread is not None:
-        note += (f"; a second call timing both kernels again (`gpu_decode_sweep_h100_repeat.json`) gave graph times "
+        note += (f"; a second call timing both kernels again (`{SOURCES['decode_kernel_repeat']}`) gave graph times "
                  f"within {spread:.1%} of these")  # fmt: skip
     lines += ["", note + "."]
     return lines
 
 
 def evaluation() -> list[str]:
-    data = load("eval_throughput_h100.json")
+    data = load("evaluation")
     if not data:
         return []
+    env = env_of(data)
     lines = [
-        f"**lm-eval throughput** — {data['device']}, torch {data['torch']}, lm-eval {data['lm_eval']}, {data['date'][:10]}; "
+        f"**lm-eval throughput** — {env['device']}, torch {env['torch']}, lm-eval {data['lm_eval']}, {env['date'][:10]}; "
         f"1B shape, {data['weights']} weights, {data['mean_request_tokens']:.0f}-token multiple-choice requests "
         "(`bench/eval_throughput.py`).",
         "",
@@ -237,7 +266,9 @@ def section() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.readme_tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--print", action="store_true", help="print the markdown instead of rewriting README.md")
     args = parser.parse_args(argv)
     text = section()

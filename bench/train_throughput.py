@@ -6,14 +6,12 @@ Each variant is a fresh ``torchrun`` of the real training entry point (``ratplus
 for RAT+, torchtitan's stock ``torchtitan.train`` for llama3 at the same width, depth, heads
 and FFN size: ``bench/llama3_same_shape.py``), bf16, compile, selective AC, on the bundled corpus.
 tokens/s, TFLOPs, MFU and memory are parsed from torchtitan's own step log and averaged
-over the steps after ``--skip``. Writes ``bench/results/train_<flavor>_<device>.json`` and a PNG.
+over the steps after ``--skip``. Writes ``train_<flavor>_<device>.json``, a PNG and the logs into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import re
 import subprocess
@@ -22,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import common
+from bench.common import REPO
+
 STEP = re.compile(
     r"step:\s*(\d+)\s+loss:\s*([\d.naninf]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)\s+tflops:\s*([\d.,]+)\s+mfu:\s*([\d.]+)%"
 )
@@ -98,26 +98,23 @@ def summarize(result: dict, skip: int) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n, r in results["variants"].items() if "summary" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = common.figure(1, 2, figsize=(10, 4))
     axes[0].bar(names, [results["variants"][n]["summary"]["tokens_per_s_per_gpu"] for n in names])
     axes[0].set_ylabel("tokens / s / GPU")
     axes[1].bar(names, [results["variants"][n]["summary"]["peak_memory_gib"] for n in names], color="tab:orange")
     axes[1].set_ylabel("peak memory (GiB)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{results['flavor']} training, seq {results['seq_len']}, {results['device']}, torch {results['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    env = results["env"]
+    fig.suptitle(f"{results['flavor']} training, seq {results['seq_len']}, {env['device']}, torch {env['torch']}")
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flavor", default="1B", help="1B | 3B | 7B")
     parser.add_argument("--variants", default="ratplus,llama3", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--batch", default="8,4", help="local batch sizes to try, largest first (first that fits wins)")
@@ -125,17 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=int, default=5, help="steps left out of the averages (compile, warm-up)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--ngpu", type=int, default=max(1, torch.cuda.device_count()))
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for JSON, PNG and logs")
+    parser.add_argument("--out", default=common.out_dir(), help="folder for JSON, PNG and logs (default: $OUT or bench/results)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("extra", nargs="*", help="more torchtitan arguments for every variant (after --)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {
-        "flavor": args.flavor, "seq_len": args.seq_len, "ngpu": args.ngpu, "device": device,
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "variants": {},
+        "env": common.environment(), "flavor": args.flavor, "seq_len": args.seq_len, "ngpu": args.ngpu, "variants": {},
     }  # fmt: skip
     for name in args.variants.split(","):
         for batch in [int(b) for b in args.batch.split(",")]:
@@ -143,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
             if result.get("error") != "out of memory":
                 break
         results["variants"][name] = summarize(result, args.skip)
-    stem = f"train_{args.flavor}_{device.replace(' ', '_')}{args.tag}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / f"{stem}.png")
+    stem = f"train_{args.flavor}_{common.device_slug()}{args.tag}"
+    common.write_json(out / f"{stem}.json", results)
+    common.plot_or_skip(plot, results, out / f"{stem}.png")
     base = results["variants"].get("llama3", {}).get("summary")
     print(f"\n{'variant':16s} {'batch':>5s} {'tok/s/GPU':>10s} {'vs llama3':>9s} {'MFU%':>6s} {'mem GiB':>8s}")
     for name, r in results["variants"].items():

@@ -1,4 +1,18 @@
 """Kernels for RAT+: each op has a plain PyTorch reference (CPU) and a Triton/Flex path (CUDA).
 
-Installed as ``ratplus_titan.kernels``.
+Installed as ``ratplus_titan.kernels``. Per op, one reference module (imports no fast path),
+the fast paths, and one small dispatch module that the model and the decoder call:
+
+==================  ========================  ======================================  ===========================
+op                  reference                 fast path                               dispatch
+==================  ========================  ======================================  ===========================
+pattern attention   ``pattern_attention``     ``pattern_attention_triton``, ``_flex``  ``pattern_attention_dispatch``
+top-k attention     ``topk_attention``        (none yet)                              ``pattern_attention_dispatch``
+gated recurrence    ``recurrence``            ``recurrence_triton``                   ``recurrence_dispatch``
+decode attention    ``decode``                ``decode_triton``                       ``decode_dispatch``
+==================  ========================  ======================================  ===========================
+
+A fast path may import its reference (shared helpers, fallbacks); a reference never imports a fast
+path or a dispatch module, and a dispatch module imports its fast paths only inside the branch that
+uses them (``tests/kernels/test_import_layout.py``).
 """

@@ -1,4 +1,4 @@
-"""Decode attention: one new query per sequence over its cache rows (DESIGN §4), reference and dispatch.
+"""Decode attention: one new query per sequence over its cache rows (DESIGN §4), plain PyTorch references.
 
 Shapes::
 
@@ -13,8 +13,8 @@ The new token's own row is a separate argument rather than a cache row, so the c
 needs no spare slot: the row leaving the local window at this step is still visible to
 this query and is only overwritten after the attention (``inference/cache.py``).
 
-``decode_attention`` dispatches: the Triton split-K kernel (``decode_triton.py``) on
-CUDA, the reference below elsewhere.
+This module imports no fast path: ``decode_dispatch.py`` chooses between these references
+and the Triton kernels (``decode_triton.py``) on CUDA.
 """
 
 from __future__ import annotations
@@ -44,29 +44,6 @@ def decode_attention_reference(
     return merge_by_lse(out, lse, v_new[:, :, None].to(out.dtype), self_lse)[:, :, 0]
 
 
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Dispatch: ``auto`` (Triton on CUDA, reference elsewhere), ``triton`` or ``reference``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
-    if backend == "reference":
-        return decode_attention_reference(q, k_cache, v_cache, valid, k_new, v_new, scale)
-    if backend == "triton":
-        from .decode_triton import decode_attention_triton
-
-        return decode_attention_triton(q, k_cache, v_cache, valid, k_new, v_new, scale)
-    raise ValueError(f"decode attention backend {backend!r} is unknown: allowed values are auto, triton, reference")
-
-
 def cache_update_reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -92,28 +69,3 @@ def cache_update_reference(
         src = new if move_from_new else cache[batch_idx, :, move_src]  # [B, H, hd]
         cache[batch_idx, :, move_dst] = torch.where(move[:, None, None], src, cache[batch_idx, :, move_dst])
         cache[batch_idx, :, slot] = torch.where(write[:, None, None], new.to(cache.dtype), cache[batch_idx, :, slot])
-
-
-def cache_update(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    move_src: torch.Tensor,
-    move_dst: torch.Tensor,
-    move: torch.Tensor,
-    slot: torch.Tensor,
-    write: torch.Tensor,
-    move_from_new: bool = False,
-    backend: str = "auto",
-) -> None:
-    """Dispatch ``cache_update_reference``'s contract: one Triton kernel on CUDA, the reference elsewhere."""
-    if backend == "auto":
-        backend = "triton" if k_cache.is_cuda else "reference"
-    if backend == "reference":
-        return cache_update_reference(k_cache, v_cache, k_new, v_new, move_src, move_dst, move, slot, write, move_from_new)
-    if backend == "triton":
-        from .decode_triton import cache_update_triton
-
-        return cache_update_triton(k_cache, v_cache, k_new, v_new, move_src, move_dst, move, slot, write, move_from_new)
-    raise ValueError(f"cache update backend {backend!r} is unknown: allowed values are auto, triton, reference")

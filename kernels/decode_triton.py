@@ -342,7 +342,7 @@ def _decode_flat_kernel(
 
 @dataclass
 class DecodeConfig:
-    """Launch parameters (bench/decode.py and bench/gpu_decode_sweep.py sweep them).
+    """Launch parameters (``python -m bench.decode --phases kernel`` times both kernels at their defaults).
 
     ``kernel="flat"`` (default): one launch of ``_decode_flat_kernel``, a fixed number of resident programs
     that each stream a contiguous run of row tiles across heads (stream-K); heads cut between programs are
@@ -350,8 +350,7 @@ class DecodeConfig:
     ``kernel="split"``: the previous path, ``_decode_split_kernel`` over (head, split) + ``_decode_merge_kernel``.
     """
 
-    # split path (the first five fields keep their order: bench/decode.py builds configs positionally).
-    # Its defaults were the best geometric mean of a 128-config sweep on an H100 (bench/results/decode_h100.json).
+    # split path. Its defaults were the best geometric mean of a 128-config sweep on an H100 (bench/results/decode_h100.json).
     block_n: int = 128  # cache rows per loop iteration
     num_warps: int = 8
     num_stages: int = 2

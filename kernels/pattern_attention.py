@@ -1,4 +1,4 @@
-"""Softmax attention under a RAT+ pattern (DESIGN §2): references and dispatch.
+"""Softmax attention under a RAT+ pattern (DESIGN §2): the plain PyTorch references.
 
 Shapes: ``q, k, v`` are ``[B, H, T, hd]``; outputs ``[B, H, T, hd]``.
 
@@ -7,19 +7,18 @@ Shapes: ``q, k, v`` are ``[B, H, T, hd]``; outputs ``[B, H, T, hd]``.
   compact dilated rows (positions ``D-1 mod D``) with a block-causal mask that
   leaves out what the local/sink part covers, the local window + sinks
   separately, merged by their log-sum-exp weights.
-- ``pattern_attention``: dispatch (dense SDPA, Flex/Triton on CUDA, masked SDPA on CPU); it also
-  takes the other layer patterns: ``TopKPattern`` (``topk_attention.py``) and ``HeadGroups``
-  (attention per group of heads, concatenated).
+- ``masked_attention`` / ``merge_by_lse``: the softmax over a boolean mask and the log-sum-exp
+  merge of two softmaxes, reused by the top-k and decode references and the Flex path.
+
+This module imports no fast path; ``pattern_attention_dispatch.py`` chooses between it, the
+Triton kernel (``pattern_attention_triton.py``) and FlexAttention (``pattern_attention_flex.py``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ratplus_titan.head_groups import HeadGroups, LayerPattern
 from ratplus_titan.pattern import Pattern
-from ratplus_titan.topk import TopKPattern
 
 
 def masked_attention(
@@ -79,54 +78,3 @@ def pattern_attention_compact(
         q, compact_rows(k, pattern), compact_rows(v, pattern), pattern.compact_allows(q_idx, rows), scale
     )
     return merge_by_lse(out, lse, compact_out, compact_lse)
-
-
-def pattern_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: LayerPattern,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Attention of ``q`` over ``k, v`` under ``pattern``.
-
-    backend: ``auto`` (``triton`` on CUDA, ``sdpa`` elsewhere); ``sdpa`` (explicit boolean mask);
-    ``triton`` (one fused kernel, forward and backward; ``pattern_attention_triton.py``);
-    ``flex`` (two FlexAttention calls + merge, eager use); ``reference``; ``compact``.
-    ``HeadGroups``: each group of heads under its own pattern. ``TopKPattern``: the plain
-    PyTorch reference whatever the backend (no fused kernel yet).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    seq_len = q.shape[-2]
-    if isinstance(pattern, HeadGroups):
-        outs = [pattern_attention(q[:, h], k[:, h], v[:, h], p, scale, backend) for h, p in pattern.slices()]
-        return torch.cat(outs, dim=1)  # [B, H, T, hd]
-    if isinstance(pattern, TopKPattern):
-        if pattern.covers_all(seq_len) and backend != "reference":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        from .topk_attention import topk_attention_reference
-
-        return topk_attention_reference(q, k, v, pattern, scale)
-    if pattern.covers_all(seq_len) and backend != "reference":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "sdpa"
-    if backend == "sdpa":
-        mask = pattern.dense_mask(seq_len, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if backend == "reference":
-        return pattern_attention_reference(q, k, v, pattern, scale)
-    if backend == "compact":
-        return pattern_attention_compact(q, k, v, pattern, scale)
-    if backend == "triton":
-        from .pattern_attention_triton import pattern_attention_triton
-
-        return pattern_attention_triton(q, k, v, pattern, scale)
-    if backend == "flex":
-        from .flex import flex_pattern_attention
-
-        return flex_pattern_attention(q, k, v, pattern, scale)
-    raise ValueError(
-        f"attention backend {backend!r} is unknown: allowed values are auto, sdpa, reference, compact, flex, triton"
-    )

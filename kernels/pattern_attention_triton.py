@@ -35,7 +35,7 @@ is ``torch.ops.ratplus.pattern_attention`` (``torch.library.custom_op`` with a f
 autograd formula; it returns ``(out, lse)`` and differentiates both), so ``torch.compile``
 traces through it without a graph break.
 
-Speed (H100, bf16, B=1, 16 x 128 heads, T=131072; bench/gpu_check_attention.py): forward
+Speed (H100, bf16, B=1, 16 x 128 heads, T=131072; bench/results/attention_H100.json): forward
 d16w256s4 11 ms, d64w256s4 4.1 ms (10.7x / 29x faster than dense causal SDPA, whose default
 backend there is cuDNN at ~575 TFLOP/s; 20x / 54x faster than SDPA's FlashAttention-2);
 backward 35 ms / 14 ms. The forward runs at ~440 TFLOP/s of useful work for d16: in Triton 3.6
@@ -396,7 +396,7 @@ def _interpreting() -> bool:
 
 # Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile and BLOCK_N
 # the key tile in every kernel. 16-bit inputs, by padded head dim: the hd=128 entries are the best of
-# the sweep in bench/gpu_check_attention.py on an H100 at T=131072 (fwd 64x64: 10.9 ms vs 11.0 for
+# the tile sweep on an H100 at T=131072 (bench/results/attention_H100.json "tune"; fwd 64x64: 10.9 ms vs 11.0 for
 # 128x64 and 12-27 ms for others); the others are untimed guesses. fp32 inputs take smaller tiles so
 # that the pipelined tiles fit in shared memory.
 _GPU_CONFIGS = {

@@ -10,8 +10,8 @@ One gate drives the key state and the value state. Inputs are ``[B, T, C]`` view
 (they may be strided slices of the fused ``in_proj`` output); outputs are
 ``[B, T, C]`` in the input dtype.
 
-This file holds the PyTorch reference used on CPU; ``recurrence_triton.py`` holds the
-CUDA kernels. ``gated_recurrence`` picks between them.
+This file holds the PyTorch reference used on CPU and imports no fast path;
+``recurrence_triton.py`` holds the CUDA kernels, ``recurrence_dispatch.py`` picks between them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def recurrence_reference(
     return _RecurrenceReference.apply(gate_logits, keys, values)
 
 
-def recurrence_step(
+def recurrence_step_reference(
     gate_logits: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -85,14 +85,3 @@ def recurrence_step(
     """One decoding step: ``[B, ...]`` inputs and fp32 states of the same shape -> new fp32 states."""
     a = torch.sigmoid(gate_logits.float())
     return a * key_state + (1 - a) * keys.float(), a * value_state + (1 - a) * values.float()
-
-
-def gated_recurrence(
-    gate_logits: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch: the Triton scan on CUDA, the reference elsewhere."""
-    if keys.is_cuda:
-        from .recurrence_triton import recurrence_triton
-
-        return recurrence_triton(gate_logits, keys, values)
-    return recurrence_reference(gate_logits, keys, values)

@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ratplus_titan.kernels.recurrence import recurrence_reference
+
 # Publish the inclusive state of every ``_INCLUSIVE_EVERY``-th chunk only (and the aggregate of
 # all): 1 in production; tests raise it so the look-back must walk over aggregates.
 _INCLUSIVE_EVERY = 1
@@ -681,8 +683,6 @@ def recurrence_triton(
     (channels per tile, forward and backward, a power of two) default to the tuned values.
     """
     if keys.dtype == torch.float64:  # the kernels keep fp32 state; float64 (gradcheck) takes the reference
-        from .recurrence import recurrence_reference
-
         return recurrence_reference(gate_logits, keys, values)
     shape = keys.shape
     if keys.dim() == 3:
@@ -733,5 +733,5 @@ def recurrence_step_triton(
     key_state: torch.Tensor,
     value_state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step (same contract as ``recurrence_step``): ``[B, ...]`` inputs, fp32 states -> new fp32 states."""
+    """One decoding step (same contract as ``recurrence_step_reference``): ``[B, ...]`` inputs, fp32 states -> new fp32 states."""
     return torch.ops.ratplus.recurrence_step(gate_logits, keys, values, key_state.float(), value_state.float())

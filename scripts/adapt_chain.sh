@@ -10,7 +10,7 @@
 #
 #   scripts/adapt_chain.sh [OUT_DIR]          # default OUT_DIR: outputs/adapt_chain
 #
-# Training goes through ./run_train.sh (torchrun on a GPU machine, the CPU shim otherwise).
+# Training goes through ./run_train.sh (torchrun on a GPU machine, python -m ratplus_titan.infra.cpu otherwise).
 # Knobs (environment): PYTHON, CONFIG_FILE (train_configs/debug_model.toml), PRETRAIN_STEPS (40),
 # ADAPT_STEPS (20), SEQ_LEN (256), BATCH (4), ADAPT_LR (2e-4), DILATION/LOCAL_WINDOW/SINKS (4/8/2),
 # TASKS (ratplus_tiny_mc,ratplus_tiny_ppl), EVAL_BATCH (8), LIMIT (empty = all documents),

@@ -1,17 +1,9 @@
-"""Run torchtitan 0.2.2's stock ``Trainer`` (and subclasses) on a CPU-only machine.
+"""Test helpers for torchtitan 0.2.2's ``Trainer`` on CPU: assets, in-process runs, gloo ranks.
 
-Test-only shim; it is never imported by the ``ratplus_titan`` package.
-
-torchtitan 0.2.2 decides its device once, at import time
-(``torchtitan.tools.utils.device_type = _get_available_device_type() or "cuda"``),
-and every module that needs it binds the names with ``from ... import device_type,
-device_module``.  On a machine without an accelerator that is ``"cuda"`` /
-``torch.cuda``, so ``Trainer.__init__`` dies in ``torch.cuda.set_device``.
-:func:`patch_torchtitan_for_cpu` rebinds those names to ``"cpu"`` and a small
-stand-in for ``torch.cuda`` in every loaded ``torchtitan.*`` module, plus a few
-other CPU pitfalls (``lspci`` peak-FLOPs lookup, the 2 s sleep at the end of
-``Trainer.train``).  See ``tests/TORCHTITAN_CPU_NOTES.md`` for the timing study
-behind :data:`CPU_FAST_ARGS`.
+The CPU patch itself is product code: ``ratplus_titan/infra/cpu.py`` (notes:
+``docs/torchtitan_cpu.md``). This module adds what the tests need around it: torchtitan's
+llama3 debug model with a tiny tokenizer and corpus, a trainer built and torn down in this
+process, several processes on gloo, seed checkpoints.
 
 Use::
 
@@ -23,48 +15,40 @@ Use::
         trainer.train()
     losses = trainer.loss_history                        # [(step, loss, grad_norm)]
 
-Multi-process (gloo) runs: :func:`spawn_gloo`.  Command line (what ``make train``
-uses on a CPU machine)::
-
-    python -m tests.torchtitan_cpu [--trainer pkg.mod:Cls] [--nproc N] [--llama3-debug DIR] -- <torchtitan args>
-    torchrun --standalone --nproc_per_node=2 -m tests.torchtitan_cpu -- <torchtitan args>
+Multi-process (gloo) runs: :func:`spawn_gloo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import gzip
-import importlib
 import json
 import os
 import pickle
-import resource
-import socket
-import sys
 import tempfile
 import time
 import traceback
-import types
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ratplus_titan.infra.cpu import (
+    CPU_FAST_ARGS,
+    find_free_port,
+    load_class,
+    patch_torchtitan_for_cpu,
+    single_process_env,
+)
+
 __all__ = [
-    "CPU_FAST_ARGS",
     "LLAMA3_DEBUG_TOML",
-    "CpuDeviceModule",
     "build_debug_tokenizer",
     "create_seed_checkpoint",
     "debug_assets",
-    "find_free_port",
     "llama3_debug_args",
-    "main",
-    "patch_torchtitan_for_cpu",
     "replicate_corpus_for_ranks",
     "run_trainer",
     "spawn_gloo",
@@ -76,217 +60,6 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The real-text corpus shipped with the package (a copy of shared/data/corpus; see ratplus_titan/assets/README.md).
 SHARED_CORPUS = REPO_ROOT / "ratplus_titan" / "assets" / "corpus" / "en_pd_ccby.train.jsonl.gz"
-
-
-# --------------------------------------------------------------------------------------
-# The device shim
-# --------------------------------------------------------------------------------------
-
-
-class CpuDeviceModule:
-    """Stand-in for ``torch.cuda`` as torchtitan 0.2.2 uses it (``utils.device_module``).
-
-    Everything torchtitan calls is a cheap no-op; memory statistics report the
-    process's peak resident set size (``getrusage``), so the "memory:" column of
-    the training log shows something meaningful instead of -1 GiB.
-    """
-
-    class _Memory:
-        @staticmethod
-        def _record_memory_history(*args: Any, **kwargs: Any) -> None:
-            return None
-
-        @staticmethod
-        def _snapshot(*args: Any, **kwargs: Any) -> dict:
-            return {}
-
-    memory = _Memory()
-
-    @staticmethod
-    def is_available() -> bool:
-        return True
-
-    @staticmethod
-    def device_count() -> int:
-        return 1
-
-    @staticmethod
-    def current_device() -> int:
-        return 0
-
-    @staticmethod
-    def set_device(device: Any) -> None:
-        return None
-
-    @staticmethod
-    def synchronize(device: Any = None) -> None:
-        return None
-
-    @staticmethod
-    def empty_cache() -> None:
-        return None
-
-    @staticmethod
-    def manual_seed(seed: int) -> None:
-        return None
-
-    manual_seed_all = manual_seed
-
-    @staticmethod
-    def set_stream(stream: Any) -> None:
-        return None
-
-    @staticmethod
-    def reset_peak_memory_stats(device: Any = None) -> None:
-        return None
-
-    @staticmethod
-    def get_device_name(device: Any = None) -> str:
-        return "CPU"
-
-    @staticmethod
-    def get_device_properties(device: Any = None) -> types.SimpleNamespace:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return types.SimpleNamespace(name="CPU", total_memory=total)
-
-    @staticmethod
-    def memory_stats(device: Any = None) -> dict[str, int]:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {
-            "active_bytes.all.peak": peak,
-            "reserved_bytes.all.peak": peak,
-            "num_alloc_retries": 0,
-            "num_ooms": 0,
-        }
-
-
-CPU_DEVICE_MODULE = CpuDeviceModule()
-
-#: Nominal peak FLOP/s used for the MFU column on CPU (the value is only cosmetic).
-CPU_PEAK_FLOPS = 1e11
-
-
-def _cpu_peak_flops(device_name: str = "CPU") -> float:
-    # The stock lookup shells out to `lspci` and warns "fallback to A100" on CPU.
-    return CPU_PEAK_FLOPS
-
-
-class _NoSleepTime(types.ModuleType):
-    """``time`` for ``torchtitan.train``: ``Trainer.train`` ends with ``time.sleep(2)`` on rank 0."""
-
-    def __init__(self) -> None:
-        super().__init__("time")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        return None
-
-
-def _patch_fsdp_for_gloo() -> None:
-    """FSDP2 reduce-scatters gradients with ``ReduceOp.PREMUL_SUM(1/factor)`` (or ``AVG``)
-    for fp32/bf16 grads; gloo supports neither ("Cannot use ReduceOp.PREMUL_SUM with
-    Gloo": torchtitan calls ``set_gradient_divide_factor(1.0)`` on every FSDP module).
-    On CPU force the SUM + post-divide path that FSDP2 already has for MTIA: same
-    result, one extra ``div_`` when the factor is not 1."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
-
-    orig = coll._get_gradient_divide_factors
-    if getattr(orig, "_tt_cpu_shim", False):
-        return
-
-    def _get_gradient_divide_factors(
-        reduce_scatter_group: Any,
-        all_reduce_group: Any,
-        reduce_dtype: torch.dtype,
-        device_type: str = "",
-        factor: float | None = None,
-        force_sum_reduction_for_comms: bool = False,
-    ) -> Any:
-        if device_type == "cpu":
-            force_sum_reduction_for_comms = True
-        return orig(
-            reduce_scatter_group, all_reduce_group, reduce_dtype, device_type, factor, force_sum_reduction_for_comms
-        )
-
-    _get_gradient_divide_factors._tt_cpu_shim = True  # type: ignore[attr-defined]
-    coll._get_gradient_divide_factors = _get_gradient_divide_factors
-
-
-def _patch_module(mod: types.ModuleType, original: tuple[str, Any]) -> None:
-    # Only names that hold torchtitan's pre-patch values (bound by `from torchtitan.tools.utils
-    # import device_type, device_module`), so unrelated module globals are left alone.
-    if "device_type" in vars(mod) and mod.device_type == original[0]:
-        mod.device_type = "cpu"
-    if "device_module" in vars(mod) and mod.device_module is original[1]:
-        mod.device_module = CPU_DEVICE_MODULE
-
-
-def patch_torchtitan_for_cpu(
-    skip_final_sleep: bool = True, packages: Sequence[str] = ("torchtitan", "ratplus_titan")
-) -> None:
-    """Make the stock torchtitan 0.2.2 ``Trainer`` run on CPU with gloo.  Idempotent.
-
-    * ``device_type``/``device_module`` -> ``"cpu"``/:class:`CpuDeviceModule` in
-      ``torchtitan.tools.utils`` (first, so modules imported later bind the CPU
-      values) and in every already-imported ``torchtitan.*`` module;
-      ``utils.get_device_info`` returns them too (``dual_pipe_v`` calls it).
-      Modules of the other ``packages`` (our plugin) that bound the names from
-      torchtitan before the patch are rebound as well.
-    * ``utils.get_peak_flops`` -> constant (no ``lspci`` subprocess, no A100 warning).
-    * ``torchtitan.train.time.sleep`` -> no-op (``skip_final_sleep``): saves 2 s per run.
-
-    Call it again after importing more torchtitan modules (e.g. experiments); each
-    call re-walks ``sys.modules``.  The backend follows from ``device_type``:
-    ``Backend.default_device_backend_map["cpu"] == "gloo"``.
-    """
-    import torchtitan.tools.utils as tt_utils
-
-    # torchtitan's own choice, normally ("cuda", torch.cuda); kept on the module itself so
-    # that a second copy of this file (imported under another name) sees it too.
-    if not hasattr(tt_utils, "_tt_cpu_shim_original"):
-        tt_utils._tt_cpu_shim_original = (tt_utils.device_type, tt_utils.device_module)
-    original = tt_utils._tt_cpu_shim_original
-    tt_utils.device_type = "cpu"
-    tt_utils.device_module = CPU_DEVICE_MODULE
-    tt_utils.get_device_info = lambda: ("cpu", CPU_DEVICE_MODULE)
-    tt_utils.get_peak_flops = _cpu_peak_flops
-
-    # Import the modules the trainer needs *after* utils is patched.
-    import torchtitan.components.checkpoint  # noqa: F401
-    import torchtitan.components.metrics  # noqa: F401
-    import torchtitan.components.validate  # noqa: F401
-    import torchtitan.distributed.utils  # noqa: F401
-    import torchtitan.train as tt_train
-
-    for name, mod in list(sys.modules.items()):
-        if mod is not None and any(name == p or name.startswith(p + ".") for p in packages):
-            _patch_module(mod, original)
-
-    _patch_fsdp_for_gloo()
-    # With CPU_FAST_ARGS (--training.mixed_precision_param float32) torchtitan builds
-    # torch.autocast("cpu", dtype=float32), which disables itself with this warning.
-    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
-    if skip_final_sleep and tt_train.time is time:
-        tt_train.time = _NoSleepTime()
-
-
-# --------------------------------------------------------------------------------------
-# Fast CPU settings
-# --------------------------------------------------------------------------------------
-
-#: Job-config flags for fast CPU runs (the measurements are in TORCHTITAN_CPU_NOTES.md).
-CPU_FAST_ARGS: tuple[str, ...] = (
-    # bf16 autocast on a CPU without AVX512-BF16/AMX is emulated: the biggest cost.
-    "--training.mixed_precision_param", "float32",
-    # Selective AC recomputes every 2nd block in backward: pure overhead on CPU.
-    "--activation_checkpoint.mode", "none",
-    "--compile.no-enable",
-    "--metrics.log_freq", "1",
-    "--metrics.disable_color_printing",
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -526,12 +299,6 @@ def llama3_debug_args(
 # --------------------------------------------------------------------------------------
 
 
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _record_losses(trainer: Any) -> None:
     """Attach ``trainer.loss_history``: ``(step, global_avg_loss, grad_norm)`` per logged step."""
     mp = trainer.metrics_processor
@@ -544,21 +311,6 @@ def _record_losses(trainer: Any) -> None:
 
     mp.log = log
     trainer.loss_history = history
-
-
-def _single_process_env(env: dict[str, str] | None) -> dict[str, str]:
-    out = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    if "MASTER_PORT" not in (env or {}):
-        out["MASTER_PORT"] = str(find_free_port())
-    out.update(env or {})
-    return out
 
 
 def run_trainer(trainer_cls: type | None, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
@@ -574,7 +326,7 @@ def run_trainer(trainer_cls: type | None, args: Sequence[str], env: dict[str, st
     patch_torchtitan_for_cpu()
     env = dict(env or {})
     if "RANK" not in env and "RANK" not in os.environ:
-        env = _single_process_env(env)  # no launcher: a world of one
+        env = single_process_env(env)  # no launcher: a world of one
     os.environ.update(env)
     from torchtitan.config import ConfigManager
 
@@ -609,7 +361,7 @@ def trainer_session(
     thread count, when ``num_threads`` is given) afterwards.
 
     ``num_threads=1`` makes a run immune to the OpenMP spin-wait slowdown on a
-    shared/oversubscribed machine (see TORCHTITAN_CPU_NOTES.md); leave it ``None``
+    shared/oversubscribed machine (see docs/torchtitan_cpu.md); leave it ``None``
     on a dedicated machine.
     """
     saved_env = dict(os.environ)
@@ -731,7 +483,7 @@ def train_and_report(trainer_cls_path: str | None, args: Sequence[str], log: boo
         from torchtitan.tools.logging import init_logger
 
         init_logger()
-    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else None
+    trainer_cls = load_class(trainer_cls_path) if trainer_cls_path else None
 
     trainer = run_trainer(trainer_cls, args)
     try:
@@ -749,73 +501,3 @@ def train_and_report(trainer_cls_path: str | None, args: Sequence[str], log: boo
         }
     finally:
         _cleanup(trainer)
-
-
-# --------------------------------------------------------------------------------------
-# Command line: `python -m tests.torchtitan_cpu [--trainer mod:Cls] [--nproc N] -- <args>`
-# --------------------------------------------------------------------------------------
-
-
-def _load_class(path: str) -> type:
-    mod_name, _, attr = path.partition(":")
-    if not attr:
-        mod_name, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(mod_name), attr)
-
-
-def _main_single(trainer_cls_path: str | None, args: list[str]) -> None:
-    patch_torchtitan_for_cpu()
-    import torchtitan.train as tt_train
-
-    trainer_cls = _load_class(trainer_cls_path) if trainer_cls_path else tt_train.Trainer
-    for k, v in _single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():
-        os.environ.setdefault(k, v)
-    # torchtitan.train.main parses sys.argv[1:] (bound at import of ConfigManager.parse_args'
-    # default); pass the arguments explicitly instead by mirroring main().
-    from torchtitan.config import ConfigManager
-
-    orig_parse = ConfigManager.parse_args
-    ConfigManager.parse_args = lambda self, a=None: orig_parse(self, args if a is None else a)
-    try:
-        tt_train.main(trainer_cls)
-    finally:
-        ConfigManager.parse_args = orig_parse
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.torchtitan_cpu",
-        description="Run torchtitan's train main() on CPU (gloo) with the test shim applied. "
-        "Arguments after '--' go to torchtitan (e.g. --job.config_file x.toml).",
-    )
-    parser.add_argument("--trainer", default=None, help="trainer class, 'pkg.module:Class' (default torchtitan's)")
-    parser.add_argument(
-        "--nproc", type=int, default=1, help="ranks (gloo); >1 spawns them and prints a JSON summary per rank"
-    )
-    parser.add_argument("--no-fast", action="store_true", help="do not prepend CPU_FAST_ARGS")
-    parser.add_argument(
-        "--llama3-debug",
-        metavar="DIR",
-        default=None,
-        help="prepend torchtitan's llama3 debug-model config with a tokenizer and corpus built under DIR",
-    )
-    ns, rest = parser.parse_known_args(argv)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    args = [] if ns.no_fast else list(CPU_FAST_ARGS)
-    if ns.llama3_debug:
-        root = Path(ns.llama3_debug)
-        args += llama3_debug_args(debug_assets(root), root / "outputs", fast=False)
-    args += rest
-    # CPU_FAST_ARGS come first so anything given on the command line wins (tyro: last wins);
-    # --job.config_file is found anywhere in the list.
-    if ns.nproc > 1 and "RANK" not in os.environ:
-        results = spawn_gloo(train_and_report, ns.trainer, args, True, world_size=ns.nproc, timeout=24 * 3600)
-        for r in results:
-            print(json.dumps(r))
-    else:  # one process, or one rank of a torchrun launch
-        _main_single(ns.trainer, args)
-
-
-if __name__ == "__main__":
-    main()

@@ -48,7 +48,7 @@ from torch import nn
 from ratplus_titan.head_groups import HeadGroups, LayerPattern
 from ratplus_titan.inference.state import register_recurrence_state
 from ratplus_titan.inference.topk_cache import TopKLayerCache
-from ratplus_titan.kernels.decode import cache_update, decode_attention
+from ratplus_titan.kernels.decode_dispatch import cache_update, decode_attention
 from ratplus_titan.pattern import Pattern
 from ratplus_titan.topk import TopKPattern
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ratplus_titan.inference.cache import AnyLayerCache, DecodeCache, StepPlans
-from ratplus_titan.kernels.pattern_attention import pattern_attention
-from ratplus_titan.kernels.recurrence import gated_recurrence, recurrence_step
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
+from ratplus_titan.kernels.recurrence_dispatch import gated_recurrence, recurrence_step
 from ratplus_titan.model.model import RATPlusBlock, RATPlusModel, apply_rope
 
 
@@ -67,15 +67,6 @@ def prefill(
     return F.linear(model.norm(h), model.tok_embeddings.weight)
 
 
-def _recurrence_step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``recurrence_step``, as one fused Triton launch on CUDA."""
-    if args[0].is_cuda:
-        from ratplus_titan.kernels.recurrence_triton import recurrence_step_triton
-
-        return recurrence_step_triton(*args)
-    return recurrence_step(*args)
-
-
 def _decode_block(
     block: RATPlusBlock,
     h: torch.Tensor,
@@ -91,7 +82,7 @@ def _decode_block(
     parts = [p[:, 0] for p in layer.project(h[:, None])]  # [B, H, hd] each
     output_gate, query, key, value = parts[:4]
     if layer.apply_re:
-        key_state, value_state = _recurrence_step(parts[4], key, value, cache.key_state, cache.value_state)
+        key_state, value_state = recurrence_step(parts[4], key, value, cache.key_state, cache.value_state)
         cache.key_state.copy_(key_state)
         cache.value_state.copy_(value_state)
         key, value = key_state.to(h.dtype), value_state.to(h.dtype)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratplus_titan.head_groups import LayerPattern
-from ratplus_titan.kernels.pattern_attention import pattern_attention
-from ratplus_titan.kernels.recurrence import gated_recurrence
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
+from ratplus_titan.kernels.recurrence_dispatch import gated_recurrence
 from ratplus_titan.model.args import RATPlusModelArgs
 
 # The fused input projection is split in this order (DESIGN §1 step 2).

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from ratplus_titan.kernels.decode import decode_attention, decode_attention_reference
+from ratplus_titan.kernels.decode import decode_attention_reference
+from ratplus_titan.kernels.decode_dispatch import decode_attention
 
 
 def loop_float64(q, k_cache, v_cache, valid, k_new, v_new):

@@ -6,11 +6,8 @@ import math
 import pytest
 import torch
 
-from ratplus_titan.kernels.pattern_attention import (
-    pattern_attention,
-    pattern_attention_compact,
-    pattern_attention_reference,
-)
+from ratplus_titan.kernels.pattern_attention import pattern_attention_compact, pattern_attention_reference
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
 from ratplus_titan.pattern import Pattern
 
 

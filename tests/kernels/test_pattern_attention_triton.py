@@ -25,7 +25,8 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from ratplus_titan.kernels import pattern_attention_triton as pat  # noqa: E402
-from ratplus_titan.kernels.pattern_attention import pattern_attention, pattern_attention_reference  # noqa: E402
+from ratplus_titan.kernels.pattern_attention import pattern_attention_reference  # noqa: E402
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
 from ratplus_titan.pattern import Pattern  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

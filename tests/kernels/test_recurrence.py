@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step
+from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step_reference
 
 
 def loop_float64(gate_logits, keys, values):
@@ -65,6 +65,6 @@ def test_step_continues_the_scan():
     key_states, value_states = recurrence_reference(gates, keys, values)
     state_k, state_v = key_states[:, 9].float(), value_states[:, 9].float()
     for t in range(10, 20):
-        state_k, state_v = recurrence_step(gates[:, t], keys[:, t], values[:, t], state_k, state_v)
+        state_k, state_v = recurrence_step_reference(gates[:, t], keys[:, t], values[:, t], state_k, state_v)
         torch.testing.assert_close(state_k, key_states[:, t].detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(state_v, value_states[:, t].detach(), rtol=1e-6, atol=1e-6)

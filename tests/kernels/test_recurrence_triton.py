@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime import interpreter  # noqa: E402
 
 from ratplus_titan.kernels import recurrence_triton as rt  # noqa: E402
-from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step  # noqa: E402
+from ratplus_titan.kernels.recurrence import recurrence_reference, recurrence_step_reference  # noqa: E402
 from tests.kernels.test_recurrence import loop_float64  # noqa: E402
 
 
@@ -227,7 +227,7 @@ def test_step_matches_reference(dtype):
     key_state = torch.randn(batch, heads, head_dim, generator=gen)
     value_state = torch.randn(batch, heads, head_dim, generator=gen)
     got = rt.recurrence_step_triton(gates, keys, values, key_state, value_state)
-    expected = recurrence_step(gates, keys, values, key_state, value_state)
+    expected = recurrence_step_reference(gates, keys, values, key_state, value_state)
     for g, e in zip(got, expected):
         assert g.dtype == torch.float32 and g.shape == e.shape
         assert_close_everywhere(g, e, 1e-6, 1e-7, "step")

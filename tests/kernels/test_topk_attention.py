@@ -7,7 +7,7 @@ import torch
 
 from ratplus_titan.head_groups import parse_layer_pattern
 from ratplus_titan.inference.topk_cache import TopKLayerCache
-from ratplus_titan.kernels.pattern_attention import pattern_attention
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
 from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention
 from ratplus_titan.topk import SCORES, TopKPattern
 

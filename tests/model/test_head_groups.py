@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ratplus_titan.head_groups import HeadGroups, parse_layer_pattern
-from ratplus_titan.kernels.recurrence import gated_recurrence
+from ratplus_titan.kernels.recurrence_dispatch import gated_recurrence
 from ratplus_titan.model import RATPlusModel, RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusLayer, apply_rope, rope_cache
 from ratplus_titan.pattern import DENSE, Pattern

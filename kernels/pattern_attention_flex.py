@@ -7,9 +7,8 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from ratplus_titan.kernels.pattern_attention import compact_rows, merge_by_lse
 from ratplus_titan.pattern import Pattern
-
-from .pattern_attention import compact_rows, merge_by_lse
 
 _flex_attention = torch.compile(flex_attention, dynamic=False)
 

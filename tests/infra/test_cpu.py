@@ -1,9 +1,11 @@
-"""The CPU shim runs torchtitan 0.2.2's stock Trainer (llama3 debug model) on CPU/gloo."""
+"""ratplus_titan/infra/cpu.py: torchtitan 0.2.2's stock Trainer (llama3 debug model) and ours on CPU/gloo."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-try:  # `tests` importable as a package (repository root on sys.path)
-    from tests import torchtitan_cpu as ttcpu
-except ImportError:  # pytest --import-mode=importlib without the root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import torchtitan_cpu as ttcpu
+from ratplus_titan.infra import cpu
+from tests import torchtitan_cpu as ttcpu
+from tests.trainer_utils import register_test_flavor, trainer_args
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# torchtitan's step line; a numeric MFU there would come from a made-up CPU peak.
+NUMERIC_MFU = re.compile(r"mfu:\s*[-+\d.]+")
 
 pytestmark = pytest.mark.skipif(not ttcpu.SHARED_CORPUS.exists(), reason="shared corpus not available")
 
@@ -34,21 +36,21 @@ def _assert_finite_and_falling(losses: list[float]) -> None:
 
 
 def test_patch_is_idempotent_and_covers_loaded_modules():
-    ttcpu.patch_torchtitan_for_cpu()
-    ttcpu.patch_torchtitan_for_cpu()
+    cpu.patch_torchtitan_for_cpu()
+    cpu.patch_torchtitan_for_cpu()
     import torchtitan.tools.utils as tt_utils
     import torchtitan.train as tt_train
 
     assert tt_utils.device_type == "cpu"
     assert tt_utils.get_device_info()[0] == "cpu"
-    assert tt_utils.get_peak_flops("anything") == ttcpu.CPU_PEAK_FLOPS
+    assert math.isnan(tt_utils.get_peak_flops("anything"))  # no peak known: no MFU
     for name, mod in list(sys.modules.items()):
         if name.startswith("torchtitan") and isinstance(getattr(mod, "device_type", None), str):
             assert mod.device_type == "cpu", name
         if name.startswith("torchtitan") and hasattr(mod, "device_module"):
             assert not getattr(mod.device_module, "__name__", "").startswith("torch.cuda"), name
     tt_train.time.sleep(10)  # the final `time.sleep(2)` of Trainer.train is a no-op
-    stats = ttcpu.CpuDeviceModule.memory_stats()
+    stats = cpu.CpuDeviceModule.memory_stats()
     assert stats["reserved_bytes.all.peak"] > 0
 
 
@@ -123,13 +125,43 @@ def test_fsdp2_two_process_gloo_matches_single_process(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_command_line_entry_point(tmp_path):
-    cmd = [
-        sys.executable, "-m", "tests.torchtitan_cpu", "--llama3-debug", str(tmp_path), "--",
-        "--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
-    ]  # fmt: skip
+def test_command_line_entry_point(assets, tmp_path):
+    args = ttcpu.llama3_debug_args(assets, tmp_path / "out", steps=2, seq_len=64, batch_size=2, fast=False)
+    cmd = [sys.executable, "-m", "ratplus_titan.infra.cpu", "--trainer", "torchtitan.train:Trainer", "--", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step:  2" in proc.stderr + proc.stdout
+    step_lines = [line for line in (proc.stderr + proc.stdout).splitlines() if "step:  2" in line]
+    assert all("mfu: n/a" in line and not NUMERIC_MFU.search(line) for line in step_lines), step_lines
+
+
+def test_ratplus_trainer_step_log_has_no_numeric_mfu(tmp_path, caplog):
+    """The CPU step line keeps loss, memory, tps and tflops (measured) and says ``mfu: n/a``."""
+    from ratplus_titan.train import RATPlusTrainer
+
+    register_test_flavor()
+    caplog.set_level(logging.INFO)
+    with ttcpu.trainer_session(RATPlusTrainer, trainer_args(tmp_path, 2), num_threads=1) as trainer:
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if "loss:" in r.getMessage() and "tps:" in r.getMessage()]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert "mfu: n/a" in line and not NUMERIC_MFU.search(line), line
+        assert re.search(r"tflops:\s*[\d.,]+", line), line
+    assert any("computing MFU: n/a" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("step:  1  loss:  8.1  tps: 1,234  tflops: 0.05  mfu: nan%", "step:  1  loss:  8.1  tps: 1,234  tflops: 0.05  mfu: n/a"),
+        ("step:  1  loss:  8.1  tps: 1,234  tflops: 279.03  mfu: 28.21%", None),  # a GPU line stays as it is
+        ("step:  1  loss:      nan  grad_norm:     nan", None),
+    ],
+)
+def test_mfu_filter_rewrites_only_the_unknown_peak(message, expected):
+    record = logging.LogRecord("root", logging.INFO, __file__, 1, "%s", (message,), None)
+    assert cpu.MfuNotAvailable().filter(record)
+    assert record.getMessage() == (message if expected is None else expected)

@@ -1,0 +1,47 @@
+"""``bench/kernels.py``: a CPU smoke run of the attention bench (Triton interpreter) feeds the README table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bench import kernels, readme_tables
+
+
+def test_speedups_are_over_the_sdpa_rows_of_the_same_length():
+    rows = [
+        {"T": 8, "method": "sdpa_dense", "pattern": "dense", "fwd_ms": 6.0, "bwd_ms": 12.0},
+        {"T": 8, "method": "sdpa_flash", "pattern": "dense", "fwd_ms": 4.0, "bwd_ms": 8.0},
+        {"T": 16, "method": "sdpa_dense", "pattern": "dense", "fwd_ms": 60.0, "bwd_ms": 120.0},
+        {"T": 8, "method": "triton", "pattern": "d16w256s4", "fwd_ms": 2.0, "bwd_ms": 3.0},
+        {"T": 16, "method": "triton", "pattern": "d16w256s4", "error": "OOM"},
+    ]
+    kernels.add_speedups(rows)
+    ours = rows[3]
+    assert (ours["fwd_speedup_vs_dense"], ours["bwd_speedup_vs_dense"]) == (3.0, 4.0)
+    assert (ours["fwd_speedup_vs_flash"], ours["bwd_speedup_vs_flash"]) == (2.0, 8 / 3)
+    assert "fwd_speedup_vs_dense" not in rows[4] and "fwd_speedup_vs_dense" not in rows[0]
+
+
+def test_cpu_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monkeypatch):
+    argv = ["attention", "--device", "cpu", "--seq-lens", "64", "--heads", "2", "--out", str(tmp_path)]
+    assert kernels.main(argv) == 0
+    data = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert data["env"]["device"] == "cpu" and data["copy_GBps"] is None
+    rows = data["attention"]["rows"]
+    assert {(r["method"], r["pattern"]) for r in rows} == {
+        ("sdpa_dense", "dense"), ("sdpa_flash", "dense"), ("triton", "d16w256s4"), ("triton", "d64w256s4"),
+    }  # fmt: skip
+    for row in rows:
+        assert row["T"] == 64 and math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0 and row["bwd_ms"] > 0, row
+
+    monkeypatch.setattr(readme_tables, "RESULTS", tmp_path)
+    monkeypatch.setitem(readme_tables.SOURCES, "attention", "kernels_cpu.json")
+    table = readme_tables.attention()
+    assert "`kernels_cpu.json`" in table[0]
+    dense = next(r for r in rows if r["method"] == "sdpa_dense")
+    flash = next(r for r in rows if r["method"] == "sdpa_flash")
+    ours = {r["pattern"]: r for r in rows if r["method"] == "triton"}
+    cells = [f"{dense[k] / ours[p][k]:.1f}x ({flash[k] / ours[p][k]:.1f}x)" for p in ("d16w256s4", "d64w256s4")
+             for k in ("fwd_ms", "bwd_ms")]  # fmt: skip
+    assert table[-1] == "| 64 | " + " | ".join(cells) + " |"

@@ -27,7 +27,6 @@ every ``--progress-s`` seconds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO, device_slug, environment, figure, save_figure, write_json
+
 MODELS = {"ratplus": [], "attention": ["--ratplus.apply-re", "False"]}
 """The two pretrained models and the torchtitan arguments that make them."""
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naninf]+)(?:.*?tps:\s*([\d,]+))?")
@@ -94,30 +94,6 @@ SCALES = {
 # ---- helpers ---------------------------------------------------------------------------------------------
 def log(message: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def environment() -> dict:
-    cuda = torch.cuda.is_available()
-    env = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "gpus": torch.cuda.device_count(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
-
-
-def device_slug(device: str) -> str:
-    for key in ("H100", "H200", "A100", "B200"):
-        if key in device:
-            return key
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", device)
 
 
 def families(patterns: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
@@ -442,12 +418,7 @@ def summarize(result: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    fig, axes = figure(1, 3, figsize=(17, 4.6))
     colors = {"ratplus": "tab:blue", "attention": "tab:red"}
     for model, color in colors.items():
         curve = result["training"][f"pretrain_{model}"]
@@ -482,9 +453,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     env = result["env"]
     fig.suptitle(f"RAT+ vs attention, {result['config']['flavor']} flavor, {env['device']}, torch {env['torch']}, {env['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 README_BEGIN, README_END = "<!-- reproduce:begin (python -m bench.reproduce --readme-only JSON) -->", "<!-- reproduce:end -->"
@@ -593,14 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     started, timing = time.monotonic(), {}
     env = environment()
     result: dict = {"env": env, "scale": args.scale}
-    out_json = args.out / f"reproduce_{device_slug(env['device'])}{args.tag}.json"
+    out_json = args.out / f"reproduce_{device_slug()}{args.tag}.json"
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(stage: str, t0: float) -> None:
         timing[f"{stage}_s"] = round(time.monotonic() - t0, 1)
         timing["total_s"] = round(time.monotonic() - started, 1)
         result["timing"] = timing
-        out_json.write_text(json.dumps(result, indent=1) + "\n")  # every stage leaves a readable file
+        write_json(out_json, result)  # every stage leaves a readable file
         log(f"{stage} done ({timing[f'{stage}_s']:.0f} s, {timing['total_s']:.0f} s in all); wrote {out_json}")
 
     t0 = time.monotonic()

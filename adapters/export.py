@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pickle
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from ratplus_titan.head_groups import parse_layer_pattern
+from ratplus_titan import cli
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.flavors import ratplus_flavors
 from ratplus_titan.pattern import Pattern
@@ -35,7 +36,6 @@ from .layout import check_state_dict, expected_shapes, save_export
 MODEL_ROOTS = ("tok_embeddings", "layers", "norm", "output")
 # Module-wrapper names that may appear inside FQNs written by other tools.
 WRAPPER_NAMES = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
-DTYPES = ("bfloat16", "float16", "float32")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -85,10 +85,17 @@ def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Ten
     Non-model entries (optimizer, lr_scheduler, dataloader, train_state) are not read.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     checkpoint_dir = Path(checkpoint_dir)
-    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    try:
+        metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        raise ValueError(
+            f"{checkpoint_dir / '.metadata'} cannot be read ({type(err).__name__}: {err}): the file is truncated or "
+            "corrupted; copy the step-N folder again"
+        ) from None
     wanted: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -105,10 +112,34 @@ def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Ten
             f"{checkpoint_dir} holds no model tensors (names starting with {', '.join(MODEL_ROOTS)}); "
             f"its first entries are: {sample}"
         )
+    check_shard_files(checkpoint_dir, metadata)
     with warnings.catch_warnings():  # the single-process load is the intent, not a fallback
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+        try:
+            dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+        except CheckpointException as err:  # a BaseException: one per failed rank, here rank 0
+            reasons = "; ".join(f"{type(e).__name__}: {str(e).split('. ')[0]}" for e, _ in err.failures.values())
+            raise ValueError(f"{checkpoint_dir}: reading the tensors fails ({reasons}): a shard is corrupted") from None
     return {names[key]: tensor for key, tensor in wanted.items()}
+
+
+def check_shard_files(checkpoint_dir: Path, metadata) -> None:
+    """Every shard file the ``.metadata`` names exists and is long enough (a copy cut short shows here)."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    missing = sorted(name for name in needed if not (checkpoint_dir / name).is_file())
+    if missing:
+        raise FileNotFoundError(
+            f"{checkpoint_dir} lacks {len(missing)} of the {len(needed)} shard files its .metadata lists "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): copy the whole step-N folder"
+        )
+    for name, size in sorted(needed.items()):
+        found = (checkpoint_dir / name).stat().st_size
+        if found < size:
+            raise ValueError(
+                f"{checkpoint_dir / name} is truncated: {found} bytes, the .metadata needs {size}; copy it again"
+            )
 
 
 # ---- model arguments ------------------------------------------------------------------------
@@ -177,9 +208,21 @@ def resolve_args(
 # ---- the pattern recorded in config.json -----------------------------------------------------
 
 
-def _int_or_list(text: str) -> int | list[int]:
-    values = [int(v) for v in text.split(",")]
-    return values[0] if len(values) == 1 else values
+def pattern_values(field: str):
+    """argparse type of ``--dilation``/``--local-window``/``--sinks``: an int, or one per layer (comma-separated)."""
+
+    def parse(text: str) -> int | list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+            for value in values:
+                Pattern(**{field: value})  # names the field and its allowed values
+        except ValueError as err:
+            message = str(err) if field in str(err) else f"{text!r} is not an integer or a comma-separated list of them"
+            raise argparse.ArgumentTypeError(message) from None
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = field
+    return parse
 
 
 def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,12 +231,13 @@ def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--pattern",
+        type=cli.pattern_list(training=True),
         help="'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4) or head groups (e.g. '8:dense+8:d64w0s0'): one for every "
         "layer, or one per layer comma-separated",
     )
-    group.add_argument("--dilation", type=_int_or_list, help="D: an int, or one per layer (comma-separated); -1 = none")
-    group.add_argument("--local-window", type=_int_or_list, help="W: an int or one per layer")
-    group.add_argument("--sinks", type=_int_or_list, help="S: an int or one per layer")
+    group.add_argument("--dilation", type=pattern_values("dilation"), help="D: an int, or one per layer (comma-separated); -1 = none")
+    group.add_argument("--local-window", type=pattern_values("local_window"), help="W: an int or one per layer")
+    group.add_argument("--sinks", type=pattern_values("sinks"), help="S: an int or one per layer")
 
 
 def pattern_from_arguments(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tuple | None:
@@ -202,15 +246,11 @@ def pattern_from_arguments(parser: argparse.ArgumentParser, options: argparse.Na
     if options.pattern is not None:
         if any(p is not None for p in parts):
             parser.error("give --pattern or --dilation/--local-window/--sinks, not both")
-        specs = [spec.strip() for spec in options.pattern.split(",")]
-        try:
-            patterns = [parse_layer_pattern(spec) for spec in specs]
-        except ValueError as err:
-            parser.error(str(err))
+        patterns = options.pattern
         if len(patterns) == 1 and isinstance(patterns[0], Pattern):
             pattern = patterns[0]
             return pattern.dilation, pattern.local_window, pattern.sinks
-        return 1, 0, 0, specs  # head groups, or one spec per layer: checked against the model by set_pattern
+        return 1, 0, 0, [str(p) for p in patterns]  # head groups, or one per layer: checked against the model by set_pattern
     if all(p is None for p in parts):
         return None
     dilation, window, sinks = parts
@@ -233,11 +273,14 @@ def export_dcp(
     apply_re: bool | None = None,
     max_seq_len: int | None = None,
     pattern: tuple | None = None,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     tokenizer: str | Path | None = None,
     step: int | None = None,
 ) -> Path:
-    """Read the model tensors of a torchtitan DCP checkpoint and write the exported folder."""
+    """Read the model tensors of a torchtitan DCP checkpoint and write the exported folder.
+
+    ``dtype``: of the exported tensors; default the checkpoint's (``layout.source_dtype``).
+    """
     checkpoint_dir = find_checkpoint(checkpoint, step)
     state_dict = load_dcp_model_state_dict(checkpoint_dir)
     args = resolve_args(state_dict, flavor, n_heads, apply_re, max_seq_len, source=str(checkpoint_dir))
@@ -247,21 +290,25 @@ def export_dcp(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="ratplus-export",
         description="Export a torchtitan DCP checkpoint of a RAT+ model (saved under any FSDP/TP layout) "
         "to a folder with model.safetensors, config.json and the tokenizer.",
     )
     parser.add_argument("checkpoint", help="a checkpoint/step-N folder, or a checkpoint/ folder (takes the latest step)")
     parser.add_argument("out_dir", help="folder to write")
-    parser.add_argument("--step", type=int, help="with a checkpoint/ folder: the step to export (default: latest)")
+    parser.add_argument(
+        "--step", type=cli.non_negative_int, help="with a checkpoint/ folder: the step to export (default: latest)"
+    )
     parser.add_argument(
         "--flavor",
         choices=sorted(ratplus_flavors),
         help="model flavor; default: read the sizes off the tensors (a matching flavor gives the head count)",
     )
-    parser.add_argument("--n-heads", type=int, help="number of heads (needed when no flavor matches the sizes)")
-    parser.add_argument("--max-seq-len", type=int, help="max_seq_len recorded in config.json (default: the flavor's)")
+    parser.add_argument("--n-heads", type=cli.positive_int, help="number of heads (needed when no flavor matches the sizes)")
+    parser.add_argument(
+        "--max-seq-len", type=cli.token_count, help="max_seq_len recorded in config.json (default: the flavor's)"
+    )
     parser.add_argument(
         "--apply-re",
         action=argparse.BooleanOptionalAction,
@@ -269,10 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="whether the model has the recurrence (forget gate); default: read off the in_proj shape",
     )
     add_pattern_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported tensors")
+    add_output_arguments(parser)
+    return parser
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=cli.DTYPES,
+        help="convert the exported tensors to this dtype (default: keep the checkpoint's dtype)",
+    )
     parser.add_argument("--tokenizer", help="tokenizer file or folder to copy (default: the shipped LLaMA-2 tokenizer)")
     parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
-    return parser
 
 
 def tokenizer_from_arguments(options: argparse.Namespace) -> Path | None:
@@ -281,24 +336,19 @@ def tokenizer_from_arguments(options: argparse.Namespace) -> Path | None:
     return Path(options.tokenizer) if options.tokenizer else default_tokenizer()
 
 
-def run_cli(prog: str, call) -> None:
-    """Run ``call()`` (which writes a folder); report a bad input as one line on stderr, exit 1."""
-    try:
-        out = call()
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"{prog}: wrote {out}")
+def report_written(prog: str, out_dir: Path, requested_dtype: str | None) -> None:
+    """One line: where the export went and in which dtype (read back from its config.json)."""
+    dtype = json.loads((Path(out_dir) / "config.json").read_text())["dtype"]
+    how = "converted by --dtype" if requested_dtype else "the checkpoint's dtype; --dtype converts"
+    print(f"{prog}: wrote {out_dir} ({dtype} tensors, {how})")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
     pattern = pattern_from_arguments(parser, options)
-    run_cli(
-        "ratplus-export",
-        lambda: export_dcp(
+    with cli.user_errors(parser.prog):
+        out = export_dcp(
             options.checkpoint,
             options.out_dir,
             flavor=options.flavor,
@@ -309,8 +359,8 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             step=options.step,
-        ),
-    )
+        )
+    report_written(parser.prog, out, options.dtype)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ the official rat-plus order is ``[part][head][hd]`` with parts ``o, q, k, x, f``
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ratplus_titan.cli import DTYPES
+from ratplus_titan.data.tokenizer import TOKENIZER_FILES, resolve_tokenizer_file
 from ratplus_titan.model.args import RATPlusModelArgs
 
 FORMAT = "ratplus-titan"
 VERSION = 1
 ARG_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size", "ffn_multiplier", "norm_eps", "rope_theta", "max_seq_len", "apply_re")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+CONFIG_FIELDS = ("format", "version", "model_args", "pattern", "dtype", "in_proj_layout")
 
 
 def official_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -92,19 +95,31 @@ class ExportedModel:
     tokenizer_path: Path | None
 
 
+def source_dtype(state_dict: dict[str, torch.Tensor]) -> str:
+    """The dtype the tensors are stored in; if they differ, the one all of them convert to without loss."""
+    dtypes = {tensor.dtype for tensor in state_dict.values()}
+    return str(functools.reduce(torch.promote_types, dtypes)).removeprefix("torch.")
+
+
 def save_export(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor],
     args: RATPlusModelArgs,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     tokenizer_path: str | Path | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer into ``out_dir``."""
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer into ``out_dir``.
+
+    ``dtype``: of the written tensors; default ``source_dtype(state_dict)`` (nothing is rounded).
+    """
     from safetensors.torch import save_file
 
     check_state_dict(args, state_dict)
+    if tokenizer_path is not None:
+        tokenizer_path = resolve_tokenizer_file(tokenizer_path, field="tokenizer")  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or source_dtype(state_dict)
     torch_dtype = getattr(torch, dtype)
     tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": FORMAT})
@@ -121,14 +136,58 @@ def save_export(
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_path is not None:
-        tokenizer_path = Path(tokenizer_path)
-        if tokenizer_path.is_dir():
-            found = [tokenizer_path / f for f in TOKENIZER_FILES if (tokenizer_path / f).exists()]
-            if not found:
-                raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} in {tokenizer_path}")
-            tokenizer_path = found[0]
         shutil.copyfile(tokenizer_path, out_dir / tokenizer_path.name)
     return out_dir
+
+
+def read_config(config_file: Path) -> dict:
+    """An export's ``config.json``, with the fields ``load_export`` reads; errors name the file."""
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: is {config_file.parent} a folder written by ratplus-export?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}): the file is corrupted; export the model again") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file}: format {found!r} is not {FORMAT!r}: not a folder written by ratplus-export")
+    missing = [name for name in ("model_args", "pattern", "dtype") if name not in config]
+    if missing:
+        raise ValueError(f"{config_file} has no {missing[0]!r} field (ratplus-export writes {', '.join(CONFIG_FIELDS)})")
+    if not isinstance(getattr(torch, str(config["dtype"]), None), torch.dtype):
+        raise ValueError(f"{config_file}: dtype {config['dtype']!r} is not a torch dtype (e.g. {', '.join(DTYPES)})")
+    return config
+
+
+def args_from_config(config: dict, config_file: Path) -> RATPlusModelArgs:
+    """The model args of a ``read_config`` result, with the recorded pattern set; errors name the file."""
+    try:
+        args = args_from_dict(dict(config["model_args"]))
+        recorded = config["pattern"]
+        args.set_pattern(recorded["dilation"], recorded["local_window"], recorded["sinks"], recorded.get("head_groups"))
+    except KeyError as err:
+        raise ValueError(f"{config_file}: field {err.args[0]!r} is missing (in model_args or pattern)") from None
+    except ValueError as err:
+        raise ValueError(f"{config_file}: {err}") from None
+    except (TypeError, AttributeError) as err:  # a value of the wrong kind (a string for a number, ...)
+        raise ValueError(
+            f"{config_file}: model_args {config['model_args']} and pattern {config['pattern']} do not describe a "
+            f"model ({err}): numbers must be numbers, apply_re true/false"
+        ) from None
+    return args
+
+
+def load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` -> tensors; an unreadable file is a ``ValueError`` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: is {weights.parent} a folder written by ratplus-export?")
+    try:
+        return load_file(str(weights))
+    except SafetensorError as err:
+        raise ValueError(f"{weights} cannot be read ({err}): the file is truncated or corrupted; export the model again") from None
 
 
 def load_export(path: str | Path) -> ExportedModel:
@@ -136,20 +195,13 @@ def load_export(path: str | Path) -> ExportedModel:
 
     ``args`` has the recorded pattern set (``args.patterns``); ``pattern`` holds it as written.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: is {path} a folder written by ratplus-export?")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: format {config.get('format')!r} is not {FORMAT!r}")
-    args = args_from_dict(config["model_args"])
+    config = read_config(config_file)
     # The args carry the recorded pattern too, so save_export(load_export(p)) writes the same config.
-    recorded = config["pattern"]
-    args.set_pattern(recorded["dilation"], recorded["local_window"], recorded["sinks"], recorded.get("head_groups"))
-    state_dict = load_file(str(path / "model.safetensors"))
-    check_state_dict(args, state_dict, source=str(path / "model.safetensors"))
+    args = args_from_config(config, config_file)
+    weights = path / "model.safetensors"
+    state_dict = load_weights(weights)
+    check_state_dict(args, state_dict, source=str(weights))
     tokenizer = next((path / f for f in TOKENIZER_FILES if (path / f).exists()), None)
     return ExportedModel(args, state_dict, config["pattern"], config["dtype"], tokenizer)

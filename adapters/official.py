@@ -32,15 +32,16 @@ from typing import Any
 
 import torch
 
+from ratplus_titan import cli
 from ratplus_titan.model.args import RATPlusModelArgs
 
 from .export import (
-    DTYPES,
+    add_output_arguments,
     add_pattern_arguments,
     apply_pattern,
     canonical_name,
     pattern_from_arguments,
-    run_cli,
+    report_written,
     tokenizer_from_arguments,
 )
 from .layout import official_to_interleaved, save_export
@@ -89,6 +90,9 @@ def torch_load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         mmap = zipfile.is_zipfile(f)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (EOFError, OSError, RuntimeError) as err:  # torch's reader (and mmap) on a cut-short or damaged file
+        reason = str(err).split(". ")[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} cannot be read by torch.load ({reason}): the file is truncated or corrupted") from None
     except pickle.UnpicklingError:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if mmap else []
         try:
@@ -257,13 +261,14 @@ def import_official(
     n_heads: int | None = None,
     max_seq_len: int = 4096,
     pattern: tuple | None = None,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     tokenizer: str | Path | None = None,
     trust_pickle: bool = False,
 ) -> Path:
     """Read an official ``.pth`` and write the exported-model folder.
 
     Head count: ``n_heads``, else the file's config (``heads_from_config``), else ``d_model / 128``.
+    ``dtype``: of the exported tensors; default the checkpoint's (``layout.source_dtype``).
     """
     loaded = torch_load_checkpoint(checkpoint, trust_pickle)
     if n_heads is None:
@@ -274,7 +279,7 @@ def import_official(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="ratplus-import-official",
         description="Convert an official rat-plus checkpoint (.pth holding {'task': state_dict}) into the "
         "ratplus-titan export folder (model.safetensors, config.json, tokenizer). Sizes and apply_re are "
@@ -283,13 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="official .pth file")
     parser.add_argument("out_dir", help="folder to write")
     parser.add_argument(
-        "--n-heads", type=int, help=f"number of heads (default: the file's config, else d_model / {HEAD_DIM})"
+        "--n-heads", type=cli.positive_int, help=f"number of heads (default: the file's config, else d_model / {HEAD_DIM})"
     )
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="max_seq_len recorded in config.json")
+    parser.add_argument("--max-seq-len", type=cli.token_count, default=4096, help="max_seq_len recorded in config.json")
     add_pattern_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported tensors")
-    parser.add_argument("--tokenizer", help="tokenizer file or folder to copy (default: the shipped LLaMA-2 tokenizer)")
-    parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
+    add_output_arguments(parser)
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -302,9 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
     pattern = pattern_from_arguments(parser, options)
-    run_cli(
-        "ratplus-import-official",
-        lambda: import_official(
+    with cli.user_errors(parser.prog):
+        out = import_official(
             options.checkpoint,
             options.out_dir,
             n_heads=options.n_heads,
@@ -313,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             trust_pickle=options.trust_pickle,
-        ),
-    )
+        )
+    report_written(parser.prog, out, options.dtype)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ exist yet; DCP reshards the full tensors onto whatever FSDP/TP layout the run us
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .layout import load_export
+from ratplus_titan import cli
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .layout import load_export, read_config
 
 
 def export_to_dcp(export_dir: str | Path, dcp_out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
@@ -56,27 +54,24 @@ def pattern_settings(pattern: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m ratplus_titan.adapters.to_dcp",
         description="Write an exported RAT+ folder (ratplus-export / ratplus-import-official) as a DCP checkpoint "
         "for torchtitan's checkpoint.initial_load_path (model only).",
     )
     parser.add_argument("export_dir", help="folder with model.safetensors and config.json")
     parser.add_argument("dcp_out", help="DCP folder to write (give it as checkpoint.initial_load_path)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored tensors")
+    parser.add_argument("--dtype", choices=cli.DTYPES, default="float32", help="dtype of the stored tensors")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DCP_OUT")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = build_parser().parse_args(argv)
-    try:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    with cli.user_errors(parser.prog):
         out = export_to_dcp(options.export_dir, options.dcp_out, options.dtype, options.overwrite).resolve()
-        pattern = json.loads((Path(options.export_dir) / "config.json").read_text())["pattern"]
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"to_dcp: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        pattern = read_config(Path(options.export_dir) / "config.json")["pattern"]
     print(
         f"to_dcp: wrote {out}\n"
         f"start from it with: --checkpoint.enable --checkpoint.initial_load_path {out} "

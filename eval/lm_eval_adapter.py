@@ -32,6 +32,7 @@ model is causal, so padding after a sequence never changes its logits.
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import warnings
 from collections.abc import Sequence
@@ -46,10 +47,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from ratplus_titan import cli
+from ratplus_titan.head_groups import LayerPattern
+from ratplus_titan.inference.generate import DECODE_MODES
+
+PROG = "ratplus-lm-eval"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 """Our local lm-eval task YAMLs (tiny multiple-choice / perplexity tasks, the needle tasks)."""
 
-DTYPES = ("float32", "bfloat16", "float16")
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
 
 LoglikelihoodRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -76,12 +81,14 @@ def _as_positive_int(value: Any, field: str) -> int:
     return number
 
 
-def parse_pattern_arg(pattern: Any) -> str | list[str] | None:
-    """``config``/empty -> None (the recorded pattern); ``a/b/...`` -> one per layer; else one spec."""
+def parse_pattern_arg(pattern: Any) -> list[LayerPattern] | None:
+    """``config``/empty -> None (the recorded pattern); else one spec, or one per layer joined by ``/``."""
     if pattern is None or str(pattern).strip() in ("", "config"):
         return None
-    parts = [p.strip() for p in str(pattern).split("/")]
-    return parts[0] if len(parts) == 1 else parts
+    try:
+        return cli.parse_patterns(str(pattern), separator="/")
+    except ValueError as err:
+        raise ValueError(f"model_args pattern: {err}") from None
 
 
 @register_model("ratplus")
@@ -118,11 +125,12 @@ class RATPlusEvalLM(TemplateLM):
         self._batch_size = _as_positive_int(batch_size, "batch_size")
         self._max_gen_toks = _as_positive_int(max_gen_toks, "max_gen_toks")
         self.add_bos_token = _as_bool(add_bos_token, "add_bos_token")
-        if decode_mode not in ("auto", "eager", "graph", "compile"):
-            raise ValueError(f"decode_mode={decode_mode!r} is invalid: allowed values are auto, eager, graph, compile")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode={decode_mode!r} is invalid: allowed values are {', '.join(DECODE_MODES)}")
         self.decode_mode = decode_mode
-        if dtype is not None and dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype={dtype!r} is invalid: allowed values are {', '.join(DTYPES)}")
+        if dtype is not None and dtype not in (*cli.DTYPES, "auto"):
+            raise ValueError(f"dtype={dtype!r} is invalid: allowed values are {', '.join(cli.DTYPES)}")
+        patterns = parse_pattern_arg(pattern)  # checked before anything loads
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             warnings.warn(f"device={device!r} requested but CUDA is not available: running on cpu", stacklevel=2)
             device = "cpu"
@@ -134,7 +142,7 @@ class RATPlusEvalLM(TemplateLM):
                 raise FileNotFoundError(f"path={path!r}: no config.json there; give a folder written by ratplus-export")
             lm = RATPlusLM.from_pretrained(
                 path,
-                pattern=parse_pattern_arg(pattern),
+                pattern=patterns,
                 dtype=None if dtype in (None, "auto") else dtype,
                 device=device,
                 max_seq_len=None if max_length is None else _as_positive_int(max_length, "max_length"),
@@ -350,26 +358,39 @@ def local_task_names() -> set[str]:
 
 
 def _requested_tasks(args: list[str]) -> list[str]:
+    """The task names of ``--tasks``/``-t`` (lm-eval takes several values, each comma-separated)."""
     for i, arg in enumerate(args):
-        if arg == "--tasks" and i + 1 < len(args):
-            return [t.strip() for t in args[i + 1].split(",") if t.strip()]
-        if arg.startswith("--tasks="):
-            return [t.strip() for t in arg.split("=", 1)[1].split(",") if t.strip()]
+        if arg in ("--tasks", "-t"):
+            values = itertools.takewhile(lambda value: not value.startswith("-"), args[i + 1 :])
+        elif arg.startswith("--tasks="):
+            values = [arg.split("=", 1)[1]]
+        else:
+            continue
+        return [t.strip() for value in values for t in value.split(",") if t.strip()]
     return []
+
+
+def _has_option(args: list[str], *names: str) -> bool:
+    return any(a in names or a.split("=", 1)[0] in names for a in args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's CLI with the ``ratplus`` model registered.
 
     Without ``--include_path`` our task folder is included; when every requested task is one
-    of ours, lm-eval's own ~15 s index of its built-in task YAMLs is skipped.
+    of ours, lm-eval's own ~15 s index of its built-in task YAMLs is skipped. Bad input found
+    by lm-eval's argument checks, its task lookup or our model's construction (``model_args``,
+    the model folder) is reported in one line (``cli.user_errors``); the evaluation itself is not
+    wrapped.
     """
+    import lm_eval.tasks
     from lm_eval.__main__ import cli_evaluate
+    from lm_eval.config.evaluate_config import EvaluatorConfig
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(
-            "usage: python -m ratplus_titan.eval.lm_eval_adapter [lm-eval arguments]\n"
+            f"usage: {PROG} [lm-eval arguments]\n"
             "  lm-eval's CLI with the 'ratplus' model registered, e.g.\n"
             "  --model ratplus --model_args path=DIR,pattern=d16w256s4,dtype=bfloat16,batch_size=16 "
             "--tasks ratplus_tiny_mc\n"
@@ -378,21 +399,29 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{', '.join(sorted(local_task_names()))}\n\nlm-eval's own help follows.\n"
         )
         args = args or ["--help"]
-    has_include = any(a == "--include_path" or a.startswith("--include_path=") for a in args)
-    if args[0] not in ("-h", "--help", "ls", "validate") and not has_include:
+    saved_argv, task_manager = sys.argv, lm_eval.tasks.TaskManager
+    evaluating = args[0] not in ("-h", "--help", "ls", "validate")
+    requested = _requested_tasks(args)
+    if evaluating and not requested and not _has_option(args, "--config", "-C"):
+        cli.fail(PROG, f"--tasks is missing: give lm-eval task names, e.g. --tasks hellaswag or one of ours "
+                       f"({', '.join(sorted(local_task_names()))})")  # fmt: skip
+    if evaluating and not _has_option(args, "--include_path"):
         args += ["--include_path", str(TASKS_DIR)]
-        requested = _requested_tasks(args)
         if requested and set(requested) <= local_task_names():
-            import lm_eval.tasks
 
-            class LocalTaskManager(lm_eval.tasks.TaskManager):
+            class LocalTaskManager(task_manager):
                 def __init__(self, *a: Any, **kw: Any) -> None:
                     kw.setdefault("include_defaults", False)
                     super().__init__(*a, **kw)
 
             lm_eval.tasks.TaskManager = LocalTaskManager
+    checks = [(EvaluatorConfig, "from_cli"), (EvaluatorConfig, "process_tasks"), (RATPlusEvalLM, "create_from_arg_obj")]
     sys.argv = ["lm-eval", *args]
-    cli_evaluate()
+    try:
+        with cli.user_errors_in(PROG, checks):
+            cli_evaluate()
+    finally:
+        sys.argv, lm_eval.tasks.TaskManager = saved_argv, task_manager
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ratplus_titan import cli
+from ratplus_titan.inference.generate import DECODE_MODES, check_decode_mode
+
+PROG = "ratplus-longbench"
+
 # ---- metrics (LongBench metrics.py) ------------------------------------------------------------
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -253,23 +258,37 @@ def task_of_file(path: str | Path) -> str:
     return name
 
 
+def read_jsonl(path: str | Path, fields: Sequence[str], what: str) -> list[dict[str, Any]]:
+    """The JSON objects of a jsonl file, each holding ``fields``; errors name the file and line."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not a JSON object ({err}): the file is corrupted or truncated") from None
+        missing = [field for field in fields if not isinstance(record, dict) or field not in record]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: record has no {missing[0]!r} field ({what}: {', '.join(fields)})")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
 def load_samples(path: str | Path) -> list[dict[str, Any]]:
     """Read a LongBench jsonl file, checking the fields every sample needs."""
-    path = Path(path)
-    samples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            sample = json.loads(line)
-            for field in ("input", "context", "answers"):
-                if field not in sample:
-                    raise ValueError(f"{path}:{line_no}: sample has no {field!r} field (LongBench format: input, context, answers)")
-            if not isinstance(sample["answers"], list) or not sample["answers"]:
-                raise ValueError(f"{path}:{line_no}: 'answers' must be a non-empty list, got {sample['answers']!r}")
-            samples.append(sample)
-    if not samples:
-        raise ValueError(f"{path} holds no samples")
+    samples = read_jsonl(path, ("input", "context", "answers"), "LongBench format")
+    for line_no, sample in enumerate(samples, 1):
+        if not isinstance(sample["answers"], list) or not sample["answers"]:
+            raise ValueError(f"{path}: sample {line_no}: 'answers' must be a non-empty list, got {sample['answers']!r}")
     return samples
 
 
@@ -326,6 +345,17 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 # ---- running a model ---------------------------------------------------------------------------
 
 
+def prompt_budget(task: str, max_length: int) -> int:
+    """Prompt tokens that fit beside the task's answer in ``max_length``."""
+    budget = max_length - TASKS[task].max_new_tokens
+    if budget < 2:
+        raise ValueError(
+            f"--max-length {max_length} leaves no room for a prompt next to {TASKS[task].max_new_tokens} answer "
+            f"tokens ({task}): give at least {TASKS[task].max_new_tokens + 2}"
+        )
+    return budget
+
+
 def predict(
     lm: Any,
     task: str,
@@ -339,9 +369,7 @@ def predict(
     from tqdm import tqdm
 
     spec = TASKS[task]
-    budget = max_length - spec.max_new_tokens
-    if budget < 2:
-        raise ValueError(f"max_length={max_length} leaves no room for a prompt next to {spec.max_new_tokens} answer tokens ({task})")
+    budget = prompt_budget(task, max_length)
     prompts = [truncate_middle(lm.tokenizer.encode(build_prompt(task, s), add_bos=True), budget) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: -len(prompts[i]))
     predictions: list[str] = [""] * len(samples)
@@ -388,25 +416,26 @@ def _data_files(paths: Sequence[str], tasks: Sequence[str] | None) -> list[tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ratplus-longbench",
+    parser = cli.ArgumentParser(
+        prog=PROG,
         description="Run a RAT+ export on local LongBench-format jsonl files (one task per file, named <task>.jsonl or "
         "<task>_e.jsonl): LongBench prompts, middle truncation, greedy answers, LongBench metrics, a results table. "
         f"Supported tasks: {', '.join(TASKS)}.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="folder written by ratplus-export")
     parser.add_argument("data", nargs="+", help="LongBench jsonl files, or folders holding them")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of the tasks found (default: all)")
-    parser.add_argument("--pattern", default="config",
-                        help="'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4), one per layer comma-separated, or 'config' "
-                        "for the pattern recorded in config.json (default: config)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--tasks", type=cli.comma_list(cli.one_of(tuple(TASKS))), default=None,
+                        help="comma-separated subset of the tasks found (default: all)")
+    parser.add_argument("--pattern", default="config", type=cli.pattern_list(config=True),
+                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
+                        "config.json (default: config)")
+    parser.add_argument("--max-length", type=cli.token_count, default=None,
                         help="prompt + answer tokens; prompts are truncated in the middle to fit (default: the model's max_seq_len)")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples of each file (default: all)")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples generated together (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: the exported dtype")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--decode-mode", choices=("auto", "eager", "graph", "compile"), default="auto",
+    parser.add_argument("--limit", type=cli.positive_int, default=None, help="first N samples of each file (default: all)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples generated together (default: %(default)s)")
+    parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
+    parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                         help="decode step implementation (default: %(default)s)")
     parser.add_argument("--output-dir", default=None, help="where predictions and result.json go (default: longbench_<pattern>)")
     parser.add_argument("--score-only", action="store_true",
@@ -421,26 +450,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.score_only and args.model_dir is not None:
         args.data = [args.model_dir, *args.data]
         args.model_dir = None
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    for t in tasks or []:
-        if t not in TASKS:
-            parser.error(f"--tasks: {t!r} is not supported: supported are {', '.join(TASKS)}")
-    for name in ("batch_size", "limit", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value}: give a positive integer")
-    try:
-        files = _data_files(args.data, tasks)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
+    with cli.user_errors(PROG):
+        files = _data_files(args.data, args.tasks)
 
     results: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     if args.score_only:
-        for task, path in files:
-            records = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
-            if any("pred" not in r for r in records):
-                parser.error(f"{path}: --score-only needs prediction records with a 'pred' field")
+        with cli.user_errors(PROG):
+            predictions = {task: read_jsonl(path, ("pred", "answers"), "--score-only reads the records this tool writes")
+                           for task, path in files}  # fmt: skip
+        for task, records in predictions.items():
             results[task] = score_task(task, records)
         print(format_table(results))
         return 0
@@ -449,21 +468,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"MODEL_DIR {args.model_dir!r} has no config.json: give a folder written by ratplus-export")
     from ratplus_titan.inference.lm import RATPlusLM
 
-    pattern = None if args.pattern == "config" else [p.strip() for p in args.pattern.split(",")]
-    if pattern is not None and len(pattern) == 1:
-        pattern = pattern[0]
-    lm = RATPlusLM.from_pretrained(
-        args.model_dir, pattern=pattern, dtype=args.dtype, device=args.device,
-        max_seq_len=args.max_length, max_batch_size=args.batch_size,
-    )  # fmt: skip
-    if lm.tokenizer is None:
-        parser.error(f"{args.model_dir} holds no tokenizer")
-    max_length = args.max_length or lm.max_seq_len
+    with cli.user_errors(PROG):
+        data = [(task, path, load_samples(path)[: args.limit]) for task, path in files]
+        lm = RATPlusLM.from_pretrained(
+            args.model_dir, pattern=args.pattern, dtype=args.dtype, device=args.device,
+            max_seq_len=args.max_length, max_batch_size=args.batch_size,
+        )  # fmt: skip
+        if lm.tokenizer is None:
+            raise FileNotFoundError(f"{args.model_dir} holds no tokenizer: export the model with one")
+        check_decode_mode(lm, args.decode_mode)
+        max_length = args.max_length or lm.max_seq_len
+        for task, _, _ in data:
+            prompt_budget(task, max_length)
     label = str(lm.patterns[0]) if len(set(lm.patterns)) == 1 else "hybrid"
     out_dir = Path(args.output_dir or f"longbench_{label}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for task, path in files:
-        samples = load_samples(path)[: args.limit]
+    for task, path, samples in data:
         records = predict(lm, task, samples, max_length, args.batch_size, args.decode_mode, progress=not args.quiet)
         with (out_dir / f"{path.name.split('.')[0]}.jsonl").open("w", encoding="utf-8") as f:
             for r in records:
@@ -479,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
     }
     (out_dir / "result.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"ratplus-longbench: wrote {out_dir}/", file=sys.stderr)
+    print(f"{PROG}: wrote {out_dir}/", file=sys.stderr)
     return 0
 
 

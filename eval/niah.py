@@ -38,6 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ratplus_titan import cli
+from ratplus_titan.inference.generate import DECODE_MODES, check_decode_mode
+
+PROG = "ratplus-niah"
 HAYSTACK_FILE = Path(__file__).resolve().parent / "assets" / "paul_graham_essays.jsonl.gz"
 NOISE_SENTENCES = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
@@ -416,48 +420,34 @@ def evaluate(
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v.lower().replace("k", "")) * (1024 if v.lower().endswith("k") else 1) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 4096,16384 or 4k,16k)") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ratplus-niah",
+    parser = cli.ArgumentParser(
+        prog=PROG,
         description="Needle-in-a-haystack (RULER style: single, multi-key, multi-value, multi-query needles in "
         "Paul Graham's essays) for a model exported by ratplus-export. Prints a score table (exact-match "
         "recall of the needle values, x100) and writes the per-sample results as JSON.",
     )
     parser.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="folder written by ratplus-export")
-    parser.add_argument("--lengths", type=_int_list, default=list(DEFAULT_LENGTHS),
+    parser.add_argument("--lengths", type=cli.comma_list(cli.token_count), default=list(DEFAULT_LENGTHS),
                         help="sample lengths in tokens (prompt + answer), e.g. 4096,16384 or 4k,16k (default: 4096)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
-    parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default: %(default)s)")
-    parser.add_argument("--depths", type=_float_list, default=list(DEFAULT_DEPTHS),
-                        help="needle depths in percent for single-needle tasks, cycled over samples (default: 0,25,50,75,100)")
+    parser.add_argument("--tasks", type=cli.comma_list(cli.one_of(tuple(TASKS))), default=list(TASKS),
+                        help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
+    parser.add_argument("--samples", type=cli.positive_int, default=10, help="samples per task and length (default: %(default)s)")
+    parser.add_argument("--depths", type=cli.comma_list(cli.number_in(0, 100)), default=list(DEFAULT_DEPTHS),
+                        help="needle depths in percent (0..100) for single-needle tasks, cycled over samples "
+                        "(default: 0,25,50,75,100)")
     parser.add_argument("--haystack", default="essays",
                         help="'essays' (shipped Paul Graham essays), 'noise' (RULER's repeated sentences), or a folder of "
                         ".txt files / a .txt or .jsonl(.gz) file (default: essays)")
-    parser.add_argument("--pattern", default="config",
-                        help="attention pattern: 'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4), one per layer comma-separated, "
-                        "or 'config' for the pattern recorded in config.json (default: config)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: 32 single/multikey, 96 otherwise)")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples generated together (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: the exported dtype")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--decode-mode", choices=("auto", "eager", "graph", "compile"), default="auto",
+    parser.add_argument("--pattern", default="config", type=cli.pattern_list(config=True),
+                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
+                        "config.json (default: config)")
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
+                        help="answer tokens (default: 32 single/multikey, 96 otherwise)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples generated together (default: %(default)s)")
+    parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
+    parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                         help="decode step implementation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sample generation seed (default: %(default)s)")
     parser.add_argument("--output", default=None, help="results JSON (default: niah_<pattern>.json in the current folder)")
@@ -472,60 +462,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        parser.error(f"--tasks: {unknown[0]!r} is unknown: allowed values are {', '.join(TASKS)}")
-    if args.samples < 1:
-        parser.error(f"--samples {args.samples}: give at least 1")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: give at least 1")
-    if any(not 0 <= d <= 100 for d in args.depths):
-        parser.error(f"--depths {args.depths}: depths are percentages in 0..100")
+    tasks = args.tasks
     if args.model_dir is None and not (args.write_data and args.tokenizer):
         parser.error("give MODEL_DIR (or --write-data FILE with --tokenizer to only write samples)")
     if args.model_dir is not None and not (Path(args.model_dir) / "config.json").is_file():
         parser.error(f"MODEL_DIR {args.model_dir!r} has no config.json: give a folder written by ratplus-export")
 
     from ratplus_titan.data.tokenizer import load_tokenizer
+    from ratplus_titan.inference.lm import RATPlusLM
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
     started = time.perf_counter()
-    try:
+    with cli.user_errors(PROG):
+        tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
         samples = generate_samples(
             tokenizer, tasks, args.lengths, args.samples, args.depths, args.haystack, args.seed, args.max_new_tokens
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ratplus-niah: error: {err}", file=sys.stderr)
-        return 2
     if args.write_data:
         out = Path(args.write_data)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
-        print(f"ratplus-niah: wrote {len(samples)} samples to {out}")
+        print(f"{PROG}: wrote {len(samples)} samples to {out}")
         if args.model_dir is None:
             return 0
 
-    from ratplus_titan.inference.lm import RATPlusLM
-
-    pattern = None if args.pattern == "config" else [p.strip() for p in args.pattern.split(",")]
-    if pattern is not None and len(pattern) == 1:
-        pattern = pattern[0]
-    lm = RATPlusLM.from_pretrained(
-        args.model_dir,
-        pattern=pattern,
-        dtype=args.dtype,
-        device=args.device,
-        max_seq_len=max(args.lengths),
-        max_batch_size=args.batch_size,
-    )
+    with cli.user_errors(PROG):
+        lm = RATPlusLM.from_pretrained(
+            args.model_dir,
+            pattern=args.pattern,
+            dtype=args.dtype,
+            device=args.device,
+            max_seq_len=max(args.lengths),
+            max_batch_size=args.batch_size,
+        )
+        check_decode_mode(lm, args.decode_mode)
     if args.tokenizer:
         lm.tokenizer = tokenizer
     label = str(lm.patterns[0]) if len(set(lm.patterns)) == 1 else "hybrid"
     print(
-        f"ratplus-niah: {len(samples)} samples ({', '.join(tasks)} x {', '.join(map(_length_label, args.lengths))}), "
+        f"{PROG}: {len(samples)} samples ({', '.join(tasks)} x {', '.join(map(_length_label, args.lengths))}), "
         f"pattern {label}, {lm.dtype}, {lm.device}",
         file=sys.stderr,
     )
@@ -553,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "samples": results,
     }
     output.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"ratplus-niah: wrote {output}", file=sys.stderr)
+    print(f"{PROG}: wrote {output}", file=sys.stderr)
     return 0
 
 

@@ -12,72 +12,77 @@ from pathlib import Path
 
 import torch
 
-DTYPES = ("float32", "bfloat16", "float16")
+from ratplus_titan import cli
+from ratplus_titan.inference.generate import DECODE_MODES
+
+PROG = "ratplus-generate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ratplus-generate",
+    parser = cli.ArgumentParser(
+        prog=PROG,
         description="Generate text with a RAT+ model exported by ratplus-export, under a sparse attention pattern.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by ratplus-export (config.json, model.safetensors, tokenizer)")
-    parser.add_argument("--prompt", action="append", required=True,
+    parser.add_argument("--prompt", action="append", required=True, type=cli.non_empty,
                         help="prompt text; repeat the option for a batch of prompts (they may differ in length)")
-    parser.add_argument("--pattern", default="d16w256s4",
-                        help="attention pattern: 'dense', 'd<D>w<W>s<S>' (e.g. d16w256s4, d-1w256s4 for no dilation), "
-                             "top-k blocks 'topk<block>k<k>s<S>[-quest|-moba|-ratplus]' (e.g. topk64k8s4-ratplus), "
-                             "head groups '<n>:<pattern>+...' (e.g. 8:dense+8:d16w256s4), a comma-separated list "
-                             "with one per layer (hybrids), or 'config' for the pattern recorded in config.json "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default: %(default)s)")
-    parser.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (the text is cut before it)")
+    parser.add_argument("--pattern", default="d16w256s4", type=cli.pattern_list(config=True),
+                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
+                             "config.json (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=128,
+                        help="tokens to generate per prompt (default: %(default)s)")
+    parser.add_argument("--temperature", type=cli.number_in(0.0), default=0.0,
+                        help="sampling temperature; 0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=cli.number_in(0.0, 1.0, low_open=True), default=1.0,
+                        help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    parser.add_argument("--top-k", type=cli.non_negative_int, default=0,
+                        help="sample among the k most likely tokens; 0 = all (default: %(default)s)")
+    parser.add_argument("--stop", action="append", default=[], type=cli.non_empty,
+                        help="stop string; repeat for several (the text is cut before it)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights/activations dtype (default: the exported dtype)")
-    parser.add_argument("--max-seq-len", type=int, default=None,
+    parser.add_argument("--device", type=cli.device, default=None,
+                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="weights/activations dtype (default: the exported dtype)")
+    parser.add_argument("--max-seq-len", type=cli.token_count, default=None,
                         help="longest prompt + generation the cache is sized for (default: prompt + max-new-tokens)")
-    parser.add_argument("--decode-mode", choices=("auto", "eager", "graph", "compile"), default="auto",
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                         help="decode step: CUDA graph ('graph', the default on CUDA), 'compile' (torch.compile "
                              "reduce-overhead) or 'eager' (default: %(default)s)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token to prompts")
     return parser
 
 
-def parse_pattern(spec: str):
-    if spec == "config":
-        return None
-    parts = [p.strip() for p in spec.split(",")]
-    return parts[0] if len(parts) == 1 else parts
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ratplus_titan.adapters.layout import TOKENIZER_FILES
-    from ratplus_titan.data.tokenizer import load_tokenizer
+def load(args: argparse.Namespace):
+    """The model of ``args.model_dir``, sized for this request, which is checked (a ``ValueError`` if it cannot run)."""
+    from ratplus_titan.adapters.layout import read_config
+    from ratplus_titan.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+    from ratplus_titan.inference.generate import check_request
     from ratplus_titan.inference.lm import RATPlusLM
 
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").exists():
-        print(f"error: {model_dir / 'config.json'} not found: is {model_dir} a folder written by ratplus-export?", file=sys.stderr)
-        return 2
-    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
-        print(f"error: {model_dir} holds no {' or '.join(TOKENIZER_FILES)}", file=sys.stderr)
-        return 2
+    read_config(model_dir / "config.json")  # a missing or broken folder is named before the tokenizer is read
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{model_dir} holds no {' or '.join(TOKENIZER_FILES)}: text prompts need a tokenizer")
     max_seq_len = args.max_seq_len
     if max_seq_len is None:  # size the cache for this request
         tokenizer = load_tokenizer(model_dir)
         max_seq_len = max(len(tokenizer.encode(p, add_bos=not args.no_bos)) for p in args.prompt) + args.max_new_tokens
     lm = RATPlusLM.from_pretrained(
         model_dir,
-        pattern=parse_pattern(args.pattern),
+        pattern=args.pattern,
         dtype=args.dtype,
         device=args.device,
         max_seq_len=max_seq_len,
         max_batch_size=len(args.prompt),
     )
+    check_request(lm, args.prompt, args.max_new_tokens, args.stop, args.decode_mode, add_bos=not args.no_bos)
+    return lm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with cli.user_errors(PROG):
+        lm = load(args)
 
     single = len(args.prompt) == 1
     texts = [""] * len(args.prompt)
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_tokens = max(n_tokens - len(args.prompt), 0)
     per_seq = lm.cache.bytes_per_sequence()
     print(
-        f"# pattern {args.pattern}: {n_tokens} tokens in {elapsed:.2f} s "
+        f"# pattern {cli.describe_patterns(args.pattern)}: {n_tokens} tokens in {elapsed:.2f} s "
         f"({n_tokens / elapsed:.1f} tokens/s overall, "
         f"{decode_tokens / decode_time if decode_time > 0 else float('nan'):.1f} tokens/s decoding); "
         f"cache memory {lm.cache.total_bytes()} bytes ({per_seq} bytes per sequence, "

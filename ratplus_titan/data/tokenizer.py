@@ -46,7 +46,10 @@ class SentencePieceTokenizer(BaseTokenizer):
     def __init__(self, model_path: str | os.PathLike) -> None:
         super().__init__()
         self.path = str(model_path)
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"{self.path} cannot be read as a SentencePiece model ({err}): is it truncated?") from None
         self.bos_id: int | None = _valid_id(self._sp.bos_id())
         self.eos_id: int | None = _valid_id(self._sp.eos_id())
         self.pad_id: int | None = _valid_id(self._sp.pad_id())
@@ -98,7 +101,10 @@ class JsonTokenizer(HuggingFaceTokenizer):
             )
 
     def _load_tokenizer_from_path(self, tokenizer_path: str) -> Tokenizer:
-        return Tokenizer.from_file(self._json_path)
+        try:
+            return Tokenizer.from_file(self._json_path)
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{self._json_path} cannot be read as a tokenizer.json ({err}): is it truncated?") from None
 
     def _first_known(self, names: Sequence[str]) -> int | None:
         for name in names:

@@ -78,29 +78,36 @@ class GraphedDecoder:
         return self.logits.clone()
 
 
+DECODE_MODES = ("auto", "eager", "graph", "compile")
+
+
+def check_decode_mode(lm, mode: str) -> None:
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r} is unknown: allowed values are {', '.join(DECODE_MODES)}")
+    if mode == "graph" and lm.device.type != "cuda":
+        raise ValueError(f"decode mode 'graph' needs a CUDA device (the model is on {lm.device}): use auto or eager")
+
+
 def make_decoder(lm, mode: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``tokens [B] -> logits [B, V]`` step over ``lm.cache``: ``eager``, ``graph``, ``compile`` or ``auto``.
 
     ``auto``: a CUDA graph on CUDA, eager elsewhere. Call before ``prefill`` (see ``GraphedDecoder``).
     """
+    check_decode_mode(lm, mode)
     if mode == "auto":
         mode = "graph" if lm.device.type == "cuda" else "eager"
     if mode == "eager":
         return lambda tokens: decode_one_token(lm.model, lm.cache, tokens, lm.decode_backend)
     if mode == "graph":
-        if lm.device.type != "cuda":
-            raise ValueError("decode mode 'graph' needs a CUDA device")
         graphs = lm.__dict__.setdefault("_graphs", {})
         if id(lm.cache) not in graphs or graphs[id(lm.cache)].cache is not lm.cache:
             graphs.clear()  # one graph per live cache
             graphs[id(lm.cache)] = GraphedDecoder(lm)
         return graphs[id(lm.cache)]
-    if mode == "compile":
-        compiled = lm.__dict__.setdefault(
-            "_compiled_decode", torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-        )
-        return lambda tokens: compiled(lm.model, lm.cache, tokens, lm.decode_backend).clone()
-    raise ValueError(f"decode mode {mode!r} is unknown: allowed values are auto, eager, graph, compile")
+    compiled = lm.__dict__.setdefault(  # mode == "compile"
+        "_compiled_decode", torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    )
+    return lambda tokens: compiled(lm.model, lm.cache, tokens, lm.decode_backend).clone()
 
 
 # ---- the loop ----------------------------------------------------------------------
@@ -164,6 +171,29 @@ def encode_prompts(lm, prompts: Prompts, add_bos: bool = True) -> tuple[list[lis
     return [[int(t) for t in p] for p in prompts], False
 
 
+def check_request(
+    lm, prompts: Prompts, max_new_tokens: int, stop: str | Sequence[str] | None, decode_mode: str, add_bos: bool = True
+) -> tuple[list[list[int]], list[str]]:
+    """What ``stream`` checks before it runs anything: the prompts' token ids and the stop strings, or a ``ValueError``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: allowed values are >= 1")
+    check_decode_mode(lm, decode_mode)
+    prompt_ids, _ = encode_prompts(lm, prompts, add_bos)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stop):
+        raise ValueError("stop strings must be non-empty")
+    if stop and lm.tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    for i, p in enumerate(prompt_ids):
+        # the last sampled token is never fed back: positions run up to len + max_new_tokens - 2
+        if len(p) + max_new_tokens - 1 > lm.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens - 1} positions > max_seq_len={lm.max_seq_len}"
+            )
+    return prompt_ids, stop
+
+
 @torch.no_grad()
 def stream(
     lm,
@@ -179,22 +209,8 @@ def stream(
     add_bos: bool = True,
 ) -> Iterator[StreamEvent]:
     """Yield a ``StreamEvent`` per new token of each sequence, as soon as it is sampled."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: allowed values are >= 1")
-    prompt_ids, _ = encode_prompts(lm, prompts, add_bos)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stop):
-        raise ValueError("stop strings must be non-empty")
+    prompt_ids, stop = check_request(lm, prompts, max_new_tokens, stop, decode_mode, add_bos)
     tokenizer = lm.tokenizer
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer")
-    for i, p in enumerate(prompt_ids):
-        # the last sampled token is never fed back: positions run up to len + max_new_tokens - 2
-        if len(p) + max_new_tokens - 1 > lm.max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                f"{len(p) + max_new_tokens - 1} positions > max_seq_len={lm.max_seq_len}"
-            )
     eos_id = getattr(tokenizer, "eos_id", None) if stop_on_eos else None
     generator = None
     if seed is not None:

@@ -1,5 +1,6 @@
 """ratplus-export on DCP checkpoints written by 2-rank FSDP2 (gloo, CPU), through torchtitan's own
-CheckpointManager and through plain ``dcp.save``; and export -> DCP -> torchtitan initial load."""
+CheckpointManager and through plain ``dcp.save``; and export -> DCP -> torchtitan initial load.
+Single-process checkpoints (``dcp.save`` without a process group) for the dtype kept and bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ratplus_titan.adapters import to_dcp
 from ratplus_titan.adapters.layout import expected_shapes, load_export
 from ratplus_titan.model.model import RATPlusModel
 from ratplus_titan.pattern import Pattern
+from tests.adapters.test_official import float64_steps, max_error_to_official, official_state_dict, save_official
+from tests.cli_errors import cli_error
 
 
 def _workers() -> ModuleType:
@@ -133,7 +136,7 @@ def test_export_errors(fsdp_checkpoints: Path, tmp_path: Path, capsys: pytest.Ca
         export_module.export_dcp(fsdp_checkpoints / "run" / "checkpoint", tmp_path / "d", n_heads=4, step=4)
     with pytest.raises(SystemExit) as exit_info:
         export_module.main([source, str(tmp_path / "e"), "--flavor", "debugmodel"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert "layers.2.seq_layer.input_norm.weight" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_module.main([source, str(tmp_path / "f"), "--pattern", "d4w3s1", "--dilation", "4"])
@@ -157,3 +160,102 @@ def test_cli_help() -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0
+
+
+# ---- single-process checkpoints: the dtype kept, and bad input ---------------------------------
+
+
+def _save_dcp(folder: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """``checkpoint/step-2`` holding the fp32 model tensors, as torchtitan's master weights are."""
+    state_dict = _workers().make_model(seed=0).state_dict()
+    root = tmp_path_factory.mktemp("single") / "checkpoint"
+    _save_dcp(root / "step-2", state_dict)
+    return root, state_dict
+
+
+def test_export_keeps_the_checkpoints_dtype(saved_model, tmp_path: Path, capsys) -> None:
+    root, state_dict = saved_model
+    export_module.main([str(root), str(tmp_path / "default"), "--n-heads", "4", "--no-tokenizer"])
+    assert "(float32 tensors, the checkpoint's dtype" in capsys.readouterr().out
+    exported = load_export(tmp_path / "default")
+    assert exported.dtype == "float32"
+    for name, tensor in state_dict.items():
+        assert exported.state_dict[name].dtype == torch.float32 and torch.equal(exported.state_dict[name], tensor), name
+    export_module.main([str(root), str(tmp_path / "bf16"), "--n-heads", "4", "--no-tokenizer", "--dtype", "bfloat16"])
+    assert "(bfloat16 tensors, converted by --dtype)" in capsys.readouterr().out
+    assert load_export(tmp_path / "bf16").dtype == "bfloat16"
+    bf16_dcp = _save_dcp(tmp_path / "bf16_dcp", {k: v.bfloat16() for k, v in state_dict.items()})
+    export_module.main([str(bf16_dcp), str(tmp_path / "from_bf16"), "--n-heads", "4", "--no-tokenizer"])
+    assert load_export(tmp_path / "from_bf16").dtype == "bfloat16"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_official_import_to_dcp_and_export_stay_exact(tmp_path: Path, monkeypatch) -> None:
+    """fp32 official checkpoint -> import -> DCP -> export, no --dtype anywhere: the logits still match
+    test_official's float64 reference to rounding."""
+    from ratplus_titan.adapters import official
+
+    sd = official_state_dict()
+    official.main([str(save_official(tmp_path / "o.pth", sd, monkeypatch)), str(tmp_path / "imported"), "--n-heads", "4"])
+    to_dcp.main([str(tmp_path / "imported"), str(tmp_path / "dcp")])
+    export_module.main([str(tmp_path / "dcp"), str(tmp_path / "exported"), "--n-heads", "4", "--no-tokenizer"])
+    assert load_export(tmp_path / "exported").dtype == "float32"
+    float64_steps(monkeypatch)
+    assert max_error_to_official(tmp_path / "exported", sd) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--n-heads", "0"], ["argument --n-heads", "integers >= 1"]),
+        (["--step", "-1"], ["argument --step", "integers >= 0"]),
+        (["--max-seq-len", "x"], ["argument --max-seq-len", "not a token count"]),
+        (["--flavor", "13B"], ["argument --flavor", "invalid choice", "'1B'"]),
+        (["--pattern", "topk64k8s4-quest"], ["argument --pattern", "inference only"]),
+        (["--local-window", "-1"], ["argument --local-window", "Pattern.local_window=-1", ">= 0"]),
+        (["--dtype", "half"], ["argument --dtype", "'float32', 'bfloat16', 'float16'"]),
+    ],
+)
+def test_bad_arguments_fail_before_anything_loads(tmp_path: Path, capsys, options, fragments) -> None:
+    line = cli_error(capsys, export_module.main, [str(tmp_path / "missing"), str(tmp_path / "out"), *options], fragments)
+    assert line.startswith("ratplus-export: error: ")
+
+
+def test_broken_checkpoint_folders_name_the_file(saved_model, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    root, _ = saved_model
+    bad = tmp_path / "checkpoint" / "step-2"
+    shutil.copytree(root / "step-2", bad)
+    out = str(tmp_path / "out")
+    (shard,) = bad.glob("*.distcp")
+    data = shard.read_bytes()
+
+    shard.write_bytes(data[: len(data) // 3])
+    line = cli_error(capsys, export_module.main, [str(bad), out, "--n-heads", "4"])
+    assert line == f"ratplus-export: error: {shard} is truncated: {len(data) // 3} bytes, the .metadata needs {len(data)}; copy it again"
+    shard.write_bytes(data[:100] + bytes(len(data) - 100))  # the right size, its first tensor's archive overwritten
+    line = cli_error(capsys, export_module.main, [str(bad), out, "--n-heads", "4"])
+    assert f"{bad}: reading the tensors fails (" in line and line.endswith("a shard is corrupted"), line
+    shard.unlink()
+    line = cli_error(capsys, export_module.main, [str(bad.parent), out, "--n-heads", "4"])  # checkpoint/: takes step-2
+    assert f"{bad} lacks 1 of the 1 shard files its .metadata lists ({shard.name})" in line
+
+    metadata = bad / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:50])
+    line = cli_error(capsys, export_module.main, [str(bad), out, "--n-heads", "4"])
+    assert f"{metadata} cannot be read" in line and "truncated or corrupted" in line
+    assert "no step-7; steps found: 2" in cli_error(capsys, export_module.main, [str(bad.parent), out, "--step", "7"])
+    metadata.unlink()
+    assert f"{bad} holds no DCP checkpoint" in cli_error(capsys, export_module.main, [str(bad), out])
+    assert "is not a folder" in cli_error(capsys, export_module.main, [str(tmp_path / "missing"), out])
+    assert not (tmp_path / "out").exists()

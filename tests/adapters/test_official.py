@@ -23,6 +23,7 @@ from ratplus_titan.adapters import official, to_dcp
 from ratplus_titan.adapters.layout import load_export, save_export
 from ratplus_titan.model.model import RATPlusModel
 from ratplus_titan.pattern import Pattern
+from tests.cli_errors import cli_error
 
 EMB, HEAD, FINAL_NORM = "embedding.wte.weight", "head.lm_head.weight", "backbone.ln.weight"
 
@@ -246,24 +247,58 @@ def _float64_recurrence(gate_logits: torch.Tensor, keys: torch.Tensor, values: t
     return torch.stack(key_states, 1), torch.stack(value_states, 1)
 
 
+def float64_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``RATPlusModel`` compute RoPE and the recurrence in float64 too (it keeps them in fp32)."""
+    import ratplus_titan.model.model as model_module
+
+    monkeypatch.setattr(model_module, "rope_cache", _float64_rope_cache)
+    monkeypatch.setattr(model_module, "apply_rope", _float64_rope)
+    monkeypatch.setattr(model_module, "gated_recurrence", _float64_recurrence)
+
+
+def max_error_to_official(out: Path, sd: dict[str, torch.Tensor]) -> float:
+    """Largest logit difference between the export ``out`` (in float64) and ``official_logits`` over ``PATTERNS``."""
+    errors = []
+    for pattern in PATTERNS:
+        model = _load_float64(out, pattern)
+        expected = official_logits(sd, TOKENS, n_heads=4, pattern=(pattern.dilation, pattern.local_window, pattern.sinks))
+        with torch.no_grad():
+            errors.append((model(TOKENS) - expected).abs().max().item())
+    return max(errors)
+
+
 @pytest.mark.parametrize("apply_re", [True, False])
 def test_import_is_exact_with_float64_rope_and_recurrence(tmp_path: Path, monkeypatch, apply_re: bool) -> None:
     """The model computes RoPE and the recurrence in fp32 even for float64 activations, which is
     all that separates it from the reference above (~2e-6 on logits of ~8). With float64
     stand-ins for those two steps the import agrees to rounding: nothing else differs."""
-    import ratplus_titan.model.model as model_module
-
     sd = official_state_dict(apply_re=apply_re)
     out = tmp_path / "export"
     official.main([str(save_official(tmp_path / "o.pth", sd, monkeypatch)), str(out), "--n-heads", "4", "--dtype", "float32"])
-    monkeypatch.setattr(model_module, "rope_cache", _float64_rope_cache)
-    monkeypatch.setattr(model_module, "apply_rope", _float64_rope)
-    monkeypatch.setattr(model_module, "gated_recurrence", _float64_recurrence)
-    for pattern in PATTERNS:
-        model = _load_float64(out, pattern)
-        expected = official_logits(sd, TOKENS, n_heads=4, pattern=(pattern.dilation, pattern.local_window, pattern.sinks))
-        with torch.no_grad():
-            assert (model(TOKENS) - expected).abs().max().item() < 1e-10, pattern
+    float64_steps(monkeypatch)
+    assert max_error_to_official(out, sd) < 1e-10
+
+
+def test_import_keeps_the_checkpoints_dtype(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without --dtype an fp32 checkpoint is written in fp32, as exact as with --dtype float32;
+    --dtype bfloat16 still converts (and then the logits are only ~1e-2 close)."""
+    sd = official_state_dict()
+    path = save_official(tmp_path / "o.pth", sd, monkeypatch)
+    official.main([str(path), str(tmp_path / "default"), "--n-heads", "4"])
+    assert "(float32 tensors, the checkpoint's dtype" in capsys.readouterr().out
+    official.main([str(path), str(tmp_path / "fp32"), "--n-heads", "4", "--dtype", "float32"])
+    official.main([str(path), str(tmp_path / "bf16"), "--n-heads", "4", "--dtype", "bfloat16"])
+    assert "(bfloat16 tensors, converted by --dtype)" in capsys.readouterr().out.splitlines()[-1]
+    default, fp32 = load_export(tmp_path / "default"), load_export(tmp_path / "fp32")
+    assert default.dtype == "float32" and all(t.dtype == torch.float32 for t in default.state_dict.values())
+    assert all(torch.equal(default.state_dict[name], t) for name, t in fp32.state_dict.items())
+    assert load_export(tmp_path / "bf16").dtype == "bfloat16"
+    float64_steps(monkeypatch)
+    assert max_error_to_official(tmp_path / "default", sd) < 1e-10
+    assert max_error_to_official(tmp_path / "bf16", sd) > 1e-3
+    torch.save({"task": {k: v.bfloat16() for k, v in sd.items()}}, tmp_path / "bf16.pth")  # a bf16 checkpoint stays bf16
+    official.main([str(tmp_path / "bf16.pth"), str(tmp_path / "from_bf16"), "--n-heads", "4", "--no-tokenizer"])
+    assert load_export(tmp_path / "from_bf16").dtype == "bfloat16"
 
 
 def test_comparison_sees_a_wrong_row_order(tmp_path: Path, monkeypatch) -> None:
@@ -299,8 +334,9 @@ def test_default_head_count_is_d_over_128(tmp_path: Path) -> None:
     out = tmp_path / "export"
     official.main([str(tmp_path / "o.pth"), str(out), "--no-tokenizer"])
     exported = load_export(out)
-    assert exported.args.n_heads == 2 and exported.dtype == "bfloat16" and exported.tokenizer_path is None
-    assert all(t.dtype == torch.bfloat16 for t in exported.state_dict.values())
+    # no --dtype: the checkpoint's own dtype (fp32 here) is kept
+    assert exported.args.n_heads == 2 and exported.dtype == "float32" and exported.tokenizer_path is None
+    assert all(t.dtype == torch.float32 for t in exported.state_dict.values())
 
 
 def test_plain_state_dict_file_and_trust_pickle(tmp_path: Path, monkeypatch) -> None:
@@ -364,15 +400,51 @@ def test_errors_name_the_tensor(tmp_path: Path, monkeypatch, capsys: pytest.Capt
     assert HEAD in _convert_error(untied)
     split = official_state_dict(variant="fgate_split")
     assert "fgate_proj" in _convert_error({**split, "backbone.layers.0.seq_layer.fgate_proj.weight": torch.zeros(32, 64)})
-    # through the CLI: exit status 1 and the tensor named on stderr
+    # through the CLI: exit status 2 and the tensor named on stderr
     path = save_official(tmp_path / "untied.pth", untied, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         official.main([str(path), str(tmp_path / "out"), "--n-heads", "4"])
-    assert exit_info.value.code == 1 and HEAD in capsys.readouterr().err
+    assert exit_info.value.code == 2 and HEAD in capsys.readouterr().err
     torch.save({"something": 1}, tmp_path / "not_official.pth")
     with pytest.raises(SystemExit):
         official.main([str(tmp_path / "not_official.pth"), str(tmp_path / "out2")])
     assert "holds no state dict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--n-heads", "0"], ["argument --n-heads", "integers >= 1"]),
+        (["--max-seq-len", "-4"], ["argument --max-seq-len", "integers >= 1"]),
+        (["--pattern", "dwx"], ["argument --pattern", "'dwx' is invalid", "'d<dilation>w<window>s<sinks>'"]),
+        (["--pattern", "topk64k8s4"], ["argument --pattern", "inference only"]),
+        (["--dilation", "0"], ["argument --dilation", "Pattern.dilation=0", "allowed values are -1"]),
+        (["--sinks", "1,x"], ["argument --sinks", "'1,x' is not an integer"]),
+        (["--pattern", "d4w3s1", "--dilation", "4"], ["give --pattern or --dilation/--local-window/--sinks"]),
+        (["--dtype", "fp8"], ["argument --dtype", "'float32', 'bfloat16', 'float16'"]),
+    ],
+)
+def test_bad_arguments_fail_before_anything_loads(tmp_path: Path, capsys, options, fragments) -> None:
+    line = cli_error(capsys, official.main, [str(tmp_path / "missing.pth"), str(tmp_path / "out"), *options], fragments)
+    assert line.startswith("ratplus-import-official: error: ")
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    path = save_official(tmp_path / "o.pth", official_state_dict(), monkeypatch)
+    data = path.read_bytes()
+    out = str(tmp_path / "out")
+    for size in (len(data) // 2, 1000, 10, 0):  # cut short: the zip directory, the pickle, the header
+        path.write_bytes(data[:size])
+        line = cli_error(capsys, official.main, [str(path), out, "--n-heads", "4"])
+        assert f"{path} cannot be read by torch.load" in line and "truncated or corrupted" in line, line
+    assert f"{tmp_path / 'none.pth'}" in cli_error(capsys, official.main, [str(tmp_path / "none.pth"), out])
+    assert "Is a directory" in cli_error(capsys, official.main, [str(tmp_path), out])
+    path.write_bytes(data)
+    line = cli_error(capsys, official.main, [str(path), out, "--n-heads", "4", "--tokenizer", str(tmp_path / "no.model")])
+    assert "no.model" in line and "does not exist" in line
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    line = cli_error(capsys, official.main, [str(path), out, "--n-heads", "3"])
+    assert "model.dim=64 is not divisible by n_heads=3" in line
 
 
 def test_export_folder_rejects_bad_tensors(tmp_path: Path, monkeypatch) -> None:

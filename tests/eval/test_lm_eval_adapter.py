@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from ratplus_titan.eval.lm_eval_adapter import TASKS_DIR, RATPlusEvalLM  # noqa: E402
+from tests.cli_errors import cli_error  # noqa: E402
 from tests.eval.conftest import PATTERN, TINY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,3 +212,43 @@ def test_only_the_adapter_imports_lm_eval():
             if any(n == "lm_eval" or n.startswith("lm_eval.") or n.endswith("lm_eval_adapter") for n in names):
                 offenders.append(str(path))
     assert not offenders, offenders
+
+
+def test_cli_reports_bad_model_args_in_one_line(tiny_export, tmp_path, capsys):
+    """``ratplus-lm-eval``: lm-eval's task lookup and the model's construction report bad input as
+    one error line (after lm-eval's log lines), exit status 2; argv and lm-eval's TaskManager are restored."""
+    import sys
+
+    import lm_eval.tasks
+
+    from ratplus_titan.eval.lm_eval_adapter import main
+
+    argv, task_manager = list(sys.argv), lm_eval.tasks.TaskManager
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    (bad / "model.safetensors").write_bytes((tiny_export / "model.safetensors").read_bytes()[:2048])
+    cases = [
+        (f"path={tmp_path / 'missing'}", "no config.json there; give a folder written by ratplus-export"),
+        (f"path={tiny_export},pattern=dwx", "model_args pattern: pattern 'dwx' is invalid: use 'dense'"),
+        (f"path={tiny_export},pattern=dense/d4w8s2/dense", "3 patterns given for a model of 2 layers"),
+        (f"path={tiny_export},batch_size=0", "batch_size=0 is invalid: allowed values are integers >= 1"),
+        (f"path={tiny_export},dtype=int8", "dtype='int8' is invalid: allowed values are float32, bfloat16, float16"),
+        (f"path={tiny_export},temprature=1", "unknown fields ['temprature']: allowed are path, pattern"),
+        (f"path={bad}", f"{bad / 'model.safetensors'} cannot be read"),
+    ]
+    for model_args, fragment in cases:
+        line = cli_error(capsys, main, ["--model", "ratplus", "--model_args", model_args, "--tasks", "ratplus_tiny_mc",
+                                        "--device", "cpu"], only_line=False)  # fmt: skip
+        assert line.startswith("ratplus-lm-eval: error: ") and fragment in line, line
+    line = cli_error(capsys, main, ["--model", "ratplus", "--model_args", f"path={tiny_export}"])
+    assert "--tasks is missing" in line and "ratplus_tiny_mc" in line
+    assert sys.argv == argv and lm_eval.tasks.TaskManager is task_manager
+
+
+def test_cli_reports_an_unknown_task_in_one_line(tiny_export, capsys):
+    """A task that is not ours: lm-eval indexes its own task YAMLs first (~7 s), then refuses it."""
+    from ratplus_titan.eval.lm_eval_adapter import main
+
+    line = cli_error(capsys, main, ["--model", "ratplus", "--model_args", f"path={tiny_export}", "--tasks",
+                                    "ratplus_tiny_mc,no_such_task", "--device", "cpu"], only_line=False)  # fmt: skip
+    assert line == "ratplus-lm-eval: error: Tasks not found: no_such_task"

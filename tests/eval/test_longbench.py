@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
 from ratplus_titan.eval import longbench as lb
+from tests.cli_errors import cli_error
 
 
 def test_qa_f1_on_hand_made_examples():
@@ -119,3 +121,43 @@ def test_cli_runs_a_model_and_scores(tiny_export, tmp_path, capsys):
         lb.main([str(tiny_export), str(data), "--tasks", "dureader"])
     with pytest.raises(SystemExit):
         lb.main(["--help"])
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--tasks", "hotpotqa,dureader"], ["argument --tasks", "'dureader' is unknown", "narrativeqa, qasper"]),
+        (["--max-length", "0"], ["argument --max-length", "not a token count"]),
+        (["--limit", "0"], ["argument --limit", "integers >= 1"]),
+        (["--batch-size", "x"], ["argument --batch-size", "'x' is not an integer"]),
+        (["--pattern", "d4w8s2,,dense"], ["argument --pattern", "layer 1 of 3"]),
+        (["--decode-mode", "turbo"], ["argument --decode-mode", "'auto', 'eager', 'graph', 'compile'"]),
+    ],
+)
+def test_bad_arguments_fail_before_anything_loads(tmp_path, capsys, options, fragments):
+    line = cli_error(capsys, lb.main, [str(tmp_path / "missing"), str(tmp_path / "data"), *options], fragments)
+    assert line.startswith("ratplus-longbench: error: ")
+
+
+def test_bad_files_name_the_file_and_line(tiny_export, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = json.dumps({"input": "q", "context": "c", "answers": ["a"]})
+    (data / "hotpotqa.jsonl").write_text(good + "\n" + good[:20] + "\n")  # a cut-short line
+    argv = [str(tiny_export), str(data / "hotpotqa.jsonl"), "--device", "cpu", "--quiet"]
+    line = cli_error(capsys, lb.main, argv)
+    assert f"{data / 'hotpotqa.jsonl'}:2: not a JSON object" in line and "truncated" in line
+    (data / "hotpotqa.jsonl").write_text(json.dumps({"input": "q", "context": "c"}) + "\n")
+    assert "hotpotqa.jsonl:1: record has no 'answers' field (LongBench format: input, context, answers)" in cli_error(
+        capsys, lb.main, argv
+    )
+    (data / "hotpotqa.jsonl").write_text(good + "\n")
+    line = cli_error(capsys, lb.main, [*argv, "--max-length", "20"])
+    assert "--max-length 20 leaves no room for a prompt next to 32 answer tokens (hotpotqa): give at least 34" in line
+    assert "is neither a jsonl file nor a folder" in cli_error(capsys, lb.main, [str(tiny_export), str(tmp_path / "none")])
+    assert "has no config.json" in cli_error(capsys, lb.main, [str(tmp_path), str(data)])
+    assert "record has no 'pred' field" in cli_error(capsys, lb.main, ["--score-only", str(data / "hotpotqa.jsonl")])
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    (bad / "config.json").write_text("{")
+    assert f"{bad / 'config.json'} is not valid JSON" in cli_error(capsys, lb.main, [str(bad), str(data), "--quiet"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,7 @@ import sentencepiece as spm
 
 from ratplus_titan.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from ratplus_titan.eval import niah
+from tests.cli_errors import cli_error
 
 SP = spm.SentencePieceProcessor(model_file=str(DEFAULT_TOKENIZER))
 
@@ -178,3 +180,38 @@ def test_cli_writes_data_and_evaluates_a_model(tiny_export, tmp_path, capsys):
         niah.main([str(tiny_export), "--tasks", "haystack"])
     with pytest.raises(SystemExit):
         niah.main(["--help"])
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--lengths", "4096,0"], ["argument --lengths", "'0' is not a token count"]),
+        (["--lengths", "4q"], ["argument --lengths", "'4q' is not a token count", "4k = 4096"]),
+        (["--tasks", "single,haystack"], ["argument --tasks", "'haystack' is unknown", "single, multikey, multivalue, multiquery"]),
+        (["--samples", "0"], ["argument --samples", "integers >= 1"]),
+        (["--batch-size", "-2"], ["argument --batch-size", "integers >= 1"]),
+        (["--max-new-tokens", "0"], ["argument --max-new-tokens", "integers >= 1"]),
+        (["--depths", "0,101"], ["argument --depths", "'101' is invalid", "numbers in [0, 100]"]),
+        (["--pattern", "d16w256"], ["argument --pattern", "'d16w256' is invalid"]),
+        (["--dtype", "int8"], ["argument --dtype", "'float32', 'bfloat16', 'float16'"]),
+    ],
+)
+def test_bad_arguments_fail_before_anything_loads(tmp_path, capsys, options, fragments):
+    line = cli_error(capsys, niah.main, [str(tmp_path / "missing"), *options], fragments)
+    assert line.startswith("ratplus-niah: error: ")
+
+
+def test_bad_files_and_requests_name_what_is_wrong(tiny_export, tmp_path, capsys):
+    assert "has no config.json" in cli_error(capsys, niah.main, [str(tmp_path / "missing")])
+    assert "give MODEL_DIR (or --write-data FILE with --tokenizer" in cli_error(capsys, niah.main, ["--lengths", "512"])
+    argv = [str(tiny_export), "--tasks", "single", "--samples", "1", "--device", "cpu", "--quiet"]
+    line = cli_error(capsys, niah.main, [*argv, "--haystack", str(tmp_path / "nothing")])
+    assert "haystack" in line and "not 'essays', 'noise', or an existing folder/file of text" in line
+    assert "length 64 is too short for task single" in cli_error(capsys, niah.main, [*argv, "--lengths", "64"])
+    line = cli_error(capsys, niah.main, [*argv, "--lengths", "256", "--pattern", "2:dense+2:d4w8s2"])
+    assert "do not sum to n_heads=2" in line
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    (bad / "model.safetensors").write_bytes((tiny_export / "model.safetensors").read_bytes()[:4096])
+    line = cli_error(capsys, niah.main, [str(bad), "--tasks", "single", "--samples", "1", "--lengths", "256", "--quiet"])
+    assert f"{bad / 'model.safetensors'} cannot be read" in line and "truncated or corrupted" in line

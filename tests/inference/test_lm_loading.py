@@ -1,4 +1,4 @@
-"""RATPlusLM.from_pretrained on an exported folder, bad inputs, and the ratplus-generate CLI."""
+"""RATPlusLM.from_pretrained on an exported folder (``export_dir``, conftest.py) and bad inputs."""
 
 import json
 import warnings
@@ -6,25 +6,9 @@ import warnings
 import pytest
 import torch
 
-from ratplus_titan.adapters.layout import save_export
-from ratplus_titan.data.tokenizer import DEFAULT_TOKENIZER
-from ratplus_titan.generate import build_parser, main
 from ratplus_titan.inference import RATPlusLM
 from ratplus_titan.model.args import RATPlusModelArgs
-from ratplus_titan.model.model import RATPlusModel
 from ratplus_titan.pattern import Pattern
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """A tiny model with the LLaMA-2 tokenizer (vocab 32000), adapted for d4w8s2."""
-    torch.manual_seed(0)
-    args = RATPlusModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, max_seq_len=64, dilation=4, local_window=8, sinks=2)
-    model = RATPlusModel(args)
-    model.init_weights()
-    out = tmp_path_factory.mktemp("export")
-    save_export(out, model.state_dict(), args, dtype="float32", tokenizer_path=DEFAULT_TOKENIZER)
-    return out
 
 
 def test_from_pretrained_runs_the_requested_pattern(export_dir):
@@ -74,23 +58,3 @@ def test_bad_patterns_fail_clearly():
         RATPlusLM(args, pattern=["dense"] * 3)
     with pytest.raises(ValueError, match="invalid"):
         RATPlusLM(args, pattern="d16x")
-
-
-def test_cli_generates_and_reports(export_dir, capsys):
-    assert main([str(export_dir), "--prompt", "Hello", "--pattern", "d4w8s2", "--max-new-tokens", "4",
-                 "--device", "cpu", "--dtype", "float32"]) == 0
-    out = capsys.readouterr().out
-    assert "tokens/s" in out and "cache memory" in out and "bytes" in out
-    assert main([str(export_dir), "--prompt", "a", "--prompt", "bcd", "--pattern", "dense,d4w8s2",
-                 "--max-new-tokens", "3", "--device", "cpu", "--temperature", "0.7", "--seed", "1"]) == 0
-    assert "[1] bcd" in capsys.readouterr().out
-
-
-def test_cli_help_documents_every_option(capsys):
-    parser = build_parser()
-    for action in parser._actions:
-        assert action.help, f"option {action.option_strings or action.dest} has no help text"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    assert "--max-new-tokens" in capsys.readouterr().out

@@ -141,18 +141,22 @@ class _Layers(nn.Module):
         self.layers = nn.ModuleDict({"0": block})
 
 
-def training_block(block: nn.Module, save_list: set, ac: bool = True) -> nn.Module:
-    """``block`` as training wraps it: selective AC ``op`` (torchtitan's policy, ``save_list``), then compile."""
+def training_block(block: nn.Module, save_list: set, ac: bool = True, recompute: tuple[str, ...] = ()) -> nn.Module:
+    """``block`` as training wraps it: selective AC ``op`` (torchtitan's policy, ``save_list``; matmuls of the
+    ``recompute`` modules always recomputed), then compile."""
     if ac:
         holder = _Layers(block)
-        ac_config = ActivationCheckpoint(mode="selective", selective_ac_option="op")
+        ac_config = ActivationCheckpoint(
+            mode="selective", selective_ac_option="op", per_op_sac_force_recompute_mm_shapes_by_fqns=list(recompute)
+        )
         apply_ac(holder, ac_config, model_compile_enabled=True, op_sac_save_list=save_list | {CPU_FLASH})
         block = holder.layers["0"]
+    torch._dynamo.reset()  # blocks of one class and shape would reuse a graph traced under another AC policy
     return torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=True)
 
 
 @functools.cache
-def measure(kind: str, pattern: Pattern | None = None, ac: bool = True) -> dict:
+def measure(kind: str, pattern: Pattern | None = None, ac: bool = True, recompute: tuple[str, ...] = ()) -> dict:
     """Saved storages and gradients of one training step of one bf16 block (RAT+, attention, llama3)."""
     torch.manual_seed(0)
     if kind == "llama3":
@@ -168,7 +172,7 @@ def measure(kind: str, pattern: Pattern | None = None, ac: bool = True) -> dict:
         table, extra, save_list = rope_cache(HEAD_DIM, SEQ, args.rope_theta), (pattern,), _sac_save_list()
         hidden = block.ffn.fc1.out_features
     params = list(block.parameters())
-    step = training_block(block, save_list, ac)
+    step = training_block(block, save_list, ac, recompute)
     u = torch.randn(BATCH, SEQ, DIM, dtype=torch.bfloat16, requires_grad=True)
     out, seen = saved_storages(step, [*params, table], u, table, *extra)
     out.float().square().sum().backward()
@@ -224,6 +228,14 @@ def test_ratplus_over_llama3_within_the_accounted_ratio():
     ratio = sum(n for n, _, _ in ratplus["seen"].values()) / sum(n for n, _, _ in llama3["seen"].values())
     bound = sum(ratplus["expected"].values()) / sum(llama3["expected"].values())
     assert ratio <= bound + 1e-9, f"RAT+ keeps {ratio:.3f}x llama3's saved bytes, the accounting allows {bound:.3f}x"
+
+
+def test_recomputing_fc1_keeps_llama3s_footprint():
+    """The memory-parity knob (bench variant ``ratplus_fc1_recompute``): fc1 recomputed, 4 rows fewer."""
+    result = measure("ratplus", recompute=("ffn.fc1",))
+    expected = {name: n for name, n in result["expected"].items() if name != "fc1 output"}
+    sizes = sorted(nbytes for nbytes, _, _ in result["seen"].values())
+    assert sizes == sorted(expected.values()), describe(result["seen"])
 
 
 def test_recomputing_the_scan_gives_the_gradients_of_keeping_everything():

@@ -232,16 +232,19 @@ def child_main(argv: list[str]) -> None:
         if torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=SNAPSHOT_ENTRIES)
 
-    optimizer_steps = 0
+    steps: dict[int, int] = defaultdict(int)  # per optimizer: torchtitan's container steps its optimizers inside
+    recording = False
 
     def count_step(optimizer, *_) -> None:
-        nonlocal optimizer_steps
-        optimizer_steps += 1
-        if optimizer_steps == int(start_after):
+        nonlocal recording
+        steps[id(optimizer)] += 1
+        if not recording and steps[id(optimizer)] >= int(start_after):
+            recording = True
             record()
 
     hook = register_optimizer_step_post_hook(count_step)
     if int(start_after) == 0:
+        recording = True
         record()
     sys.argv = [module, *args]
     try:

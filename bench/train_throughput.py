@@ -45,7 +45,8 @@ VARIANTS = {
     "ratplus_joint": ("ratplus_titan.train", ["--ratplus.joint-train"]),
     "ratplus_float8": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--model.converters", "quantize.linear.float8"]),
     "attention": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--ratplus.apply-re", "False"]),
-    # memory at llama3's level for ~8 % more matmul work: selective AC recomputes fc1 instead of keeping it (-4 rows)
+    # memory at llama3's level: selective AC recomputes fc1 instead of keeping it (4 bf16 rows a token fewer, +8 d^2
+    # FLOPs a token: ~9 % more matmul work); tests/model/test_saved_memory.py
     "ratplus_fc1_recompute": (
         "ratplus_titan.train",
         ["--ratplus.no-joint-train", "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "ffn.fc1"],

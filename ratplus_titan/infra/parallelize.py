@@ -36,13 +36,19 @@ _SAC_SAVE_LIST = {
     torch._higher_order_ops.flex_attention,
     torch._higher_order_ops.inductor_compiled_code,
 }
+# Our kernels whose outputs selective AC keeps: the pattern attention (recomputing it is a second
+# attention forward). The recurrence scan is left out on purpose: it is memory-bound (one pass reads
+# f, k, x and writes K, V), and its inputs are slices of the in_proj output that AC keeps anyway, so
+# backward reruns it instead of holding K, V (2 x d bf16 a token) and its fp32 chunk states for
+# every layer. The byte accounting is in tests/model/test_saved_memory.py.
+_SAVED_RATPLUS_OPS = ("pattern_attention",)
 
 
 def _sac_save_list() -> set:
     """Also keep the outputs of our own kernels (registered once their modules load on CUDA)."""
     if torch.cuda.is_available():
-        from ratplus_titan.kernels import pattern_attention_triton, recurrence_triton  # noqa: F401  (register ops)
-    ours = [getattr(torch.ops.ratplus, name, None) for name in ("recurrence_scan", "pattern_attention")]
+        from ratplus_titan.kernels import pattern_attention_triton  # noqa: F401  (registers the op)
+    ours = [getattr(torch.ops.ratplus, name, None) for name in _SAVED_RATPLUS_OPS]
     return _SAC_SAVE_LIST | {op.default for op in ours if op is not None}
 
 

@@ -77,7 +77,9 @@ def load(model_dir: str | Path, seq_len: int, dtype: str | None = None, device: 
 
 def evaluate_pattern(lm, windows: torch.Tensor, spec: str, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> dict:
     """``{"pattern", "kv_rows", "loss", "perplexity", "tokens", "by_position", "seconds"}`` of ``lm`` under ``spec``."""
-    lm.set_pattern(spec)
+    from ratplus_titan.cli import parse_patterns
+
+    lm.set_pattern(parse_patterns(spec))  # one spec, or one per layer comma-separated
     start = time.monotonic()
     row = {"pattern": spec, "kv_rows": kv_rows(lm, windows.shape[1] - 1), **heldout_loss(lm, windows, batch_size, edges)}
     row["seconds"] = round(time.monotonic() - start, 2)
@@ -131,41 +133,39 @@ def pattern_rows(pattern, seq_len: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ratplus_titan import cli
+
+    parser = cli.ArgumentParser(
         prog="ratplus-perplexity",
         description="Held-out loss / perplexity of an exported RAT+ model under attention patterns.",
     )
     parser.add_argument("model_dir", help="folder written by ratplus-export")
     parser.add_argument("data", help="uint16 .bin token file (python -m ratplus_titan.data.pretokenize)")
-    parser.add_argument("--pattern", action="append", dest="patterns",
-                        help="pattern spec (dense, d16w256s4, topk16k23s4-ratplus, 8:dense+8:d64w0s0); repeat for "
-                        "several (default: dense)")  # fmt: skip
-    parser.add_argument("--seq-len", type=int, default=2048, help="window length (default: %(default)s)")
-    parser.add_argument("--windows", type=int, default=256, help="windows to evaluate, 0 = all (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: the exported dtype")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--pattern", action="append", dest="patterns", type=cli.pattern_list(),
+                        help=f"{cli.PATTERN_HELP}; repeat for several (default: dense)")  # fmt: skip
+    parser.add_argument("--seq-len", type=cli.positive_int, default=2048, help="window length (default: %(default)s)")
+    parser.add_argument("--windows", type=cli.non_negative_int, default=256,
+                        help="windows to evaluate, 0 = all (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward (default: %(default)s)")
+    parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
+    parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--output", help="write the rows as JSON here")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ratplus_titan import cli
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.windows < 0:
-        parser.error(f"--windows must be >= 0 (0 = all), got {args.windows}")
-    patterns = args.patterns or ["dense"]
-    from ratplus_titan.head_groups import parse_layer_pattern
-
+    patterns = [cli.describe_patterns(p) for p in args.patterns] if args.patterns else ["dense"]
+    with cli.user_errors(parser.prog):  # a bad model folder or token file: one line naming it
+        lm = load(args.model_dir, args.seq_len, args.dtype, args.device)
+        windows = read_windows(args.data, args.seq_len, args.windows)
+    rows = []
     for spec in patterns:
-        try:
-            parse_layer_pattern(spec)
-        except ValueError as e:
-            parser.error(f"--pattern {spec!r}: {e}")
-    rows = evaluate(args.model_dir, args.data, patterns, args.seq_len, args.windows, args.batch_size, args.dtype, args.device)
+        rows.append(evaluate_pattern(lm, windows, spec, args.batch_size))
+        print_row(args.model_dir, rows[-1])
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -14,7 +14,6 @@ complete, so an interrupted run leaves no truncated ``.bin`` behind.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import lzma
@@ -95,30 +94,29 @@ def pretokenize(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from ratplus_titan import cli
+
+    parser = cli.ArgumentParser(
+        prog="python -m ratplus_titan.data.pretokenize",
         description="Tokenize text documents into a uint16 .bin token file (bos doc eos, concatenated).",
         epilog='Train on it with [training] dataset = "bin", dataset_path = OUTPUT.',
     )
     parser.add_argument("inputs", nargs="+", type=Path, help=f"input files ({', '.join(INPUT_SUFFIXES)})")
     parser.add_argument("output", type=Path, help="the .bin file to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the shipped LLaMA-2 tokenizer)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: %(default)s)")
+    parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
+                        help="tokenizer processes (default: %(default)s)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.output.suffix != ".bin":
         parser.error(f"output {args.output} must end in .bin")
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
     for path in args.inputs:
         if not path.is_file():
             parser.error(f"input {path} does not exist")
         if not path.name.endswith(INPUT_SUFFIXES):
             parser.error(f"input {path}: unsupported suffix; allowed are {', '.join(INPUT_SUFFIXES)}")
-    try:
+    with cli.user_errors(parser.prog):  # unreadable files, documents without text, a tokenizer too large
         n_tokens = pretokenize(args.inputs, args.output, args.tokenizer, args.workers, args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {n_tokens:,} tokens to {args.output}")
     return 0
 

@@ -59,7 +59,9 @@ def test_bad_input_leaves_no_bin_behind(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text field"}) + "\n")
     out = tmp_path / "out.bin"
-    assert main([str(bad), str(out), "--workers", "1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(bad), str(out), "--workers", "1"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "'text'" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
@@ -70,7 +72,7 @@ def test_bad_input_leaves_no_bin_behind(tmp_path, capsys):
     [
         (["missing.jsonl", "out.bin"], "does not exist"),
         (["{src}", "out.txt"], "must end in .bin"),
-        (["{src}", "out.bin", "--workers", "0"], "--workers must be >= 1"),
+        (["{src}", "out.bin", "--workers", "0"], "allowed values are integers >= 1"),
         (["{weird}", "out.bin"], "allowed are .jsonl, .jsonl.gz, .jsonl.xz, .txt"),
     ],
 )

@@ -95,9 +95,13 @@ def test_cli_writes_json_and_rejects_bad_arguments(model_and_data, tmp_path, cap
             "--windows", "2", "--device", "cpu", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert [r["pattern"] for r in json.loads(out.read_text())] == ["dense", "d4w6s1"]
-    for bad, message in [(["--seq-len", "0"], "--seq-len"), (["--pattern", "d0w1s1"], "d0w1s1"), (["--windows", "-1"], "--windows")]:
+    missing = tmp_path / "no_such_model"
+    cases = [([str(folder), str(data), "--seq-len", "0"], "--seq-len"), ([str(folder), str(data), "--pattern", "d0w1s1"], "d0w1s1"),
+             ([str(folder), str(data), "--windows", "-1"], "--windows"), ([str(missing), str(data)], str(missing)),
+             ([str(folder), str(tmp_path / "none.bin")], "none.bin")]  # fmt: skip
+    for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            main([str(folder), str(data), *bad])
+            main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

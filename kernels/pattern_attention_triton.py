@@ -46,6 +46,7 @@ key loops was tried on the H100 (2026-11-23): 64-row tiles fail to compile (MLIR
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -299,58 +300,72 @@ def _dkdv_part(
 
 
 @triton.jit
-def _bwd_compact_kernel(
-    Q, K, V, DO, LSE, DELTA, DKC, DVC,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-    H, T, D, W, S, R_LO, NR, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dK/dV of compact rows ``[r0, r0 + BLOCK_N)`` from the queries that see them as dilated (fp32 out)."""
-    bh = tl.program_id(0)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    r0 = R_LO + tl.program_id(1) * BLOCK_N  # heaviest (earliest) rows first
-    rows = r0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_k = rows < NR
-    pos = rows * D + (D - 1)
-    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
-    q_base = Q + b64 * sqb + h64 * sqh
-    do_base = DO + b64 * sdob + h64 * sdoh
-    lse_base = LSE + bh.to(tl.int64) * T
-    delta_base = DELTA + bh.to(tl.int64) * T
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo = r0 * D + D + W  # first query with t - W > position of row r0
-    # from a on, queries see every row of the block (a full block only)
-    a = tl.where(r0 + BLOCK_N <= NR, tl.minimum(lo + tl.cdiv((BLOCK_N - 1) * D, BLOCK_M) * BLOCK_M, T), T)
-    b = a + ((T - a) // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        lo, a, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        a, b, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, False)
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        b, T, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
-    c_offs = bh.to(tl.int64) * NR * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(DKC + c_offs, dk * scale, mask=valid_k[:, None])
-    tl.store(DVC + c_offs, dv, mask=valid_k[:, None])
+def _far_position(f, S, R_LO, D):
+    """Sequence position of far row ``f``: the sinks ``0..S-1``, then compact row ``f - S + R_LO``."""
+    return tl.where(f < S, f, (f - S + R_LO) * D + (D - 1))
 
 
 @triton.jit
-def _bwd_local_kernel(
-    Q, K, V, DO, LSE, DELTA, DKC, DVC, DK, DV,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, T, D, W, S, NR, qk_scale, scale,
+def _bwd_far_kernel(
+    Q, K, V, DO, LSE, DELTA, DKF, DVF,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+    H, T, D, W, S, R_LO, NF, SPLIT_LEN, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DIL: tl.constexpr,
 ):
-    """dK/dV of positions ``[n0, n0 + BLOCK_N)`` from local and sink queries, plus the compact partials."""
+    """dK/dV of far rows ``[f0, f0 + BLOCK_N)`` from the queries ``t > position + W`` of split ``s``
+    (queries ``[s * SPLIT_LEN, (s + 1) * SPLIT_LEN)``), fp32 into ``[splits, B*H, NF, BLOCK_D]``; a split
+    with no query in range writes nothing."""
     bh = tl.program_id(0)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N  # sink blocks (the longest) first
+    f0 = tl.program_id(1) * BLOCK_N  # heaviest (earliest) rows first
+    split = tl.program_id(2)
+    lo = (_far_position(f0, S, R_LO, D) + W + 1) // BLOCK_M * BLOCK_M  # tile holding the first query of row f0
+    q0 = tl.maximum(lo, split * SPLIT_LEN)
+    q1 = tl.minimum(T, (split + 1) * SPLIT_LEN)
+    if q0 < q1:
+        rows = f0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        valid_k = rows < NF
+        pos = _far_position(rows, S, R_LO, D)
+        k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
+        v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
+        q_base = Q + b64 * sqb + h64 * sqh
+        do_base = DO + b64 * sdob + h64 * sdoh
+        lse_base = LSE + bh.to(tl.int64) * T
+        delta_base = DELTA + bh.to(tl.int64) * T
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # from tile a on, queries see every row of the block (a full block only)
+        last = _far_position(f0 + BLOCK_N - 1, S, R_LO, D)
+        a = tl.where(f0 + BLOCK_N <= NF, tl.cdiv(last + W + 1, BLOCK_M) * BLOCK_M, q1)
+        a = tl.minimum(tl.maximum(a, q0), q1)
+        b = a + ((q1 - a) // BLOCK_M) * BLOCK_M
+        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                            q0, a, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
+        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                            a, b, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, False)
+        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                            b, q1, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
+        f_offs = ((split * tl.num_programs(0) + bh).to(tl.int64) * NF + rows)[:, None] * BLOCK_D + offs_d[None, :]
+        tl.store(DKF + f_offs, dk * scale, mask=valid_k[:, None])
+        tl.store(DVF + f_offs, dv, mask=valid_k[:, None])
+
+
+@triton.jit
+def _bwd_near_kernel(
+    Q, K, V, DO, LSE, DELTA, DKF, DVF, DK, DV,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    H, T, D, W, S, R_LO, NF, SPLIT_LEN, NUM_SPLITS, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_FAR: tl.constexpr, HAS_DIL: tl.constexpr,
+):
+    """dK/dV of positions ``[n0, n0 + BLOCK_N)`` from the queries ``t - W <= j <= t``, plus the far partials."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_k = pos < T
@@ -363,23 +378,30 @@ def _bwd_local_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    hi = tl.where(n0 < S, T, tl.minimum(T, n0 + BLOCK_N + W))  # sinks are seen by every later query
-    # unmasked query blocks: start >= last key (causal) and end - n0 <= W (window) or all keys are sinks
+    hi = tl.minimum(T, n0 + BLOCK_N + W)  # the last query within W of the block's last key, + 1
+    # unmasked query blocks: start >= last key (causal) and end - n0 <= W + 1 (window)
     a = tl.where(n0 + BLOCK_N <= T, tl.minimum(n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M, hi), hi)
-    n_full = tl.where(n0 + BLOCK_N <= S, hi - a, tl.minimum(tl.maximum(n0 + W + 1 - a, 0), hi - a)) // BLOCK_M
-    b = a + n_full * BLOCK_M
+    b = a + tl.minimum(tl.maximum(n0 + W + 1 - a, 0), hi - a) // BLOCK_M * BLOCK_M
+    # the mask local_allows with no sinks, 0 <= t - j <= W: the far kernel has the sinks' other queries
     dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        n0, a, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
+                        n0, a, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
     dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        a, b, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, False)
+                        a, b, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, False)
     dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        b, hi, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
+                        b, hi, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
     dk = dk * scale
-    if HAS_DIL:  # dilated positions beyond the sinks: add the compact part's fp32 partials
-        is_dil = ((pos + 1) % D == 0) & (pos >= S) & valid_k
-        c_offs = bh.to(tl.int64) * NR * BLOCK_D + ((pos + 1) // D - 1)[:, None] * BLOCK_D + offs_d[None, :]
-        dk += tl.load(DKC + c_offs, mask=is_dil[:, None], other=0.0)
-        dv += tl.load(DVC + c_offs, mask=is_dil[:, None], other=0.0)
+    if HAS_FAR:  # sinks and dilated positions: add the far kernel's fp32 partials, split by split
+        is_far = pos < S
+        if HAS_DIL:
+            is_far = is_far | ((pos + 1) % D == 0)
+        is_far = is_far & valid_k & (pos + W + 1 < T)  # rows no query sees as far have no partial
+        f = tl.where(pos < S, pos, S + (pos + 1) // D - 1 - R_LO)
+        first = (pos + W + 1) // SPLIT_LEN  # earlier splits hold no query of the row (and maybe no partial)
+        for split in tl.range((n0 + W + 1) // SPLIT_LEN, NUM_SPLITS):
+            ok = is_far & (first <= split)
+            f_offs = ((split * tl.num_programs(0) + bh).to(tl.int64) * NF + f)[:, None] * BLOCK_D + offs_d[None, :]
+            dk += tl.load(DKF + f_offs, mask=ok[:, None], other=0.0)
+            dv += tl.load(DVF + f_offs, mask=ok[:, None], other=0.0)
     kd_mask = valid_k[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DK + b64 * sdkb + h64 * sdkh + pos[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kd_mask)
@@ -451,6 +473,58 @@ def _sink_block(sinks: int, block_n: int) -> int:
     return min(block_n, max(16, triton.next_power_of_2(max(sinks, 1))))
 
 
+def far_rows(dilation: int, sinks: int, seq_len: int) -> int:
+    """Rows of the far kernel: the sinks, then the compact dilated rows at positions ``>= sinks``."""
+    pattern = Pattern(dilation, 0, sinks)
+    compact = max(pattern.num_dilated_rows(seq_len) - sinks // max(dilation, 1), 0)
+    return min(sinks, seq_len) + compact
+
+
+def far_position(row: int, dilation: int, sinks: int, r_lo: int) -> int:
+    """Sequence position of far row ``row`` (``_far_position`` in the kernels)."""
+    return row if row < sinks else (row - sinks + r_lo) * dilation + dilation - 1
+
+
+@functools.lru_cache(maxsize=256)
+def far_block_tiles(seq_len: int, dilation: int, local_window: int, sinks: int, r_lo: int, num_far: int,
+                    block_m: int, block_n: int) -> tuple[int, ...]:
+    """Query tiles of each block of ``block_n`` far rows, unsplit: ``[lo, T)`` in tiles of ``block_m``, ``lo``
+    the tile of the block's first query (``dilation`` as launched: 1 without dilated rows)."""
+    tiles = []
+    for f0 in range(0, num_far, block_n):
+        lo = (far_position(f0, dilation, sinks, r_lo) + local_window + 1) // block_m * block_m
+        tiles.append(max(triton.cdiv(seq_len - lo, block_m), 0))
+    return tuple(tiles)
+
+
+# Far-kernel splits (DESIGN: one block of far rows sees up to all T queries, a serial loop of T / BLOCK_M
+# tiles): split s takes the queries [s * split_len, (s + 1) * split_len) of every block. The split length
+# gives about FAR_WAVES programs per SM, but no fewer than FAR_MIN_TILES query tiles a split: each split
+# writes (and the near kernel reads back) a 2 x BLOCK_N x BLOCK_D fp32 partial, about one tile of traffic.
+FAR_WAVES = 4
+FAR_MIN_TILES = 8
+# query tiles per far split, when set (tests force several splits at small T with it)
+FAR_SPLIT_TILES: int | None = None
+
+
+def far_split_len(seq_len: int, dilation: int, local_window: int, sinks: int, r_lo: int, num_far: int,
+                  block_m: int, block_n: int, programs_bh: int, slots: int) -> int:
+    """Queries per far split (a multiple of ``block_m``); ``>= seq_len`` means one split."""
+    whole = triton.cdiv(seq_len, block_m) * block_m
+    if FAR_SPLIT_TILES is not None:
+        return FAR_SPLIT_TILES * block_m
+    tiles = far_block_tiles(seq_len, dilation, local_window, sinks, r_lo, num_far, block_m, block_n)
+    per_split = max(FAR_MIN_TILES, -(-programs_bh * sum(tiles) // (FAR_WAVES * slots)))
+    return whole if per_split >= max(tiles, default=0) else per_split * block_m
+
+
+def _slots(device: torch.device) -> int:
+    """Programs that run at once: one per SM on a GPU (the backward tiles fill an SM), 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _forward(q, k, v, dilation, local_window, sinks, scale):
     _check(q, k, v)
     q, k, v = (_unit_last(x) for x in (q, k, v))
@@ -481,7 +555,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, dilation, local_window, sin
     if seq_len == 0:
         return dq, dk, dv
     block_d = max(16, triton.next_power_of_2(head_dim))
-    d_launch, r_lo, num_rows, has_dil = _pattern_args(dilation, local_window, sinks, seq_len)
+    d_launch, r_lo, _, has_dil = _pattern_args(dilation, local_window, sinks, seq_len)
     qk_scale = scale * _LOG2E
     delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     has_dlse = grad_lse is not None
@@ -498,26 +572,32 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, dilation, local_window, sin
     )
 
     block_m, block_n, warps, stages = _config("dkdv", block_d, q.dtype)
-    if has_dil:
-        dk_c = torch.empty(batch * heads, num_rows, block_d, dtype=torch.float32, device=q.device)
-        dv_c = torch.empty_like(dk_c)
-        if num_rows > r_lo:
-            _bwd_compact_kernel[(batch * heads, triton.cdiv(num_rows - r_lo, block_n))](
-                q, k, v, grad_out, lse, delta, dk_c, dv_c,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
-                heads, seq_len, d_launch, local_window, sinks, r_lo, num_rows, qk_scale, scale,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps, num_stages=stages,
-            )
+    num_far = far_rows(dilation, sinks, seq_len)
+    split_len = far_split_len(seq_len, d_launch, local_window, sinks, r_lo, num_far, block_m, block_n,
+                              batch * heads, _slots(q.device))
+    num_splits = triton.cdiv(seq_len, split_len)
+    if num_far > 0:
+        dk_far = torch.empty(num_splits, batch * heads, num_far, block_d, dtype=torch.float32, device=q.device)
+        dv_far = torch.empty_like(dk_far)
+        if _interpreting():  # the tests: a read of a partial that no program wrote shows up as NaN
+            dk_far.fill_(float("nan"))
+            dv_far.fill_(float("nan"))
+        _bwd_far_kernel[(batch * heads, triton.cdiv(num_far, block_n), num_splits)](
+            q, k, v, grad_out, lse, delta, dk_far, dv_far,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+            heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, split_len, qk_scale, scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
     else:
-        dk_c = dv_c = delta  # unused
-    _bwd_local_kernel[(batch * heads, triton.cdiv(seq_len, block_n))](
-        q, k, v, grad_out, lse, delta, dk_c, dv_c, dk, dv,
+        dk_far = dv_far = delta  # unused
+    _bwd_near_kernel[(batch * heads, triton.cdiv(seq_len, block_n))](
+        q, k, v, grad_out, lse, delta, dk_far, dv_far, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3],
-        heads, seq_len, d_launch, local_window, sinks, num_rows, qk_scale, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DIL=has_dil,
-        num_warps=warps, num_stages=stages,
+        heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, split_len, num_splits, qk_scale, scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FAR=num_far > 0,
+        HAS_DIL=has_dil, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 

@@ -133,6 +133,63 @@ def test_unequal_query_and_key_tiles(tiles, monkeypatch):
     run_case(70, -1, 20, 2, torch.float32, seed=6)
 
 
+SPLIT_CASES = [
+    # (T, dilation, window, sinks): the far rows' queries cut into splits of 1 or 2 query tiles
+    (83, 4, 9, 3),  # ragged T, sinks and dilated rows in one far block
+    (75, 7, 0, 0),  # W = 0, S = 0
+    (70, 5, 20, 30),  # sinks > window: the sinks fill two far blocks
+    (37, 1, 0, 2),  # D = 1 through the kernel: every position beyond the sinks is far
+    (45, -1, 6, 5),  # no dilation: the sinks are the only far rows
+    (64, 2, 1, 64),  # all keys are sinks
+    (50, 16, 5, 17),  # the first dilated row is a sink
+    (80, 3, 40, 0),  # long window: the last far block has no query, its partials are never written
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split_tiles", [1, 2])
+@pytest.mark.parametrize("seq_len,dilation,window,sinks", SPLIT_CASES)
+def test_far_splits_match_float64_reference(seq_len, dilation, window, sinks, split_tiles, monkeypatch):
+    monkeypatch.setattr(pat, "FAR_SPLIT_TILES", split_tiles)
+    run_case(seq_len, dilation, window, sinks, torch.float32, seed=seq_len * 17 + window + split_tiles)
+
+
+@needs_interpreter
+def test_far_splits_bf16_unequal_tiles_and_batches(monkeypatch):
+    monkeypatch.setattr(pat, "FAR_SPLIT_TILES", 3)
+    run_case(90, 2, 3, 1, torch.bfloat16, seed=21)
+    for kind in ("fwd", "dq", "dkdv"):
+        monkeypatch.setitem(pat.CONFIG_OVERRIDE, kind, (16, 32, 1, 1))
+    run_case(77, 3, 4, 2, torch.float32, seed=22, batch=2, heads=2, grad_lse=True)
+
+
+@pytest.mark.parametrize("seq_len,dilation,window,sinks", CASES + SPLIT_CASES)
+def test_far_rows_are_the_sinks_and_dilated_positions(seq_len, dilation, window, sinks):
+    """far_rows / far_position (the far kernel's row map) against the pattern's own definition."""
+    pattern = Pattern(dilation, window, sinks)
+    d_launch, r_lo, _, _ = pat._pattern_args(dilation, window, sinks, seq_len)
+    positions = [pat.far_position(f, d_launch, sinks, r_lo) for f in range(pat.far_rows(dilation, sinks, seq_len))]
+    j = torch.arange(seq_len)
+    expected = (j < sinks) | (((j + 1) % dilation == 0) if dilation != -1 else False)
+    assert positions == j[expected].tolist(), pattern
+
+
+def test_far_split_len_fills_the_gpu():
+    """At T=16K, 16 heads, 132 SMs: the far programs of d16w256s4 / d64w256s4 are split into >= 4 per SM."""
+    for dilation, min_programs in ((16, 4 * 132), (64, 4 * 132)):
+        seq_len, window, sinks, block_m, block_n = 16384, 256, 4, 64, 128
+        d_launch, r_lo, _, _ = pat._pattern_args(dilation, window, sinks, seq_len)
+        num_far = pat.far_rows(dilation, sinks, seq_len)
+        split_len = pat.far_split_len(seq_len, d_launch, window, sinks, r_lo, num_far, block_m, block_n, 16, 132)
+        assert split_len % block_m == 0
+        programs = 0
+        for f0 in range(0, num_far, block_n):  # nonempty (block, split) pairs, counted query by query
+            first = pat.far_position(f0, d_launch, sinks, r_lo) + window + 1
+            programs += len({t // split_len for t in range(first, seq_len)})
+        assert programs * 16 >= min_programs, (dilation, split_len, programs)
+        assert split_len // block_m >= pat.FAR_MIN_TILES
+
+
 @needs_interpreter
 def test_lse_gradient_and_odd_head_dim():
     run_case(41, 3, 4, 2, torch.float32, seed=11, head_dim=24, grad_lse=True)  # hd padded to 32 in the kernel

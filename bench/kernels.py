@@ -4,9 +4,11 @@
   ``SCAN_SHAPES`` (bf16), as GB/s of the fewest bytes the op must move (each input read once, each
   output written once) and as a share of the device-to-device copy bandwidth; against
   ``associative_scan`` compiled.
-- ``attention``: the Triton pattern attention (``kernels/pattern_attention_triton.py``), forward and
-  backward ms at B=1, 16 x 128 heads, bf16, patterns d16w256s4 and d64w256s4, against dense causal
-  SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention path.
+- ``attention``: the Triton pattern attention (``kernels/pattern_attention_triton.py``), forward, backward
+  and forward + backward ms at B=1, 16 x 128 heads, bf16, patterns d16w256s4 and d64w256s4, against dense
+  causal SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention
+  path. Ends with the speedups over SDPA's default and issue 11's targets (``ATTENTION_TARGETS``); up to
+  ``--check-max-t`` the Triton output and gradients are checked against the fp32 reference (2 heads).
 
 Writes ``kernels_<device>.json`` (``env``, ``copy_GBps`` and one entry per bench) and
 ``<bench>_<device>.png`` into ``--out``. A new kernel: a ``bench_<name>`` and ``plot_<name>``
@@ -214,16 +216,21 @@ def attention_forward(method: str, q, k, v, pattern):
     raise ValueError(f"attention method {method!r} is unknown: allowed are {', '.join([*SDPA_BACKENDS, 'triton', 'flex'])}")
 
 
-def time_attention(method: str, q, k, v, pattern, rep_ms: float) -> tuple[float, float]:
-    """(forward ms, backward ms) of one method; backward = the autograd backward alone."""
+def time_attention(method: str, q, k, v, pattern, rep_ms: float) -> tuple[float, float, float]:
+    """(forward ms, backward ms, forward + backward ms) of one method; backward = the autograd backward alone
+    (retain_graph), forward + backward = one call of both, timed as one."""
     fwd = attention_forward(method, q, k, v, pattern)
     device = q.device.type
+    timing = dict(warmup_ms=max(rep_ms / 4, 25), rep_ms=rep_ms, device=device)
     with torch.no_grad():
-        fwd_ms = do_bench(fwd, warmup_ms=max(rep_ms / 4, 25), rep_ms=rep_ms, device=device)
+        fwd_ms = do_bench(fwd, **timing)
     out = fwd()
     grad = torch.randn_like(out)
     bwd = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
-    return fwd_ms, do_bench(bwd, warmup_ms=max(rep_ms / 4, 25), rep_ms=rep_ms, device=device)
+    bwd_ms = do_bench(bwd, **timing)
+    out = None  # frees the retained graph before the next timing
+    both = lambda: torch.autograd.grad(fwd(), (q, k, v), grad)  # noqa: E731
+    return fwd_ms, bwd_ms, do_bench(both, **timing)
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -235,8 +242,55 @@ def add_speedups(rows: list[dict]) -> None:
         for base in rows:
             if base["T"] == row["T"] and base["method"].startswith("sdpa") and "fwd_ms" in base:
                 suffix = "dense" if base["method"] == "sdpa_dense" else base["method"].removeprefix("sdpa_")
-                row[f"fwd_speedup_vs_{suffix}"] = base["fwd_ms"] / row["fwd_ms"]
-                row[f"bwd_speedup_vs_{suffix}"] = base["bwd_ms"] / row["bwd_ms"]
+                for part in ("fwd", "bwd", "fwdbwd"):
+                    if f"{part}_ms" in base and f"{part}_ms" in row:
+                        row[f"{part}_speedup_vs_{suffix}"] = base[f"{part}_ms"] / row[f"{part}_ms"]
+
+
+# issue 11's targets: (part, T, pattern) -> least speedup of the Triton kernel over dense causal SDPA (default)
+ATTENTION_TARGETS = {
+    ("fwdbwd", 16384, "d16w256s4"): 6.0,
+    ("fwdbwd", 16384, "d64w256s4"): 8.0,
+    ("fwd", 65536, "d16w256s4"): 12.0,
+    ("fwd", 65536, "d64w256s4"): 35.0,
+}
+
+
+def attention_summary(rows: list[dict]) -> list[dict]:
+    """One line per Triton row: fwd, bwd, fwd+bwd ms and x over sdpa_dense, and each target it is held to."""
+    summary = []
+    for row in rows:
+        if row["method"] != "triton" or "fwd_speedup_vs_dense" not in row:
+            continue
+        ratios = "  ".join(f"{part} {row[f'{part}_ms']:.3f} ms = {row[f'{part}_speedup_vs_dense']:.1f}x"
+                           for part in ("fwd", "bwd", "fwdbwd") if f"{part}_speedup_vs_dense" in row)
+        log(f"T={row['T']:>6} {row['pattern']}: {ratios}  (vs sdpa_dense)")
+        for (part, seq_len, pattern), target in ATTENTION_TARGETS.items():
+            if (seq_len, pattern) == (row["T"], row["pattern"]) and f"{part}_speedup_vs_dense" in row:
+                got = row[f"{part}_speedup_vs_dense"]
+                verdict = "met" if got >= target else "MISSED"
+                summary.append({"part": part, "T": seq_len, "pattern": pattern, "target": target, "speedup": got,
+                                "met": got >= target})
+                log(f"    target {part} >= {target:.0f}x: {got:.2f}x {verdict}")
+    return summary
+
+
+def check_attention(q, k, v, pattern, heads: int = 2) -> dict:
+    """Relative errors (L2 norms) of the Triton out, dq, dk, dv against the fp32 explicit-mask reference
+    (``pattern_attention_reference``), on the first ``heads`` heads at full length."""
+    from ratplus_titan.kernels.pattern_attention import pattern_attention_reference
+    from ratplus_titan.kernels.pattern_attention_triton import pattern_attention_triton
+
+    q, k, v = (x[:, :heads].detach().clone().requires_grad_(True) for x in (q, k, v))
+    grad = torch.randn(q.shape, device=q.device, generator=torch.Generator(q.device).manual_seed(1)).to(q.dtype)
+    out = pattern_attention_triton(q, k, v, pattern, HEAD_DIM**-0.5)
+    ours = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    ref_out = pattern_attention_reference(q32, k32, v32, pattern, HEAD_DIM**-0.5)
+    refs = (ref_out, *torch.autograd.grad(ref_out, (q32, k32, v32), grad.float()))
+    errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), ours, refs)}
+    errors["finite"] = all(bool(torch.isfinite(a).all()) for a in ours)
+    return errors
 
 
 def bench_attention(results: dict, args: argparse.Namespace) -> None:
@@ -263,7 +317,11 @@ def bench_attention(results: dict, args: argparse.Namespace) -> None:
             for spec in ["dense"] if method.startswith("sdpa") else ATTENTION_PATTERNS:
                 row = {"T": seq_len, "method": method, "pattern": spec}
                 try:
-                    row["fwd_ms"], row["bwd_ms"] = time_attention(method, q, k, v, Pattern.parse(spec), rep_ms)
+                    row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_attention(
+                        method, q, k, v, Pattern.parse(spec), rep_ms
+                    )
+                    if method == "triton" and seq_len <= args.check_max_t:
+                        row["check_vs_fp32_reference"] = check_attention(q, k, v, Pattern.parse(spec))
                 except Exception as err:  # noqa: BLE001 - keep the other rows (e.g. flex OOM at 262K)
                     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 rows.append(row)
@@ -272,6 +330,7 @@ def bench_attention(results: dict, args: argparse.Namespace) -> None:
             del q, k, v
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    table["targets"] = attention_summary(rows)
 
 
 def plot_attention(results: dict, path: Path) -> None:
@@ -318,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"attention: comma list of {', '.join([*SDPA_BACKENDS, 'triton', 'flex'])}",
     )  # fmt: skip
     parser.add_argument("--heads", type=int, default=HEADS, help="attention: heads (of 128 dims)")
+    parser.add_argument(
+        "--check-max-t", type=int, default=16384,
+        help="attention: check the Triton out and grads against the fp32 reference (2 heads) up to this T",
+    )  # fmt: skip
     parser.add_argument(
         "--device", default="cuda", choices=("cuda", "cpu"),
         help="cpu: a smoke run of the attention bench (TRITON_INTERPRET=1, small --seq-lens and --heads)",

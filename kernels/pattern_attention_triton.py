@@ -20,15 +20,23 @@ local window through ONE online softmax (exp2 domain) and writes ``out`` and the
 log-sum-exp. Key blocks that the query block cannot see are never visited; blocks that it
 sees entirely run without a mask.
 
-Backward (FA2 style, deterministic, no atomics):
+Backward (FA2 style, deterministic, no atomics). dQ takes the forward's three parts; dK/dV split the
+pairs by distance instead, so that no program loops over all T queries for a few keys:
+
+- **far**: ``t > j + W`` for the sinks and the dilated positions ``>= S`` (the *far rows*: the sinks
+  ``0..S-1``, then the compact rows; ``_far_position``);
+- **near**: ``0 <= t - j <= W``, every position.
 
 1. ``_bwd_dq_kernel``: per query block, ``delta = rowsum(dO * O) - dLSE`` (fused, stored for
    step 2-3) and ``dQ`` over the same three parts as the forward.
-2. ``_bwd_compact_kernel``: per block of compact rows, ``dK``/``dV`` from the queries that
-   see those rows as *dilated* (``t > j + W``), into a small fp32 ``[B, H, T//D, hd]`` buffer.
-3. ``_bwd_local_kernel``: per block of key positions, ``dK``/``dV`` from the queries that see
-   them as *local or sink*; for dilated positions it adds step 2's fp32 partial before the one
-   final cast, so each pair is counted once and each gradient rounded once.
+2. ``_bwd_far_kernel``: per block of far rows and per *split* of the query range (split ``s`` takes
+   the queries ``[s * L, (s + 1) * L)``), ``dK``/``dV`` into an fp32 ``[splits, B*H, far rows, hd]``
+   buffer. Without splits one program would loop over all ``T / BLOCK_M`` query tiles (at T=16K: 252
+   serial tiles on a grid of 32-128 programs for 132 SMs); ``far_split_len`` picks ``L`` for about
+   ``FAR_WAVES`` programs per SM (kernels/NOTES_pattern_attention.md counts it).
+3. ``_bwd_near_kernel``: per block of positions, ``dK``/``dV`` from the queries within ``W``; for far
+   positions it adds the split partials in split order before the one final cast, so each pair is
+   counted once, each gradient rounded once, and the sum has a fixed order.
 
 ``pattern_attention_triton`` is the public entry point (dense patterns go to SDPA); the op
 is ``torch.ops.ratplus.pattern_attention`` (``torch.library.custom_op`` with a fake and an
@@ -38,10 +46,12 @@ traces through it without a graph break.
 Speed (H100, bf16, B=1, 16 x 128 heads, T=131072; bench/results/attention_H100.json): forward
 d16w256s4 11 ms, d64w256s4 4.1 ms (10.7x / 29x faster than dense causal SDPA, whose default
 backend there is cuDNN at ~575 TFLOP/s; 20x / 54x faster than SDPA's FlashAttention-2);
-backward 35 ms / 14 ms. The forward runs at ~440 TFLOP/s of useful work for d16: in Triton 3.6
-softmax and matrix work do not overlap as in cuDNN. ``tl.range(..., warp_specialize=True)`` on the
-key loops was tried on the H100 (2026-11-23): 64-row tiles fail to compile (MLIR pass failure),
-128x64 with 8 warps runs 11.27 ms vs 11.09 ms without it (d16, T=131072), so it is not used.
+backward (before the far/near split) 35 ms / 14 ms. The forward runs at ~440 TFLOP/s of useful work
+for d16: in Triton 3.6 softmax and matrix work do not overlap as in cuDNN. ``tl.range(...,
+warp_specialize=True)`` on the key loops was tried on the H100 (2026-11-23): 64-row tiles fail to
+compile (MLIR pass failure), 128x64 with 8 warps runs 11.27 ms vs 11.09 ms without it (d16,
+T=131072), so it is not used. Tile counts per kernel and the expected backward times of the split:
+kernels/NOTES_pattern_attention.md (``python -m bench.attention_tiles``).
 """
 
 from __future__ import annotations
@@ -300,6 +310,30 @@ def _dkdv_part(
 
 
 @triton.jit
+def _dkdv_blocks(
+    Q, DO, LSE, DELTA, k, v, pos, valid_k, bh, b64, h64, sqb, sqh, sqt, sdob, sdoh, sdot, T, offs_d,
+    lo, a, b, hi, W, S, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPACT: tl.constexpr,
+):
+    """fp32 ``dK``, ``dV`` of the keys at ``pos`` over the queries ``[lo, hi)``: masked ``[lo, a)``,
+    unmasked ``[a, b)``, masked ``[b, hi)``."""
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdob + h64 * sdoh
+    lse_base = LSE + bh.to(tl.int64) * T
+    delta_base = DELTA + bh.to(tl.int64) * T
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                        lo, a, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, COMPACT, True)
+    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                        a, b, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, COMPACT, False)
+    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
+                        b, hi, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, COMPACT, True)
+    return dk, dv
+
+
+@triton.jit
 def _far_position(f, S, R_LO, D):
     """Sequence position of far row ``f``: the sinks ``0..S-1``, then compact row ``f - S + R_LO``."""
     return tl.where(f < S, f, (f - S + R_LO) * D + (D - 1))
@@ -330,24 +364,13 @@ def _bwd_far_kernel(
         pos = _far_position(rows, S, R_LO, D)
         k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
         v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
-        q_base = Q + b64 * sqb + h64 * sqh
-        do_base = DO + b64 * sdob + h64 * sdoh
-        lse_base = LSE + bh.to(tl.int64) * T
-        delta_base = DELTA + bh.to(tl.int64) * T
-
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # from tile a on, queries see every row of the block (a full block only)
         last = _far_position(f0 + BLOCK_N - 1, S, R_LO, D)
         a = tl.where(f0 + BLOCK_N <= NF, tl.cdiv(last + W + 1, BLOCK_M) * BLOCK_M, q1)
         a = tl.minimum(tl.maximum(a, q0), q1)
         b = a + ((q1 - a) // BLOCK_M) * BLOCK_M
-        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                            q0, a, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
-        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                            a, b, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, False)
-        dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                            b, q1, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, True)
+        dk, dv = _dkdv_blocks(Q, DO, LSE, DELTA, k, v, pos, valid_k, bh, b64, h64, sqb, sqh, sqt, sdob, sdoh, sdot,
+                              T, offs_d, q0, a, b, q1, W, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True)
         f_offs = ((split * tl.num_programs(0) + bh).to(tl.int64) * NF + rows)[:, None] * BLOCK_D + offs_d[None, :]
         tl.store(DKF + f_offs, dk * scale, mask=valid_k[:, None])
         tl.store(DVF + f_offs, dv, mask=valid_k[:, None])
@@ -371,24 +394,13 @@ def _bwd_near_kernel(
     valid_k = pos < T
     k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, valid_k, HEAD_DIM, BLOCK_D, True)
-    q_base = Q + b64 * sqb + h64 * sqh
-    do_base = DO + b64 * sdob + h64 * sdoh
-    lse_base = LSE + bh.to(tl.int64) * T
-    delta_base = DELTA + bh.to(tl.int64) * T
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     hi = tl.minimum(T, n0 + BLOCK_N + W)  # the last query within W of the block's last key, + 1
     # unmasked query blocks: start >= last key (causal) and end - n0 <= W + 1 (window)
     a = tl.where(n0 + BLOCK_N <= T, tl.minimum(n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M, hi), hi)
     b = a + tl.minimum(tl.maximum(n0 + W + 1 - a, 0), hi - a) // BLOCK_M * BLOCK_M
-    # the mask local_allows with no sinks, 0 <= t - j <= W: the far kernel has the sinks' other queries
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        n0, a, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        a, b, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, False)
-    dk, dv = _dkdv_part(dk, dv, k, v, pos, valid_k, q_base, do_base, lse_base, delta_base, sqt, sdot, offs_d,
-                        b, hi, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, True)
+    # the mask local_allows with no sinks (S = 0): 0 <= t - j <= W; the far kernel has the sinks' other queries
+    dk, dv = _dkdv_blocks(Q, DO, LSE, DELTA, k, v, pos, valid_k, bh, b64, h64, sqb, sqh, sqt, sdob, sdoh, sdot,
+                          T, offs_d, n0, a, b, hi, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False)
     dk = dk * scale
     if HAS_FAR:  # sinks and dilated positions: add the far kernel's fp32 partials, split by split
         is_far = pos < S
@@ -497,10 +509,10 @@ def far_block_tiles(seq_len: int, dilation: int, local_window: int, sinks: int, 
     return tuple(tiles)
 
 
-# Far-kernel splits (DESIGN: one block of far rows sees up to all T queries, a serial loop of T / BLOCK_M
-# tiles): split s takes the queries [s * split_len, (s + 1) * split_len) of every block. The split length
-# gives about FAR_WAVES programs per SM, but no fewer than FAR_MIN_TILES query tiles a split: each split
-# writes (and the near kernel reads back) a 2 x BLOCK_N x BLOCK_D fp32 partial, about one tile of traffic.
+# Far-kernel splits: a block of far rows is seen by up to all T queries, a serial loop of T / BLOCK_M tiles
+# in one program; split s takes the queries [s * split_len, (s + 1) * split_len) of every block. The split
+# length gives about FAR_WAVES programs per SM, but no fewer than FAR_MIN_TILES query tiles a split: each
+# split writes (and the near kernel reads back) a 2 x BLOCK_N x BLOCK_D fp32 partial, about one tile's traffic.
 FAR_WAVES = 4
 FAR_MIN_TILES = 8
 # query tiles per far split, when set (tests force several splits at small T with it)
@@ -514,7 +526,7 @@ def far_split_len(seq_len: int, dilation: int, local_window: int, sinks: int, r_
     if FAR_SPLIT_TILES is not None:
         return FAR_SPLIT_TILES * block_m
     tiles = far_block_tiles(seq_len, dilation, local_window, sinks, r_lo, num_far, block_m, block_n)
-    per_split = max(FAR_MIN_TILES, -(-programs_bh * sum(tiles) // (FAR_WAVES * slots)))
+    per_split = max(FAR_MIN_TILES, triton.cdiv(programs_bh * sum(tiles), FAR_WAVES * slots))
     return whole if per_split >= max(tiles, default=0) else per_split * block_m
 
 

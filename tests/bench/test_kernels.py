@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from bench import kernels, readme_tables
+from bench import attention_tiles, kernels, readme_tables
 
 
 def test_speedups_are_over_the_sdpa_rows_of_the_same_length():
@@ -23,6 +23,35 @@ def test_speedups_are_over_the_sdpa_rows_of_the_same_length():
     assert "fwd_speedup_vs_dense" not in rows[4] and "fwd_speedup_vs_dense" not in rows[0]
 
 
+def test_fwdbwd_speedups_and_the_issue_targets():
+    rows = [
+        {"T": 16384, "method": "sdpa_dense", "pattern": "dense", "fwd_ms": 2.0, "bwd_ms": 5.0, "fwdbwd_ms": 7.0},
+        {"T": 16384, "method": "triton", "pattern": "d16w256s4", "fwd_ms": 0.4, "bwd_ms": 0.8, "fwdbwd_ms": 1.0},
+        {"T": 16384, "method": "triton", "pattern": "d64w256s4", "fwd_ms": 0.25, "bwd_ms": 0.7, "fwdbwd_ms": 1.0},
+        {"T": 65536, "method": "sdpa_dense", "pattern": "dense", "fwd_ms": 30.0, "bwd_ms": 80.0, "fwdbwd_ms": 110.0},
+        {"T": 65536, "method": "triton", "pattern": "d16w256s4", "fwd_ms": 2.0, "bwd_ms": 9.0, "fwdbwd_ms": 11.0},
+    ]
+    kernels.add_speedups(rows)
+    assert rows[1]["fwdbwd_speedup_vs_dense"] == 7.0 and rows[2]["bwd_speedup_vs_dense"] == 5.0 / 0.7
+    summary = {(s["part"], s["T"], s["pattern"]): (s["target"], s["met"]) for s in kernels.attention_summary(rows)}
+    assert summary == {
+        ("fwdbwd", 16384, "d16w256s4"): (6.0, True),  # 7 / 1.0 = 7x
+        ("fwdbwd", 16384, "d64w256s4"): (8.0, False),  # 7x
+        ("fwd", 65536, "d16w256s4"): (12.0, True),  # 30 / 2 = 15x
+    }
+
+
+def test_tile_model_makespan_and_split_counts():
+    # 1 slot: 3 + 1 and 1 + 1 (each program costs one more for its own loads and stores)
+    assert attention_tiles.makespan([3, 1], programs_bh=1, slots=1) == 6.0
+    assert attention_tiles.makespan([3, 1], programs_bh=2, slots=2) == 6.0
+    rows = attention_tiles.count(16384, "d64w256s4", heads=16, sms=132)
+    for row in rows.values():  # no schedule beats the longest program or the total work over the slots
+        assert row["makespan"] >= row["longest"]
+    assert rows["far"]["total"] >= rows["compact"]["total"]  # splitting adds no tiles but the cut ones
+    assert rows["far"]["programs"] >= 4 * 132 and rows["far"]["longest"] < rows["compact"]["longest"] / 10
+
+
 def test_cpu_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monkeypatch):
     argv = ["attention", "--device", "cpu", "--seq-lens", "64", "--heads", "2", "--out", str(tmp_path)]
     assert kernels.main(argv) == 0
@@ -34,6 +63,10 @@ def test_cpu_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monk
     }  # fmt: skip
     for row in rows:
         assert row["T"] == 64 and math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0 and row["bwd_ms"] > 0, row
+        assert row["fwdbwd_ms"] > 0, row
+        if row["method"] == "triton":  # checked against the fp32 reference at this length
+            check = row["check_vs_fp32_reference"]
+            assert check["finite"] and max(check[k] for k in ("out", "dq", "dk", "dv")) < 2e-2, check
 
     monkeypatch.setattr(readme_tables, "RESULTS", tmp_path)
     monkeypatch.setitem(readme_tables.SOURCES, "attention", "kernels_cpu.json")

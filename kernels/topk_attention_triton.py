@@ -155,8 +155,9 @@ def _select_kernel(
             if QUEST:  # sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
                 lo = tl.load(s_base + offs_d[:, None], mask=s_mask, other=0.0)  # [DK, NB_PAD]
                 hi = tl.load(s_base + ssr + offs_d[:, None], mask=s_mask, other=0.0)
-                acc = _score_dot(tl.maximum(q, 0.0).to(hi.dtype), hi, acc, IEEE)
-                acc = _score_dot(tl.minimum(q, 0.0).to(lo.dtype), lo, acc, IEEE)
+                # (clamped in fp32: exact, and Triton's interpreter compares 16-bit floats as raw integers)
+                acc = _score_dot(tl.maximum(q.to(tl.float32), 0.0).to(hi.dtype), hi, acc, IEEE)
+                acc = _score_dot(tl.minimum(q.to(tl.float32), 0.0).to(lo.dtype), lo, acc, IEEE)
             else:
                 summ = tl.load(s_base + offs_d[:, None], mask=s_mask, other=0.0)
                 acc = _score_dot(q, summ, acc, IEEE)

@@ -299,11 +299,22 @@ def plot_attention(results: dict, path: Path) -> None:
     common.save_figure(fig, path, dpi=110)
 
 
+def bench_topk(results: dict) -> None:
+    """Top-k block attention (kernels/topk_attention_triton.py): check, decode and prefill; ``bench/topk.py``."""
+    from bench.topk import bench_topk as run
+
+    run(results.setdefault("topk", {}))
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
-BENCHES = {"scan": (bench_scan, plot_scan), "attention": (bench_attention, plot_attention)}
+BENCHES = {
+    "scan": (bench_scan, plot_scan),
+    "attention": (bench_attention, plot_attention),
+    "topk": (bench_topk, lambda results, path: None),  # no plot: bench/topk.py prints a table
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -36,7 +34,11 @@ from pathlib import Path
 
 import torch
 
-from bench import kernels as bench_kernels  # noqa: E402  (imports ratplus_titan without torchtitan)
+from bench import common
+from bench.common import log
+
+common.import_without_train_spec()
+
 from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
 from ratplus_titan.kernels.decode_triton import decode_attention_triton  # noqa: E402
 from ratplus_titan.kernels.topk_attention import topk_decode_attention  # noqa: E402
@@ -47,10 +49,6 @@ FULL = dict(seq_lens=(16384, 65536), heads=16, head_dim=128, block=64, sinks=4, 
 TINY = dict(seq_lens=(96,), heads=2, head_dim=16, block=4, sinks=2, decode_batch=2,
             check=dict(seq_len=40, heads=2, top_k=2, decode_rows=40), anchor=8)
 INPUTS = ("iid", "smooth")
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 class Clock:
@@ -64,7 +62,7 @@ class Clock:
 
     def ms(self, fn, rep_ms: float = 100) -> float:
         if self.device == "cuda":
-            return bench_kernels.do_bench(fn, warmup_ms=min(25, rep_ms / 4), rep_ms=rep_ms)
+            return common.do_bench(fn, warmup_ms=min(25, rep_ms / 4), rep_ms=rep_ms)
         begin = time.perf_counter()
         fn()
         return 1e3 * (time.perf_counter() - begin)
@@ -101,8 +99,10 @@ def reference_float64(q, k, v, pattern: TopKPattern, grad_out):
     return picks, out.detach(), torch.autograd.grad((out * grad_out.double()).sum(), (q64, k64, v64))
 
 
-def rel_err(actual, expected) -> float:
-    return bench_kernels.rel_err(actual, expected)
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|actual - expected| / |expected|`` (L2 norms, in float64)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 # ---- 1. check -----------------------------------------------------------------------------------
@@ -293,22 +293,11 @@ def bench_topk(results: dict, tiny: bool = False, budget: float = 88.0, start: f
     results["elapsed_s"] = time.time() - clock.start
 
 
-def environment(device: str) -> dict:
-    import datetime
-
-    import triton
-
-    if device == "cuda":
-        return bench_kernels.environment()
-    return {"device": "cpu", "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def main(argv: list[str] | None = None) -> int:
     start = time.time()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="python -m bench.topk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
     parser.add_argument("--phases", default="check,decode,prefill", help="comma-separated: check, decode, prefill")
     parser.add_argument("--inputs", default=",".join(INPUTS), help=f"prefill input kinds, comma-separated: {INPUTS}")
     parser.add_argument("--scores", default=",".join(SCORES), help=f"decode and prefill scores: {SCORES}")
@@ -319,17 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.tile_m:
         tat.CONFIG_OVERRIDE["tile_m"] = args.tile_m
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = environment(device)
-    log(f"{results['device']}  torch {results['torch']}  triton {results['triton']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = bench_kernels.device_slug() if device == "cuda" else "cpu"
-    path = out / f"topk_{slug}{'_tiny' if args.tiny else ''}.json"
+    results = {"env": common.environment(device)}
+    env = results["env"]
+    log(f"{env['device']}  torch {env['torch']}  triton {env['triton']}")
+    path = Path(args.out) / f"topk_{common.device_slug(device)}{'_tiny' if args.tiny else ''}.json"
     try:
         bench_topk(results, args.tiny, args.budget, start, tuple(args.phases.split(",")), tuple(args.inputs.split(",")),
                    tuple(args.scores.split(",")))
     finally:
-        path.write_text(json.dumps(results, indent=1, default=str))
+        common.write_json(path, results)
         print_table(results)
         log(f"wrote {path} ({time.time() - start:.0f} s)")
     return 0 if math.isfinite(results.get("elapsed_s", float("nan"))) else 1

@@ -2,10 +2,10 @@
 
 One call, about 90 s on an H200 (``--budget`` seconds: phases that would not fit are skipped):
 
-1. ``check``: at a reduced size (B=1, 4 heads, T=2048, bf16, block 64, top_k 2, 4 sinks) against the
-   reference: the picks of every query bit for bit (rows whose fp32 scores tie within rounding may
+1. ``check``: at a reduced size (B=1, one head, T=16384, bf16, block 64, top_k 16, 4 sinks) against
+   the reference: the picks of every query bit for bit (rows whose fp32 scores tie within rounding may
    differ: counted), forward and backward against a float64 softmax under the reference's picks;
-   decode against ``topk_decode_attention`` on a ragged batch.
+   decode against ``topk_decode_attention`` on a ragged batch of 4 over 16448 cache rows.
 2. ``decode``: one step, batch 32, 16 x 128 heads, bf16, contexts from ``--seq-lens``, block 64,
    top_k = T/16/64, 4 sinks: the top-k step (selection over the block summaries + the flat decode kernel
    over the picked rows) against the flat dilated decode kernel over the same number of rows
@@ -15,8 +15,8 @@ One call, about 90 s on an H200 (``--budget`` seconds: phases that would not fit
    and the selection alone; ``visit_ratio`` = key blocks the kernels compute / key blocks the queries
    attend (1 = no waste; the union of a query tile's picks makes it larger). Input kinds: ``iid``
    (independent Gaussian q, k, v: neighbouring queries pick unrelated blocks, the worst case) and
-   ``smooth`` (queries interpolated between Gaussian anchors 256 positions apart, keys iid).
-   Target: forward >= 8x SDPA.
+   ``smooth64``, ``smooth256`` (queries interpolated between Gaussian anchors 64 / 256 positions apart,
+   keys iid: neighbouring queries pick alike). Target: forward >= 8x SDPA.
 
 Writes ``topk_<device>.json`` into ``--out`` (default ``$OUT`` or bench/results) and prints a table.
 ``--tiny`` runs the same code at toy sizes (on CPU under TRITON_INTERPRET=1: the test's smoke run).
@@ -44,11 +44,12 @@ from ratplus_titan.kernels.decode_triton import decode_attention_triton  # noqa:
 from ratplus_titan.kernels.topk_attention import topk_decode_attention  # noqa: E402
 from ratplus_titan.topk import SCORES, TopKPattern  # noqa: E402
 
+# The check runs at the first timed length and decode shape, so that it compiles the kernels the timings use.
 FULL = dict(seq_lens=(16384, 65536), heads=16, head_dim=128, block=64, sinks=4, decode_batch=32,
-            check=dict(seq_len=2048, heads=4, top_k=2, decode_rows=4096), anchor=256)
+            check=dict(seq_len=16384, heads=1, top_k=16, decode_rows=16384 + 64))
 TINY = dict(seq_lens=(96,), heads=2, head_dim=16, block=4, sinks=2, decode_batch=2,
-            check=dict(seq_len=40, heads=2, top_k=2, decode_rows=40), anchor=8)
-INPUTS = ("iid", "smooth")
+            check=dict(seq_len=40, heads=2, top_k=2, decode_rows=40))
+INPUTS = ("iid", "smooth64", "smooth256")
 
 
 class Clock:
@@ -68,7 +69,9 @@ class Clock:
         return 1e3 * (time.perf_counter() - begin)
 
 
-def make_inputs(kind: str, batch, heads, seq_len, head_dim, anchor, device, dtype, seed=0):
+def make_inputs(kind: str, batch, heads, seq_len, head_dim, device, dtype, seed=0):
+    """``iid``: Gaussian q, k, v. ``smooth<N>``: keys and values iid, queries interpolated linearly between
+    Gaussian anchors ``N`` positions apart (unit variance): neighbouring queries are alike."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
@@ -77,13 +80,14 @@ def make_inputs(kind: str, batch, heads, seq_len, head_dim, anchor, device, dtyp
     k, v = randn(batch, heads, seq_len, head_dim), randn(batch, heads, seq_len, head_dim)
     if kind == "iid":
         q = randn(batch, heads, seq_len, head_dim)
-    elif kind == "smooth":  # linear interpolation between anchors `anchor` positions apart, unit variance
+    elif kind.startswith("smooth") and kind[6:].isdigit():
+        anchor = int(kind[6:])
         points = randn(batch * heads, head_dim, seq_len // anchor + 2)
         q = torch.nn.functional.interpolate(points, scale_factor=anchor, mode="linear", align_corners=True)
         q = q[..., :seq_len].transpose(1, 2).reshape(batch, heads, seq_len, head_dim)
         q = q / q.std()
     else:
-        raise ValueError(f"input kind {kind!r} is unknown: allowed values are {', '.join(INPUTS)}")
+        raise ValueError(f"input kind {kind!r} is unknown: allowed values are iid, smooth<N> (e.g. {INPUTS[1]})")
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -111,8 +115,7 @@ def check(sizes: dict, device: str) -> dict:
     out = {}
     for score in SCORES:
         pattern = TopKPattern(sizes["block"], c["top_k"], score, sizes["sinks"])
-        q, k, v = make_inputs("iid", 1, c["heads"], c["seq_len"], sizes["head_dim"], sizes["anchor"], device,
-                              torch.bfloat16, seed=1)
+        q, k, v = make_inputs("iid", 1, c["heads"], c["seq_len"], sizes["head_dim"], device, torch.bfloat16, seed=1)
         for x in (q, k, v):
             x.requires_grad_(True)
         got = tat.topk_attention_triton(q, k, v, pattern)
@@ -223,7 +226,7 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
         rep = 100 if seq_len <= 16384 else 50
         tile_m = tat._tile_m(torch.bfloat16)
         base = {"seq_len": seq_len, "top_k": top_k, "block": block, "sinks": sinks, "tile_m": tile_m}
-        q, k, v = make_inputs("iid", 1, heads, seq_len, head_dim, sizes["anchor"], device, torch.bfloat16)
+        q, k, v = make_inputs("iid", 1, heads, seq_len, head_dim, device, torch.bfloat16)
         grad = torch.randn_like(q)
         leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
         base["sdpa_fwd_ms"] = clock.ms(functools.partial(sdpa, q, k, v, is_causal=True), rep)
@@ -231,7 +234,7 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
                                                              leaves, grad), rep)
         log(f"prefill T={seq_len}: SDPA fwd {base['sdpa_fwd_ms']:.3f} ms, fwd+bwd {base['sdpa_fwd_bwd_ms']:.3f} ms")
         for kind in inputs:
-            q, k, v = make_inputs(kind, 1, heads, seq_len, head_dim, sizes["anchor"], device, torch.bfloat16)
+            q, k, v = make_inputs(kind, 1, heads, seq_len, head_dim, device, torch.bfloat16)
             leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
             for score in scores:
                 if clock.left() < 8:
@@ -249,7 +252,7 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
                     row["fwd_bwd_ms"] = clock.ms(functools.partial(fwd_bwd, attention, leaves, grad), rep)
                     row["fwd_speedup_vs_sdpa"] = base["sdpa_fwd_ms"] / row["fwd_ms"]
                     row["fwd_bwd_speedup_vs_sdpa"] = base["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
-                    log(f"prefill T={seq_len} {kind:6s} {score:7s}: fwd {row['fwd_ms']:.3f} ms "
+                    log(f"prefill T={seq_len} {kind:9s} {score:7s}: fwd {row['fwd_ms']:.3f} ms "
                         f"({row['fwd_speedup_vs_sdpa']:.2f}x SDPA; select {row['select_ms']:.3f}), fwd+bwd "
                         f"{row['fwd_bwd_ms']:.3f} ms ({row['fwd_bwd_speedup_vs_sdpa']:.2f}x); "
                         f"visit ratio {row['visit_ratio']:.2f}")
@@ -265,10 +268,10 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
 
 def print_table(results: dict) -> None:
     log("\nprefill (B=1, 16 x 128 heads, bf16): ms and speedup over dense causal SDPA")
-    log(f"{'T':>6} {'inputs':>6} {'score':>7} {'visit':>6} {'select':>7} {'fwd':>8} {'x SDPA':>7} {'fwd+bwd':>8} {'x SDPA':>7}")
+    log(f"{'T':>6} {'inputs':>9} {'score':>7} {'visit':>6} {'select':>7} {'fwd':>8} {'x SDPA':>7} {'fwd+bwd':>8} {'x SDPA':>7}")
     for r in results.get("prefill", []):
         if "fwd_ms" in r:
-            log(f"{r['seq_len']:>6} {r['inputs']:>6} {r['score']:>7} {r['visit_ratio']:>6.2f} {r['select_ms']:>7.3f} "
+            log(f"{r['seq_len']:>6} {r['inputs']:>9} {r['score']:>7} {r['visit_ratio']:>6.2f} {r['select_ms']:>7.3f} "
                 f"{r['fwd_ms']:>8.3f} {r['fwd_speedup_vs_sdpa']:>7.2f} {r['fwd_bwd_ms']:>8.3f} "
                 f"{r['fwd_bwd_speedup_vs_sdpa']:>7.2f}")
     log("decode (one step): top-k over the dilated flat kernel at the same rows read")

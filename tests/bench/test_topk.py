@@ -9,7 +9,7 @@ from bench import topk as bench_topk
 
 
 def test_tiny_run_checks_and_times_every_phase(tmp_path):
-    argv = ["--tiny", "--scores", "ratplus", "--inputs", "smooth", "--budget", "600", "--out", str(tmp_path)]
+    argv = ["--tiny", "--scores", "ratplus", "--inputs", "smooth8", "--budget", "600", "--out", str(tmp_path)]
     assert bench_topk.main(argv) == 0
     data = json.loads((tmp_path / "topk_cpu_tiny.json").read_text())
     assert set(data["check"]) == {"quest", "moba", "ratplus", "decode"}

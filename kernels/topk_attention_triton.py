@@ -128,13 +128,16 @@ def _top_k_select(s, cand, top_k, MAX_IT: tl.constexpr):
     return sel & cand & (k > 0)[:, None]
 
 
-@triton.jit
+# Integer arguments that only address bits, lists and statistics are not specialized on their values
+# (Triton would compile again for each divisibility by 16): one compile serves every sequence length.
+# ``quest`` is a runtime flag for the same reason (one kernel for the three scores).
+@triton.jit(do_not_specialize=["T", "NB", "NBT", "n_tiles", "top_k", "quest"])
 def _select_kernel(
     Q, SUMM, BITS, VISITS,
     sqb, sqh, sqt, ssb, ssh, ssn, ssr,
-    H, T, NB, NBT, top_k, BS, S, n_tiles,
+    H, T, NB, NBT, top_k, BS, S, n_tiles, quest,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_M: tl.constexpr, SEL_M: tl.constexpr,
-    NB_PAD: tl.constexpr, DK: tl.constexpr, QUEST: tl.constexpr, IEEE: tl.constexpr, MAX_IT: tl.constexpr,
+    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr, MAX_IT: tl.constexpr,
 ):
     """Picks of queries ``[m0, m0 + TILE_M)`` (``SEL_M`` rows at a time) as bits, and the blocks the tile visits."""
     bh = tl.program_id(0)
@@ -157,7 +160,7 @@ def _select_kernel(
             d_ok = offs_d < HEAD_DIM
             q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             s_mask = block_ok[None, :] & d_ok[:, None]
-            if QUEST:  # sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
+            if quest != 0:  # sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
                 lo = tl.load(s_base + offs_d[:, None], mask=s_mask, other=0.0)  # [DK, NB_PAD]
                 hi = tl.load(s_base + ssr + offs_d[:, None], mask=s_mask, other=0.0)
                 # (clamped in fp32: exact, and Triton's interpreter compares 16-bit floats as raw integers)
@@ -181,7 +184,7 @@ def _select_kernel(
     tl.store(VISITS + (bh.to(tl.int64) * n_tiles + tile) * NBT + blocks, visits.to(tl.uint8), mask=blocks < NBT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _compact_kernel(MASK, LIST, COUNT, N, BLOCK: tl.constexpr):
     """Row ``r`` of a ``[R, N]`` 0/1 matrix -> the indices of its ones, in order, and how many."""
     r = tl.program_id(0).to(tl.int64)
@@ -211,7 +214,7 @@ def _allowed(t, j, sees_block, key_ok, S):
     return key_ok & (j <= t) & (sees_block | (j < S))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NW", "NBT", "n_tiles"])
 def _fwd_kernel(
     Q, K, V, Out, LSE, BITS, LIST, COUNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -264,7 +267,7 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NW", "NBT", "n_tiles"])
 def _bwd_dq_kernel(
     Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, BITS, LIST, COUNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
@@ -314,7 +317,7 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NW", "NBT", "n_tiles"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, BITS, LIST_T, COUNT_T,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
@@ -367,13 +370,13 @@ def _bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------
 # decode: select one query's blocks, then the flat decode kernel over the spans
 # --------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "R", "top_k", "N_SPANS", "quest"])
 def _decode_select_kernel(
     Q, SUMM, POS, SPANS,
     sqb, sqh, ssb, ssh, ssn, ssr,
-    H, NB, R, top_k, BS, S, NSB, N_SPANS,
+    H, NB, R, top_k, BS, S, NSB, N_SPANS, quest,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NB_PAD: tl.constexpr, DK: tl.constexpr,
-    PICK_PAD: tl.constexpr, NSB_PAD: tl.constexpr, QUEST: tl.constexpr, MAX_IT: tl.constexpr,
+    PICK_PAD: tl.constexpr, NSB_PAD: tl.constexpr, MAX_IT: tl.constexpr,
 ):
     """Spans ``[NSB sink blocks | own block | picks]`` (first row, row count) of the rows query ``(b, h)`` sees."""
     bh = tl.program_id(0)
@@ -390,7 +393,7 @@ def _decode_select_kernel(
         d_ok = offs_d < HEAD_DIM
         q = tl.load(Q + b * sqb + h * sqh + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         s_mask = block_ok[:, None] & d_ok[None, :]
-        if QUEST:
+        if quest != 0:
             lo = tl.load(s_base + offs_d[None, :], mask=s_mask, other=0.0).to(tl.float32)
             hi = tl.load(s_base + ssr + offs_d[None, :], mask=s_mask, other=0.0).to(tl.float32)
             acc += tl.sum(tl.maximum(q, 0.0) * hi + tl.minimum(q, 0.0) * lo, 1)
@@ -503,9 +506,9 @@ def _select(q, k, block_size, top_k, sinks, score, tile_m):
     _select_kernel[(batch * heads, n_tiles)](
         q, summaries, bits, visits,
         *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
-        heads, seq_len, nb, nbt, top_k, block_size, sinks, n_tiles,
+        heads, seq_len, nb, nbt, top_k, block_size, sinks, n_tiles, int(score == "quest"),
         HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_M=tile_m, SEL_M=min(sel_m, tile_m), NB_PAD=nb_pad,
-        DK=16, QUEST=score == "quest", IEEE=q.dtype == torch.float32, MAX_IT=_MAX_BISECTIONS,
+        DK=16, IEEE=q.dtype == torch.float32, MAX_IT=_MAX_BISECTIONS,
         num_warps=warps, num_stages=1,
     )  # fmt: skip
     return bits, visits
@@ -682,10 +685,10 @@ def topk_decode_op(
     _decode_select_kernel[(batch * heads,)](
         q, summaries, pos, spans,
         q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
-        heads, num_blocks, rows, top_k, block_size, sinks, sink_blocks, n_spans,
+        heads, num_blocks, rows, top_k, block_size, sinks, sink_blocks, n_spans, int(score == "quest"),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NB_PAD=nb_pad, DK=16,
         PICK_PAD=triton.next_power_of_2(max(picks, 1)), NSB_PAD=triton.next_power_of_2(max(sink_blocks, 1)),
-        QUEST=score == "quest", MAX_IT=_MAX_BISECTIONS,
+        MAX_IT=_MAX_BISECTIONS,
         num_warps=1 if _interpreting() else max(4, min(16, nb_pad // 128)),
     )  # fmt: skip
     nsub = triton.cdiv(block_size, config.flat_block_n)

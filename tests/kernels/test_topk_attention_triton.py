@@ -323,3 +323,39 @@ def test_math_of_the_case_table():
     assert any(t < bs for t, bs, *_ in CASES)
     assert any(k > math.floor(t / bs) for t, bs, k, *_ in CASES)
     assert any(s > bs for _, bs, _, s, *_ in CASES)
+
+
+COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ratplus_titan.kernels import topk_attention_triton as tat
+
+def compile_for_sm90(fn, pointers, consts, floats=(), num_warps=4):
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps, "num_stages": 2})
+    print(fn.__name__, "compiled")
+
+bf16 = "*bf16"
+compile_for_sm90(tat._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": "*i32", "VISITS": "*u8"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, TILE_M=64, SEL_M=16, NB_PAD=1024, DK=16, IEEE=False, MAX_IT=80), (), 8)
+compile_for_sm90(tat._fwd_kernel, {"Q": bf16, "K": bf16, "V": bf16, "Out": bf16, "LSE": "*fp32", "BITS": "*i32",
+                                   "LIST": "*i32", "COUNT": "*i32"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, N_SUB=1), ("qk_scale",))
+compile_for_sm90(tat._decode_select_kernel, {"Q": bf16, "SUMM": bf16, "POS": "*i64", "SPANS": "*i32"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, NB_PAD=2048, DK=16, PICK_PAD=64, NSB_PAD=1, MAX_IT=80), (), 16)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs code the compiler rejects: compile the selection and forward kernels for an H100/H200
+    (Triton's own ptxas; no GPU needed), in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-3000:]

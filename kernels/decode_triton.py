@@ -28,7 +28,9 @@ costs: few tiles per program (each program ramps up and drains), a nearly empty 
 Ragged batches: ``valid`` is either a ``[B, R]`` bool mask (rows a sequence may not see
 have ``False``; their loads are predicated off, so they cost no memory traffic) or ``[B]``
 counts (rows ``[0, count)`` are valid: the decode cache's sparse layout and the dense
-pattern keep their valid rows as a prefix). With counts no row load waits for a mask load. The
+pattern keep their valid rows as a prefix). With counts no row load waits for a mask load. The flat
+kernel also reads a per-head table of row spans instead (``_flat_launch(..., nsub=...)``): top-k decode
+(``topk_attention_triton.py``) streams the blocks each head picked that way. The
 partition depends only on the static shapes (B, H, R) and the GPU, so a captured CUDA graph replays
 unchanged.
 

@@ -4,7 +4,7 @@ Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), 
 tiles of 16. The expected values: the block picks of ``TopKPattern`` (the reference's selection, run
 on the same inputs and dtype), then a float64 softmax under the explicit mask ``TopKPattern.allows``
 builds from them, differentiated by autograd (the selection is a boolean mask: no gradient goes
-through it). Every element is compared (relative norm plus an element-wise bound).
+through it). Every element is compared (relative norm plus an element-wise bound: ``check`` of the pattern kernels' tests).
 
 As in ``test_pattern_attention_triton.py``: when ``triton`` was imported before ``TRITON_INTERPRET=1``,
 the tests skip and ``test_whole_file_in_fresh_process`` runs this file in a fresh process.
@@ -31,16 +31,13 @@ from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
 from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
 from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention  # noqa: E402
 from ratplus_titan.topk import SCORES, TopKPattern  # noqa: E402
+from tests.kernels.test_pattern_attention_triton import check, random_qkv  # noqa: E402  (same bounds)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IN_PROCESS = DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(
     not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1: test_whole_file_in_fresh_process runs these"
 )
-# Bounds as in test_pattern_attention_triton.py: exact fp32 in the interpreter, bf16 operands ~1e-2.
-NORM_TOL = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.bfloat16: 1.5e-2}
-ELEM_TOL = {torch.float32: 1e-2 if DEVICE == "cuda" else 1e-5, torch.bfloat16: 8e-2}
-
 CASES = [
     # (T, block_size, top_k, sinks, batch, heads)
     (50, 4, 2, 0, 2, 2),  # T not a multiple of the block nor of the query tile
@@ -52,22 +49,6 @@ CASES = [
     (30, 1, 3, 1, 1, 1),  # blocks of one key
     (70, 24, 1, 0, 1, 2),  # a block wider than a key tile (two sub-tiles)
 ]
-
-
-def check(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert actual.shape == expected.shape, name
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    if expected.abs().max() < 1e-12:
-        assert actual.abs().max() < ELEM_TOL[dtype], f"{name}: expected zeros"
-        return
-    err = ((actual.double() - expected).norm() / expected.norm()).item()
-    assert err < NORM_TOL[dtype], f"{name}: relative error {err:.2e} >= {NORM_TOL[dtype]:.0e}"
-    worst = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
-    assert worst < ELEM_TOL[dtype], f"{name}: worst element off by {worst:.2e} of max |ref|"
-
-
-def random_qkv(batch, heads, seq_len, head_dim, dtype, gen):
-    return [torch.randn(batch, heads, seq_len, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(3)]
 
 
 def reference_picks(q, k, pattern):

@@ -7,6 +7,8 @@
 - ``attention``: the Triton pattern attention (``kernels/pattern_attention_triton.py``), forward and
   backward ms at B=1, 16 x 128 heads, bf16, patterns d16w256s4 and d64w256s4, against dense causal
   SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention path.
+- ``topk``: the Triton top-k block attention (``kernels/topk_attention_triton.py``): ``bench/topk.py``'s
+  check, decode and prefill phases (also standalone: ``python -m bench.topk``).
 
 Writes ``kernels_<device>.json`` (``env``, ``copy_GBps`` and one entry per bench) and
 ``<bench>_<device>.png`` into ``--out``. A new kernel: a ``bench_<name>`` and ``plot_<name>``
@@ -299,11 +301,22 @@ def plot_attention(results: dict, path: Path) -> None:
     common.save_figure(fig, path, dpi=110)
 
 
+def bench_topk(results: dict, args: argparse.Namespace) -> None:
+    """Top-k block attention (kernels/topk_attention_triton.py): check, decode, prefill; see ``bench/topk.py``."""
+    from bench.topk import bench_topk as run
+
+    run(results.setdefault("topk", {}), tiny=args.device == "cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
-BENCHES = {"scan": (bench_scan, plot_scan), "attention": (bench_attention, plot_attention)}
+BENCHES = {
+    "scan": (bench_scan, plot_scan),
+    "attention": (bench_attention, plot_attention),
+    "topk": (bench_topk, lambda results, path: None),  # no plot: bench/topk.py prints a table
+}
 
 
 def main(argv: list[str] | None = None) -> int:

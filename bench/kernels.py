@@ -9,6 +9,8 @@
   causal SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention
   path. Ends with the speedups over SDPA's default and issue 11's targets (``ATTENTION_TARGETS``); up to
   ``--check-max-t`` the Triton output and gradients are checked against the fp32 reference (2 heads).
+- ``topk``: the Triton top-k block attention (``kernels/topk_attention_triton.py``): ``bench/topk.py``'s
+  check, decode and prefill phases (also standalone: ``python -m bench.topk``).
 
 Writes ``kernels_<device>.json`` (``env``, ``copy_GBps`` and one entry per bench) and
 ``<bench>_<device>.png`` into ``--out``. A new kernel: a ``bench_<name>`` and ``plot_<name>``
@@ -358,11 +360,22 @@ def plot_attention(results: dict, path: Path) -> None:
     common.save_figure(fig, path, dpi=110)
 
 
+def bench_topk(results: dict, args: argparse.Namespace) -> None:
+    """Top-k block attention (kernels/topk_attention_triton.py): check, decode, prefill; see ``bench/topk.py``."""
+    from bench.topk import bench_topk as run
+
+    run(results.setdefault("topk", {}), tiny=args.device == "cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
-BENCHES = {"scan": (bench_scan, plot_scan), "attention": (bench_attention, plot_attention)}
+BENCHES = {
+    "scan": (bench_scan, plot_scan),
+    "attention": (bench_attention, plot_attention),
+    "topk": (bench_topk, lambda results, path: None),  # no plot: bench/topk.py prints a table
+}
 
 
 def main(argv: list[str] | None = None) -> int:

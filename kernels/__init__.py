@@ -7,7 +7,7 @@ the fast paths, and one small dispatch module that the model and the decoder cal
 op                  reference                 fast path                               dispatch
 ==================  ========================  ======================================  ===========================
 pattern attention   ``pattern_attention``     ``pattern_attention_triton``, ``_flex``  ``pattern_attention_dispatch``
-top-k attention     ``topk_attention``        (none yet)                              ``pattern_attention_dispatch``
+top-k attention     ``topk_attention``        ``topk_attention_triton``               ``pattern_attention_dispatch``
 gated recurrence    ``recurrence``            ``recurrence_triton``                   ``recurrence_dispatch``
 decode attention    ``decode``                ``decode_triton``                       ``decode_dispatch``
 ==================  ========================  ======================================  ===========================

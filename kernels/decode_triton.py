@@ -28,7 +28,9 @@ costs: few tiles per program (each program ramps up and drains), a nearly empty 
 Ragged batches: ``valid`` is either a ``[B, R]`` bool mask (rows a sequence may not see
 have ``False``; their loads are predicated off, so they cost no memory traffic) or ``[B]``
 counts (rows ``[0, count)`` are valid: the decode cache's sparse layout and the dense
-pattern keep their valid rows as a prefix). With counts no row load waits for a mask load. The
+pattern keep their valid rows as a prefix). With counts no row load waits for a mask load. The flat
+kernel also reads a per-head table of row spans instead (``_flat_launch(..., nsub=...)``): top-k decode
+(``topk_attention_triton.py``) streams the blocks each head picked that way. The
 partition depends only on the static shapes (B, H, R) and the GPU, so a captured CUDA graph replays
 unchanged.
 
@@ -150,21 +152,32 @@ def _decode_merge_kernel(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _flat_load_tile(
-    Q, K, V, VALID, t, t_end, NB, H, R,
+    Q, K, V, VALID, t, t_end, NB, NSUB, H, R,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
     offs_n, offs_d, d_mask, qk_scale,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SPANS: tl.constexpr,
 ):
-    """Loads of tile ``t`` (head ``t // NB``, rows ``(t % NB) * BLOCK_N + [0, BLOCK_N)``); all masked off when ``t >= t_end``."""
+    """Loads of tile ``t`` (head ``t // NB``, rows ``(t % NB) * BLOCK_N + [0, BLOCK_N)``); all masked off when ``t >= t_end``.
+
+    ``SPANS``: VALID is a per-head table ``[B*H, NB // NSUB, 2]`` of row spans (first row, row count), each
+    read as ``NSUB`` tiles: tile ``t % NB`` is sub-tile ``t % NSUB`` of span ``(t % NB) // NSUB`` (top-k decode).
+    """
     in_range = t < t_end
     bh = tl.minimum(t, t_end - 1) // NB  # past the end (the last prefetch): address the last tile, load nothing
     b = bh // H
     h = bh - b * H
-    rows = (tl.minimum(t, t_end - 1) - bh * NB) * BLOCK_N + offs_n
-    if HAS_MASK:
+    tile = tl.minimum(t, t_end - 1) - bh * NB
+    if SPANS:
+        span = VALID + (bh.to(tl.int64) * (NB // NSUB) + tile // NSUB) * 2
+        offs = (tile % NSUB) * BLOCK_N + offs_n
+        visible = offs < tl.where(in_range, tl.load(span + 1), 0)
+        rows = tl.load(span) + offs
+    elif HAS_MASK:
+        rows = tile * BLOCK_N + offs_n
         limit = tl.where(in_range, R, 0)
         visible = tl.load(VALID + b.to(tl.int64) * stride_mb + rows, mask=rows < limit, other=0) != 0
     else:
+        rows = tile * BLOCK_N + offs_n
         # counts: rows [0, count) are valid; no row load waits on a mask load
         limit = tl.where(in_range, tl.minimum(tl.load(VALID + b).to(tl.int32), R), 0)
         visible = rows < limit
@@ -241,7 +254,7 @@ def _flat_epilogue(
                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh, offs_d, d_mask)
 
 
-@triton.jit(do_not_specialize=["R", "NB", "total_tiles", "tiles_per_program"])  # one compile for all shapes
+@triton.jit(do_not_specialize=["R", "NB", "total_tiles", "tiles_per_program", "NSUB"])  # one compile for all shapes
 def _decode_flat_kernel(
     Q, K, V, VALID, K_NEW, V_NEW, OUT, O_PART, LSE_PART, COUNT,
     stride_qb, stride_qh,
@@ -251,9 +264,10 @@ def _decode_flat_kernel(
     stride_knb, stride_knh,
     stride_vnb, stride_vnh,
     stride_outb, stride_outh,
-    H, R, NB, total_tiles, tiles_per_program, qk_scale,
+    H, R, NB, total_tiles, tiles_per_program, NSUB, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_MASK: tl.constexpr, MERGE: tl.constexpr, PREFETCH: tl.constexpr, ROW_STATS: tl.constexpr,
+    SPANS: tl.constexpr,
 ):
     # The tiles of all heads form one sequence, head after head (NB tiles of BLOCK_N rows per head); program
     # ``pid`` streams tiles [t0, t1) in one loop, whatever heads they belong to, so no program ramps up or
@@ -279,9 +293,9 @@ def _decode_flat_kernel(
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if PREFETCH:
         q_next, k_next, v_next, vis_next = _flat_load_tile(
-            Q, K, V, VALID, t0, t1, NB, H, R,
+            Q, K, V, VALID, t0, t1, NB, NSUB, H, R,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
-            offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+            offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK, SPANS,
         )
     for t in range(t0, t1):
         if PREFETCH:
@@ -291,15 +305,15 @@ def _decode_flat_kernel(
             v = v_next
             visible = vis_next
             q_next, k_next, v_next, vis_next = _flat_load_tile(
-                Q, K, V, VALID, t + 1, t1, NB, H, R,
+                Q, K, V, VALID, t + 1, t1, NB, NSUB, H, R,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
-                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK, SPANS,
             )
         else:
             q, k, v, visible = _flat_load_tile(
-                Q, K, V, VALID, t, t1, NB, H, R,
+                Q, K, V, VALID, t, t1, NB, NSUB, H, R,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kr, stride_vb, stride_vh, stride_vr, stride_mb,
-                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK,
+                offs_n, offs_d, d_mask, qk_scale, BLOCK_N, HAS_MASK, SPANS,
             )
         blk = t % NB
         first = (blk == 0) | (t == t0)  # a new head starts: reset its statistics
@@ -486,10 +500,15 @@ def _split_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: Deco
     return out
 
 
-def _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig, plan: FlatPlan, warmup: bool):
-    """Launch the flat kernel for ``plan`` (``warmup``: compile only and return the compiled kernel)."""
+def _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig, plan: FlatPlan, warmup: bool,
+                 nsub: int = 0):
+    """Launch the flat kernel for ``plan`` (``warmup``: compile only and return the compiled kernel).
+
+    ``nsub > 0``: ``valid`` is an int32 table of row spans ``[B*H, n_spans, 2]`` (first row, row count), each
+    read as ``nsub`` tiles (``_flat_load_tile``'s ``SPANS``).
+    """
     batch, heads, rows, head_dim = k_cache.shape
-    has_mask = valid.dtype == torch.bool
+    has_mask = valid.dtype == torch.bool and not nsub
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     block_c = triton.next_power_of_2(plan.max_contributors)
     if plan.merge and not warmup:  # partials of the heads cut between programs, one arrival counter per head
@@ -511,12 +530,12 @@ def _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config: Decode
         k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1),
         out.stride(0), out.stride(1),
-        heads, rows, plan.tiles_per_head, plan.total_tiles, plan.tiles_per_program, scale * _LOG2E,
+        heads, rows, plan.tiles_per_head, plan.total_tiles, plan.tiles_per_program, max(nsub, 1), scale * _LOG2E,
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=head_dim, BLOCK_N=config.flat_block_n, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_C=block_c,
         HAS_MASK=has_mask, MERGE=plan.merge, PREFETCH=config.flat_prefetch, ROW_STATS=config.flat_row_stats,
-        num_warps=config.flat_num_warps, num_stages=config.flat_num_stages,
+        SPANS=nsub > 0, num_warps=config.flat_num_warps, num_stages=config.flat_num_stages,
     )
     if warmup:
         return _decode_flat_kernel.warmup(*args, grid=(1,), **kwargs)
@@ -528,7 +547,8 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def resident_programs_per_sm(
-    q, k_cache, v_cache, valid, k_new, v_new, config: DecodeConfig, plan: FlatPlan, compile: bool = True
+    q, k_cache, v_cache, valid, k_new, v_new, config: DecodeConfig, plan: FlatPlan, compile: bool = True,
+    nsub: int = 0,
 ) -> int:
     """How many programs of the flat kernel fit on one SM at once (registers, shared memory, threads), on CUDA.
 
@@ -537,12 +557,12 @@ def resident_programs_per_sm(
     """
     key = (q.device, q.dtype, k_cache.dtype, k_cache.shape[-1], valid.dtype == torch.bool, plan.merge,
            plan.max_contributors, config.flat_block_n, config.flat_num_warps, config.flat_num_stages,
-           config.flat_prefetch, config.flat_row_stats)  # fmt: skip
+           config.flat_prefetch, config.flat_row_stats, nsub > 0)  # fmt: skip
     if key not in _RESIDENT and not compile:
         return config.flat_programs_per_sm
     if key not in _RESIDENT:
         try:
-            kernel = _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, 1.0, config, plan, warmup=True)
+            kernel = _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, 1.0, config, plan, warmup=True, nsub=nsub)
             kernel._init_handles()
             props = torch.cuda.get_device_properties(q.device)
             warps = config.flat_num_warps
@@ -556,8 +576,11 @@ def resident_programs_per_sm(
     return _RESIDENT[key]
 
 
-def _flat_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig) -> torch.Tensor:
+def _flat_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: DecodeConfig, nsub: int = 0) -> torch.Tensor:
+    """The flat kernel over the rows ``valid`` allows (a mask, counts, or with ``nsub`` a table of row spans)."""
     batch, heads, rows, _ = k_cache.shape
+    if nsub:  # the plan counts tiles: nsub per span
+        rows = valid.shape[1] * nsub * config.flat_block_n
     plan = flat_plan(batch, heads, rows, q.device, config)
     if q.is_cuda and config.flat_fit_resident:
         # One wave: every program resident from the start. Fewer programs per SM if the registers say so.
@@ -566,12 +589,12 @@ def _flat_forward(q, k_cache, v_cache, valid, k_new, v_new, scale, config: Decod
         capturing = torch.cuda.is_current_stream_capturing()
         per_sm = config.flat_programs_per_sm
         for _ in range(2):  # the plan's MERGE changes the kernel (and its registers) at most once more
-            fit = resident_programs_per_sm(q, k_cache, v_cache, valid, k_new, v_new, config, plan, not capturing)
+            fit = resident_programs_per_sm(q, k_cache, v_cache, valid, k_new, v_new, config, plan, not capturing, nsub)
             if fit >= per_sm:
                 break
             per_sm = fit
             plan = flat_plan(batch, heads, rows, q.device, config, programs_per_sm=per_sm)
-    return _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config, plan, warmup=False)
+    return _flat_launch(q, k_cache, v_cache, valid, k_new, v_new, scale, config, plan, warmup=False, nsub=nsub)
 
 
 @torch.library.custom_op("ratplus::decode_attention", mutates_args=())

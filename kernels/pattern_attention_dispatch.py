@@ -5,7 +5,7 @@ Shapes: ``q, k, v`` are ``[B, H, T, hd]``; output ``[B, H, T, hd]``.
 - a pattern that covers every causal key: dense causal SDPA;
 - ``Pattern``: the ``backend`` below (references in ``pattern_attention.py``, fused kernel in
   ``pattern_attention_triton.py``, FlexAttention in ``pattern_attention_flex.py``);
-- ``TopKPattern``: ``topk_attention.py`` (reference only so far);
+- ``TopKPattern``: ``triton`` (``topk_attention_triton.py``; ``auto`` on CUDA), else ``topk_attention.py``;
 - ``HeadGroups``: each group of heads under its own pattern, concatenated.
 
 The fast paths are imported inside the branches that use them: importing the model must not
@@ -37,8 +37,9 @@ def pattern_attention(
     backend: ``auto`` (``triton`` on CUDA, ``sdpa`` elsewhere); ``sdpa`` (explicit boolean mask);
     ``triton`` (one fused kernel, forward and backward; ``pattern_attention_triton.py``);
     ``flex`` (two FlexAttention calls + merge, eager use); ``reference``; ``compact``.
-    ``HeadGroups``: each group of heads under its own pattern. ``TopKPattern``: the plain
-    PyTorch reference whatever the backend (no fused kernel yet).
+    ``HeadGroups``: each group of heads under its own pattern. ``TopKPattern``: ``triton``
+    (``topk_attention_triton.py``; what ``auto`` picks on CUDA), any other backend the plain
+    PyTorch reference.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(pattern, HeadGroups):
@@ -54,7 +55,11 @@ def pattern_attention(
 def _topk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: TopKPattern, scale: float, backend: str
 ) -> torch.Tensor:
-    """Top-k block attention; every backend takes the reference until a fused kernel exists."""
+    """Top-k block attention: the Triton kernels for ``triton`` (and ``auto`` on CUDA), else the reference."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda and q.shape == k.shape):
+        from ratplus_titan.kernels.topk_attention_triton import topk_attention_triton
+
+        return topk_attention_triton(q, k, v, pattern, scale)
     return topk_attention_reference(q, k, v, pattern, scale)
 
 

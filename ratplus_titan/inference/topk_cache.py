@@ -70,10 +70,17 @@ class TopKLayerCache(nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         """One decode step ``q, k_new, v_new [B, H, hd]`` at positions ``pos [B]`` -> ``[B, H, hd]``; files the row.
 
-        ``plans`` (row-layout plans of the sparse caches) and ``backend`` are unused: top-k decode
-        runs the PyTorch path everywhere.
+        ``plans`` (row-layout plans of the sparse caches) is unused. ``backend``: ``auto`` (Triton on
+        CUDA, PyTorch elsewhere), ``triton`` (``kernels/topk_attention_triton.py``) or ``reference``.
         """
-        out = topk_decode_attention(self.pattern, q, self.k, self.v, self.summaries, pos, k_new, v_new)
+        if backend == "triton" or (backend == "auto" and q.is_cuda):
+            from ratplus_titan.kernels.topk_attention_triton import topk_decode_attention_triton
+
+            out = topk_decode_attention_triton(self.pattern, q, self.k, self.v, self.summaries, pos, k_new, v_new)
+        elif backend in ("auto", "reference"):
+            out = topk_decode_attention(self.pattern, q, self.k, self.v, self.summaries, pos, k_new, v_new)
+        else:
+            raise ValueError(f"top-k decode backend {backend!r} is unknown: allowed values are auto, triton, reference")
         self.store(pos, k_new, v_new)
         return out
 

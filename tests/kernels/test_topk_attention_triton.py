@@ -1,0 +1,368 @@
+"""The Triton top-k block attention kernels (selection, forward, backward, decode) against the reference.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), on small sizes with
+tiles of 16. The expected values: the block picks of ``TopKPattern`` (the reference's selection, run
+on the same inputs and dtype), then a float64 softmax under the explicit mask ``TopKPattern.allows``
+builds from them, differentiated by autograd (the selection is a boolean mask: no gradient goes
+through it). Every element is compared (relative norm plus an element-wise bound: ``check`` of the pattern kernels' tests).
+
+As in ``test_pattern_attention_triton.py``: when ``triton`` was imported before ``TRITON_INTERPRET=1``,
+the tests skip and ``test_whole_file_in_fresh_process`` runs this file in a fresh process.
+"""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from ratplus_titan.inference.topk_cache import TopKLayerCache  # noqa: E402
+from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
+from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention  # noqa: E402
+from ratplus_titan.topk import SCORES, TopKPattern  # noqa: E402
+from tests.kernels.test_pattern_attention_triton import check, random_qkv  # noqa: E402  (same bounds)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IN_PROCESS = DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction)
+needs_interpreter = pytest.mark.skipif(
+    not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1: test_whole_file_in_fresh_process runs these"
+)
+CASES = [
+    # (T, block_size, top_k, sinks, batch, heads)
+    (50, 4, 2, 0, 2, 2),  # T not a multiple of the block nor of the query tile
+    (37, 5, 3, 2, 1, 3),  # several heads, sinks inside block 0
+    (9, 16, 2, 1, 2, 1),  # T < block: no complete block, nothing to select
+    (40, 3, 20, 7, 1, 2),  # top_k above the blocks there are; sinks span three blocks
+    (64, 16, 1, 20, 2, 2),  # T a multiple of the tile; sinks over a block and a bit
+    (45, 4, 0, 3, 1, 2),  # top_k = 0: own block and sinks
+    (30, 1, 3, 1, 1, 1),  # blocks of one key
+    (70, 24, 1, 0, 1, 2),  # a block wider than a key tile (two sub-tiles)
+]
+
+
+def reference_picks(q, k, pattern):
+    """``[B, H, T, NB]`` bool: the reference's selection on these very inputs (same dtype)."""
+    seq_len = q.shape[-2]
+    return pattern.selected_blocks(pattern.scores(q, pattern.summaries(k)), torch.arange(seq_len, device=q.device))
+
+
+def unpack_bits(bits, num_blocks):
+    """``[B*H, T, NW]`` int32 words -> ``[B*H, T, num_blocks]`` bool."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return (((bits[..., None] >> shifts) & 1) != 0).flatten(-2)[..., :num_blocks]
+
+
+def float64_reference(q, k, v, pattern, picks, grad_out, grad_lse):
+    """Out, lse and the three gradients of a float64 softmax under the mask of ``picks``."""
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    idx = torch.arange(q.shape[-2], device=q.device)
+    mask = pattern.allows(idx[:, None], idx[None, :], picks)
+    scores = (q64 @ k64.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.softmax(scores, -1) @ v64
+    loss = (out * grad_out.double()).sum() + (lse * grad_lse.double()).sum()
+    return out.detach(), lse.detach(), torch.autograd.grad(loss, (q64, k64, v64))
+
+
+def run_triton(q, k, v, pattern):
+    """The two ops, whatever the pattern covers (no SDPA shortcut): (out, lse), bits, visits."""
+    tile_m = tat._tile_m(q.dtype)
+    bits, visits = torch.ops.ratplus.topk_select(q.detach(), k.detach(), pattern.block_size, pattern.top_k,
+                                                 pattern.sinks, pattern.score, tile_m)
+    scale = q.shape[-1] ** -0.5
+    return torch.ops.ratplus.topk_attention(q, k, v, bits, visits, pattern.block_size, pattern.sinks, scale,
+                                            tile_m), bits, visits
+
+
+def run_case(case, score, dtype, seed, head_dim=16):
+    seq_len, block_size, top_k, sinks, batch, heads = case
+    gen = torch.Generator().manual_seed(seed)
+    pattern = TopKPattern(block_size, top_k, score, sinks)
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    (out, lse), bits, visits = run_triton(q, k, v, pattern)
+    picks = reference_picks(q.detach(), k.detach(), pattern)  # [B, H, T, NB]
+    num_blocks = picks.shape[-1]
+    # the selection, bit for bit
+    assert torch.equal(unpack_bits(bits, num_blocks), picks.flatten(0, 1)), "picks differ from the reference"
+    assert not unpack_bits(bits, bits.shape[-1] * 32)[..., num_blocks:].any(), "bits set past the complete blocks"
+    # the visited blocks of each query tile: its picks, its own blocks, the sink blocks it can see
+    tile_m = tat._tile_m(dtype)
+    n_tiles, nbt = visits.shape[1:]
+    rows = torch.arange(n_tiles * tile_m, device=q.device).clamp(max=seq_len - 1).view(n_tiles, tile_m)
+    blocks = torch.arange(nbt, device=q.device)
+    own = (rows[..., None] // block_size == blocks).any(1)
+    sink = (blocks * block_size < sinks) & (blocks * block_size <= rows[:, -1:])
+    picked = torch.zeros(batch * heads, n_tiles * tile_m, nbt, dtype=torch.bool, device=q.device)
+    picked[:, :seq_len, :num_blocks] = picks.flatten(0, 1)
+    expected_visits = picked.view(batch * heads, n_tiles, tile_m, nbt).any(2) | own | sink
+    assert torch.equal(visits.bool(), expected_visits), "visited blocks differ"
+
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad((out.float() * grad_out.float()).sum() + (lse * grad_lse).sum(), (q, k, v))
+    ref_out, ref_lse, ref_grads = float64_reference(q, k, v, pattern, picks, grad_out, grad_lse)
+    tag = f"{score} T={seq_len} bs={block_size} K={top_k} S={sinks} {dtype}"
+    check(f"out {tag}", out, ref_out, dtype)
+    check(f"lse {tag}", lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        check(f"{name} {tag}", g, r, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}bs{}k{}s{}".format(*c[:4]))
+def test_forward_backward_match_reference_fp32(case, score):
+    run_case(case, score, torch.float32, seed=case[0] * 7 + case[1] + SCORES.index(score))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("score", SCORES)
+def test_forward_backward_match_reference_bf16(score):
+    run_case((50, 4, 2, 3, 2, 2), score, torch.bfloat16, seed=3)
+
+
+@needs_interpreter
+def test_larger_tiles_and_several_selection_chunks(monkeypatch):
+    """Query tiles of 32 picked 16 rows at a time; key tiles of 16 against blocks of 40 (three sub-tiles)."""
+    monkeypatch.setitem(tat.CONFIG_OVERRIDE, "tile_m", 32)
+    monkeypatch.setitem(tat.CONFIG_OVERRIDE, "sel_m", 16)
+    run_case((83, 5, 4, 2, 1, 2), "quest", torch.float32, seed=1)
+    run_case((130, 40, 1, 3, 1, 1), "ratplus", torch.float32, seed=2)
+
+
+@needs_interpreter
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs allocated full of NaN (and int buffers of garbage): the results still match."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(123 if t.dtype == torch.uint8 else -12345)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    run_case((50, 4, 2, 1, 2, 2), "moba", torch.float32, seed=4)
+    run_decode(TopKPattern(4, 2, "quest", 3), torch.float32, seed=5, positions=((7, 28, 0),))
+
+
+@needs_interpreter
+def test_tied_scores_pick_the_lowest_blocks():
+    """Blocks with equal summaries score equally: the lowest block indices win (torch.topk leaves it open).
+
+    Small integers make every score exact whatever the summation order, so the ties are exact.
+    """
+    seq_len, block_size, top_k = 40, 4, 3
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randint(-3, 4, (1, 1, seq_len, 16), generator=gen).float().to(DEVICE) for _ in range(3))
+    k.view(1, 1, seq_len // block_size, block_size, 16)[:, :, :, -1] = k[:, :, 3]  # every block closes on one key
+    pattern = TopKPattern(block_size, top_k, "ratplus")
+    (out, _), bits, _ = run_triton(q, k, v, pattern)
+    picks = unpack_bits(bits, seq_len // block_size)[0]  # [T, NB]
+    for t in range(seq_len):
+        assert picks[t].nonzero().flatten().tolist() == list(range(min(top_k, t // block_size))), t
+    expected = float64_reference(q, k, v, pattern, picks[None, None], torch.zeros_like(q), torch.zeros(1, 1, seq_len))
+    check("out with ties", out, expected[0], torch.float32)
+
+
+@needs_interpreter
+def test_public_function_dispatch_and_sdpa_shortcut():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = random_qkv(1, 2, 45, 16, torch.float32, gen)
+    pattern = TopKPattern(4, 2, "quest", 1)
+    expected = topk_attention_reference(q.double(), k.double(), v.double(), pattern)
+    check("public", tat.topk_attention_triton(q, k, v, pattern), expected, torch.float32)
+    check("dispatch", pattern_attention(q, k, v, pattern, backend="triton"), expected, torch.float32)
+    dense = TopKPattern(4, 11, "quest", 1)
+    assert dense.covers_all(45)
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(tat.topk_attention_triton(q, k, v, dense), causal)
+
+
+@needs_interpreter
+def test_strided_inputs():
+    """q, k, v as views of one [B, T, 3, H, hd] projection, as the model makes them."""
+    gen = torch.Generator().manual_seed(8)
+    batch, seq_len, heads, head_dim = 2, 40, 2, 16
+    pattern = TopKPattern(4, 2, "moba", 2)
+    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(DEVICE).requires_grad_(True)
+    q, k, v = (x.transpose(1, 2) for x in fused.unbind(2))
+    assert not q.is_contiguous()
+    out = tat.topk_attention_triton(q, k, v, pattern)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
+    (grad,) = torch.autograd.grad((out * grad_out).sum(), fused)
+    picks = reference_picks(q.detach(), k.detach(), pattern)
+    zero_lse = torch.zeros(out.shape[:-1])
+    ref_out, _, ref_grads = float64_reference(q, k, v, pattern, picks, grad_out, zero_lse)
+    check("out", out, ref_out, torch.float32)
+    check("grad", grad, torch.stack([g.transpose(1, 2) for g in ref_grads], 2), torch.float32)
+
+
+@needs_interpreter
+def test_custom_op_registration_and_compile():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = random_qkv(1, 1, 24, 16, torch.float32, gen)
+    q.requires_grad_(True)
+    pattern = TopKPattern(4, 1, "ratplus", 1)
+    tile_m = tat._tile_m(q.dtype)
+    bits, visits = torch.ops.ratplus.topk_select(q.detach(), k, 4, 1, 1, "ratplus", tile_m)
+    torch.library.opcheck(torch.ops.ratplus.topk_select, (q.detach(), k, 4, 1, 1, "ratplus", tile_m),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.ratplus.topk_attention, (q, k, v, bits, visits, 4, 1, 0.25, tile_m),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    def block(q, k, v):
+        return tat.topk_attention_triton(q, k, v, pattern).sin().sum()
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    (grad,) = torch.autograd.grad(compiled(q, k, v), q)
+    (expected,) = torch.autograd.grad(block(q, k, v), q)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_bad_input_names_the_field():
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="score='max'"):
+        torch.ops.ratplus.topk_select(q, q, 4, 1, 0, "max", 16)
+    with pytest.raises(ValueError, match="one shape"):
+        tat.topk_attention_triton(q, q[:, :, :4], q, TopKPattern(2, 1))
+
+
+# --------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------
+def run_decode(pattern, dtype, seed, positions=((0, 9, 28), (4, 20, 13)), seq_len=29, heads=2, head_dim=16):
+    """One step per sequence at ragged positions (each call a batch), after a prefill up to each position."""
+    gen = torch.Generator().manual_seed(seed)
+    for pos in positions:
+        batch = len(pos)
+        q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen)
+        cache = TopKLayerCache(pattern, batch, seq_len, heads, head_dim, dtype, device=DEVICE, recurrent=False)
+        t = torch.tensor(pos, device=DEVICE)
+        cache.fill(k.transpose(1, 2), v.transpose(1, 2), t)  # rows [0, t) and the summaries of complete blocks
+        rows = torch.arange(batch, device=DEVICE)
+        q_t, k_t, v_t = q[rows, :, t], k[rows, :, t], v[rows, :, t]  # [B, H, hd]
+        expected = topk_decode_attention(pattern, q_t.double(), cache.k.double(), cache.v.double(),
+                                         cache.summaries, t, k_t.double(), v_t.double())
+        got = tat.topk_decode_attention_triton(pattern, q_t, cache.k, cache.v, cache.summaries, t, k_t, v_t)
+        check(f"decode {pattern} {dtype} t={pos}", got, expected, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("block_size,top_k,sinks", [(4, 2, 0), (5, 1, 7), (3, 3, 2), (4, 20, 1), (40, 1, 2)])
+def test_decode_matches_reference(score, block_size, top_k, sinks):
+    run_decode(TopKPattern(block_size, top_k, score, sinks), torch.float32, seed=block_size * 10 + top_k)
+
+
+@needs_interpreter
+def test_decode_bf16_step_by_step_through_the_layer_cache():
+    """The layer cache on the Triton backend, one step at a time (it files each row and closes blocks)."""
+    pattern, seq_len, heads, head_dim = TopKPattern(4, 2, "ratplus", 2), 14, 2, 16
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(2, heads, seq_len, head_dim, torch.bfloat16, gen)
+    cache = TopKLayerCache(pattern, 2, seq_len, heads, head_dim, torch.bfloat16, device=DEVICE, recurrent=False)
+    full = topk_attention_reference(q.double(), k.double(), v.double(), pattern)  # [B, H, T, hd]
+    pos = torch.tensor([0, 5], device=DEVICE)
+    cache.fill(k.transpose(1, 2), v.transpose(1, 2), pos)
+    rows = torch.arange(2, device=DEVICE)
+    while int(pos.min()) < seq_len:
+        t = pos.clamp(max=seq_len - 1)
+        got = cache.attend(q[rows, :, t], k[rows, :, t], v[rows, :, t], t, {}, backend="triton")  # files the row
+        for b in range(2):
+            if pos[b] < seq_len:
+                check(f"step t={int(t[b])}", got[b], full[b, :, t[b]], torch.bfloat16)
+        pos = pos + 1
+
+
+@needs_interpreter
+def test_language_model_on_the_triton_paths_equals_the_reference():
+    """A tiny RAT+ LM under two top-k layers: the Triton prefill equals the reference forward, and Triton decode
+    steps after ragged prompts equal the full forward (the whole path: model, cache, kernels)."""
+    from ratplus_titan.inference import RATPlusLM
+    from ratplus_titan.model.args import RATPlusModelArgs
+
+    torch.manual_seed(0)
+    pattern, total, prompts = ["topk4k1s1-quest", "topk3k2s0-ratplus"], 24, [3, 10]
+    make = dict(max_seq_len=total, max_batch_size=2)
+    args = RATPlusModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, max_seq_len=64, init_std=0.1,
+                            attention_backend="triton")
+    lm = RATPlusLM(args, pattern=pattern, decode_backend="triton", **make)
+    reference = RATPlusLM(dataclasses.replace(args, attention_backend="reference"), state_dict=lm.model.state_dict(),
+                          pattern=pattern, **make)
+    tokens = torch.randint(0, 50, (2, total), generator=torch.Generator().manual_seed(1))
+    full = lm(tokens)
+    torch.testing.assert_close(full, reference(tokens), rtol=1e-4, atol=1e-4)
+    lm.prefill([tokens[b, :n].tolist() for b, n in enumerate(prompts)])
+    for i in range(total - max(prompts)):
+        step = lm.decode_step(torch.stack([tokens[b, n + i] for b, n in enumerate(prompts)]))
+        for b, n in enumerate(prompts):
+            torch.testing.assert_close(step[b], full[b, n + i], rtol=1e-4, atol=1e-4, msg=f"sequence {b} step {i}")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests above ran in this process")
+def test_whole_file_in_fresh_process():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "1 skipped" in summary, summary
+
+
+def test_math_of_the_case_table():
+    """The table reaches what it says: ragged T, T < block, picks capped by the blocks there are, sinks past a block."""
+    assert any(t % bs and t % 16 for t, bs, *_ in CASES)
+    assert any(t < bs for t, bs, *_ in CASES)
+    assert any(k > math.floor(t / bs) for t, bs, k, *_ in CASES)
+    assert any(s > bs for _, bs, _, s, *_ in CASES)
+
+
+COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ratplus_titan.kernels import topk_attention_triton as tat
+
+def compile_for_sm90(fn, pointers, consts, floats=(), num_warps=4):
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps, "num_stages": 2})
+    print(fn.__name__, "compiled")
+
+bf16 = "*bf16"
+compile_for_sm90(tat._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": "*i32", "VISITS": "*u8"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, TILE_M=64, SEL_M=16, NB_PAD=1024, DK=16, IEEE=False, MAX_IT=80), (), 8)
+compile_for_sm90(tat._fwd_kernel, {"Q": bf16, "K": bf16, "V": bf16, "Out": bf16, "LSE": "*fp32", "BITS": "*i32",
+                                   "LIST": "*i32", "COUNT": "*i32"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, N_SUB=1), ("qk_scale",))
+compile_for_sm90(tat._decode_select_kernel, {"Q": bf16, "SUMM": bf16, "POS": "*i64", "SPANS": "*i32"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, NB_PAD=2048, DK=16, PICK_PAD=64, NSB_PAD=1, MAX_IT=80), (), 16)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs code the compiler rejects: compile the selection and forward kernels for an H100/H200
+    (Triton's own ptxas; no GPU needed), in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-3000:]

@@ -23,21 +23,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from ratplus_titan.inference.topk_cache import TopKLayerCache  # noqa: E402
 from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
 from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
 from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention  # noqa: E402
 from ratplus_titan.topk import SCORES, TopKPattern  # noqa: E402
-from tests.kernels.test_pattern_attention_triton import check, random_qkv  # noqa: E402  (same bounds)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IN_PROCESS = DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction)
-needs_interpreter = pytest.mark.skipif(
-    not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1: test_whole_file_in_fresh_process runs these"
+from tests.kernels.test_pattern_attention_triton import (  # noqa: E402  (same bounds, same device set-up)
+    DEVICE,
+    IN_PROCESS,
+    check,
+    needs_interpreter,
+    random_qkv,
 )
+
 CASES = [
     # (T, block_size, top_k, sinks, batch, heads)
     (50, 4, 2, 0, 2, 2),  # T not a multiple of the block nor of the query tile

@@ -100,12 +100,18 @@ def evaluate(
 ) -> list[dict]:
     """One row per pattern (see :func:`evaluate_pattern`), the model loaded once."""
     lm = load(model_dir, seq_len, dtype, device)
-    tokens = read_windows(data, seq_len, windows)
+    return evaluate_loaded(lm, read_windows(data, seq_len, windows), patterns, batch_size, edges, None if quiet else model_dir)
+
+
+def evaluate_loaded(
+    lm, windows: torch.Tensor, patterns: Sequence[str], batch_size: int, edges: Sequence[int], label=None
+) -> list[dict]:
+    """:func:`evaluate_pattern` for each pattern; each row printed (prefixed by ``label``) unless ``label`` is None."""
     rows = []
     for spec in patterns:
-        rows.append(evaluate_pattern(lm, tokens, spec, batch_size, edges))
-        if not quiet:
-            print_row(model_dir, rows[-1])
+        rows.append(evaluate_pattern(lm, windows, spec, batch_size, edges))
+        if label is not None:
+            print_row(label, rows[-1])
     return rows
 
 
@@ -162,10 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with cli.user_errors(parser.prog):  # a bad model folder or token file: one line naming it
         lm = load(args.model_dir, args.seq_len, args.dtype, args.device)
         windows = read_windows(args.data, args.seq_len, args.windows)
-    rows = []
-    for spec in patterns:
-        rows.append(evaluate_pattern(lm, windows, spec, args.batch_size))
-        print_row(args.model_dir, rows[-1])
+    rows = evaluate_loaded(lm, windows, patterns, args.batch_size, DEFAULT_BUCKETS, args.model_dir)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -74,6 +74,16 @@ def check(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert worst < ELEM_TOL[dtype], f"{name}: worst element off by {worst:.2e} of max |ref|"
 
 
+def check_attention(tag: str, actual: tuple, expected: tuple, dtype: torch.dtype) -> None:
+    """``check`` of (out, lse, (dq, dk, dv)) against the reference's; the gradients keep the inputs' dtype."""
+    (out, lse, grads), (ref_out, ref_lse, ref_grads) = actual, expected
+    check(f"out {tag}", out, ref_out, dtype)
+    check(f"lse {tag}", lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        check(f"{name} {tag}", g, r, dtype)
+
+
 def random_qkv(batch, heads, seq_len, head_dim, dtype, gen):
     return [torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=torch.float32).to(DEVICE, dtype)
             for _ in range(3)]
@@ -110,11 +120,7 @@ def run_case(seq_len, dilation, window, sinks, dtype, seed, batch=1, heads=1, he
     grads = torch.autograd.grad(loss, (q, k, v))
     ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, pattern, grad_out, g_lse)
     tag = f"T={seq_len} D={dilation} W={window} S={sinks} {dtype}"
-    check(f"out {tag}", out, ref_out, dtype)
-    check(f"lse {tag}", lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.dtype == dtype
-        check(f"{name} {tag}", g, r, dtype)
+    check_attention(tag, (out, lse, grads), (ref_out, ref_lse, ref_grads), dtype)
 
 
 @needs_interpreter

@@ -33,6 +33,7 @@ from tests.kernels.test_pattern_attention_triton import (  # noqa: E402  (same b
     DEVICE,
     IN_PROCESS,
     check,
+    check_attention,
     needs_interpreter,
     random_qkv,
 )
@@ -115,11 +116,7 @@ def run_case(case, score, dtype, seed, head_dim=16):
     grads = torch.autograd.grad((out.float() * grad_out.float()).sum() + (lse * grad_lse).sum(), (q, k, v))
     ref_out, ref_lse, ref_grads = float64_reference(q, k, v, pattern, picks, grad_out, grad_lse)
     tag = f"{score} T={seq_len} bs={block_size} K={top_k} S={sinks} {dtype}"
-    check(f"out {tag}", out, ref_out, dtype)
-    check(f"lse {tag}", lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.dtype == dtype
-        check(f"{name} {tag}", g, r, dtype)
+    check_attention(tag, (out, lse, grads), (ref_out, ref_lse, ref_grads), dtype)
 
 
 @needs_interpreter

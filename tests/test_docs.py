@@ -4,13 +4,12 @@ link in README.md and docs/*.md names a file of the repository (and a heading of
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.repo_files import REPO_ROOT, checkout_files
+
 DESIGN = REPO_ROOT / "docs" / "DESIGN.md"
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".sh", ".yaml", ".yml", ".txt", ".cfg", ".ini", ""}
 
@@ -22,14 +21,7 @@ CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
 
 
 def repository_files() -> list[Path]:
-    """Tracked and untracked-not-ignored files (so build/ and .venv/ copies are left out)."""
-    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the file list comes from git")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    return [REPO_ROOT / name for name in listed if (REPO_ROOT / name).is_file()]
+    return [REPO_ROOT / name for name in checkout_files()]
 
 
 def text_files() -> list[Path]:

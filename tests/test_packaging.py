@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.repo_files import REPO_ROOT, checkout_files
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> where its files land in the wheel (pyproject's package-dir).
 SHIPPED_FOLDERS = {
     "ratplus_titan": "ratplus_titan",
@@ -31,16 +32,6 @@ SHIPPED_FOLDERS = {
     "train_configs": "ratplus_titan/train_configs",
 }
 NOT_SHIPPED = {"kernels/NOTES_pattern_attention.md"}  # developer notes on the kernels, read in the repository
-
-
-def checkout_files() -> list[str]:
-    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the file list comes from git")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    return [name for name in listed if (REPO_ROOT / name).is_file()]  # a deleted, not yet committed file: gone
 
 
 def expected_in_wheel(files: list[str]) -> set[str]:

@@ -77,9 +77,10 @@ def positive_float(text: str) -> float:
 
 
 def concurrency(requested: int | None) -> tuple[int, int]:
-    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many ~10 GB runs as its memory holds (<= 9)."""
+    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many ~10 GB runs as its memory holds (<= 9);
+    on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
     if not torch.cuda.is_available():
-        return requested or 1, requested or 1
+        return requested or 1, requested or 2
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
     long = requested or 3
     return long, max(1, min(3 * long, int(free_gib // 10)))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ratplus_titan.data.dataset import TOKEN_DTYPE
+from ratplus_titan.data.token_file import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")

@@ -12,6 +12,7 @@ import torch
 
 from ratplus_titan.data.dataset import BUNDLED_CORPUS, PackedTextDataset, TokenWindowDataset
 from ratplus_titan.data.pretokenize import main, pretokenize, read_documents
+from ratplus_titan.data.token_file import open_token_file
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 
@@ -29,7 +30,7 @@ def test_bin_windows_equal_the_packed_text_windows(tmp_path, tokenizer):
     seq_len = 97  # not a divisor of anything in sight
     docs = datasets.load_dataset("json", data_files=[str(source)], split="train", streaming=True)
     packed = list(PackedTextDataset(docs, tokenizer, seq_len, name="bundled", infinite=False))
-    windows = list(TokenWindowDataset([out], seq_len, 0, 1, name="bin", infinite=False))
+    windows = list(TokenWindowDataset([open_token_file(out)], seq_len, 0, 1, name="bin", infinite=False))
     assert len(windows) == len(packed) == n_tokens // (seq_len + 1)
     for (x_bin, y_bin), (x_text, y_text) in zip(windows, packed):
         assert torch.equal(x_bin["input"], x_text["input"]) and torch.equal(y_bin, y_text)

@@ -173,7 +173,6 @@ class TokenWindowDataset(IterableDataset, Stateful):
         self._windows = [token_windows(t, seq_len) for t in tokens]  # per file: [n_f, seq_len + 1] views
         self._first = np.cumsum([0, *map(len, self._windows)])  # global index of each file's first window
         self.n_windows = int(self._first[-1])
-        self.windows_per_rank = self.n_windows // dp_world_size  # in a finite pass
         self.order = ItemOrder(self.n_windows, dp_rank, dp_world_size, order, seed)
 
     def window(self, index: int) -> np.ndarray:

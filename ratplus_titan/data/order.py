@@ -13,9 +13,12 @@ and all ranks advance together. The stream's position is the count of positions 
 together; it depends only on the global batch, not on how it is split, so a state saved under ``W``
 ranks (FSDP over 2) resumes under any other (TP=2 on one data-parallel rank) and continues the same
 global sequence. ``state_dict`` is ``{"order", "seed", "items", "epoch", "position"}`` (``position``:
-positions of ``epoch`` consumed by all ranks).
+positions of ``epoch`` consumed by all ranks). No item is dropped: when ``W`` does not divide ``n``, a
+step near an epoch's end reads the last items of one epoch and the first of the next. A finite pass
+(``items(infinite=False)``, for evaluation) reads epoch 0 from its start, ``n // W`` items per rank.
 
-Use::
+Use (an ``IterableDataset`` whose ``state_dict`` / ``load_state_dict`` return / take the order's can be
+wrapped in ``dataset.ReshardableDataloader``, which saves that state in the checkpoint)::
 
     order = ItemOrder(n_items, dp_rank, dp_world_size, *order_config(job_config))
     for index in order.items(infinite=True):  # this rank's item indices, advancing the state
@@ -94,9 +97,9 @@ class ItemOrder:
         return item
 
     def items(self, infinite: bool) -> Iterator[int]:
-        """This rank's items from the current state, advancing it; forever if ``infinite``. Otherwise one
-        pass over epoch 0 from its start (for evaluation): positions ``< n // W * W``, so every rank reads
-        ``n // W`` items and the ranks run out together."""
+        """This rank's items from the current state, advancing it, forever if ``infinite``; otherwise one
+        pass over epoch 0 from its start, whatever the state: positions ``< n // W * W``, so every rank
+        reads ``n // W`` items and the ranks run out together."""
         if infinite:
             while True:
                 yield self.next_item()

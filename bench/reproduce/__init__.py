@@ -32,4 +32,15 @@ from bench.reproduce.main import main
 from bench.reproduce.report import README_BEGIN, README_END, readme_section, summarize, write_readme
 from bench.reproduce.scales import MODELS, SCALES, Model, Scale
 
-__all__ = ["MODELS", "README_BEGIN", "README_END", "SCALES", "Model", "Scale", "main", "readme_section", "summarize", "write_readme"]
+__all__ = [
+    "MODELS",
+    "README_BEGIN",
+    "README_END",
+    "SCALES",
+    "Model",
+    "Scale",
+    "main",
+    "readme_section",
+    "summarize",
+    "write_readme",
+]

@@ -28,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     doc = reproduce.__doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=doc.split("\n\n")[0],
                                      epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--scale", choices=sorted(SCALES), default="50m", help="model and data size (default: %(default)s)")
+    parser.add_argument(
+        "--scale", choices=sorted(SCALES), default="50m", help="model and data size (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and PNG")
-    parser.add_argument("--work", type=Path, help="folder for data, checkpoints, logs (default: outputs/reproduce_<scale>)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for data, checkpoints, logs (default: outputs/reproduce_<scale>)"
+    )
     types = {f.name: f.type for f in fields(Scale)}
     for name in OVERRIDABLE:
         kind = {"int": positive_int, "float": positive_float, "str": str}[str(types[name])]
@@ -38,12 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrent", type=positive_int, default=None,
                         help="pretraining runs side by side (default: 3 on a GPU, 1 on a CPU); adaptation and "
                         "fine-tuning runs take up to 3x as many, as GPU memory allows")  # fmt: skip
-    parser.add_argument("--deadline-min", type=positive_float, default=None,
-                        help="start no training run after this many minutes; exit 3 (rerun to continue)")
-    parser.add_argument("--workers", type=positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes")
-    parser.add_argument("--progress-s", type=positive_float, default=20.0, help="seconds between progress lines (default: %(default)s)")
+    parser.add_argument(
+        "--deadline-min",
+        type=positive_float,
+        default=None,
+        help="start no training run after this many minutes; exit 3 (rerun to continue)",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes"
+    )
+    parser.add_argument(
+        "--progress-s", type=positive_float, default=20.0, help="seconds between progress lines (default: %(default)s)"
+    )
     parser.add_argument("--readme", action="store_true", help="also rewrite the README section from the result")
-    parser.add_argument("--readme-only", type=Path, metavar="JSON", help="only rewrite the README section (and the PNG) from this JSON")
+    parser.add_argument(
+        "--readme-only", type=Path, metavar="JSON", help="only rewrite the README section (and the PNG) from this JSON"
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     return parser
 
@@ -63,9 +77,10 @@ def positive_float(text: str) -> float:
 
 
 def concurrency(requested: int | None) -> tuple[int, int]:
-    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many ~10 GB runs as its memory holds (<= 9)."""
+    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many ~10 GB runs as its memory holds (<= 9);
+    on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
     if not torch.cuda.is_available():
-        return requested or 1, requested or 1
+        return requested or 1, requested or 2
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
     long = requested or 3
     return long, max(1, min(3 * long, int(free_gib // 10)))
@@ -135,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         save("export", t0)
 
         t0 = time.monotonic()
-        result["niah"] = pipeline.niah_all(work, scale, data, {k: v for k, v in exports.items() if k[1].startswith("sft_")})
+        result["niah"] = pipeline.niah_all(
+            work, scale, data, {k: v for k, v in exports.items() if k[1].startswith("sft_")}
+        )
         save("niah", t0)
 
         t0 = time.monotonic()

@@ -27,14 +27,26 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     corpus = {split: REPO / text for split, text in zip(("train", "validation"), scale.corpus)}
     for path in corpus.values():
         if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} is missing: build it with scripts/build_gutenberg_corpus.py (data/README.md)")
+            raise FileNotFoundError(
+                f"corpus file {path} is missing: build it with scripts/build_gutenberg_corpus.py (data/README.md)"
+            )
     digests = {split: file_digest(path) for split, path in corpus.items()}
     tokens_dir = stage_dir(work, "data", "tokens", {"corpus": digests, "tokenizer": file_digest(TOKENIZER)})
     files = {}
     for split, source in corpus.items():
         files[split] = tokens_dir / f"{split}.bin"
         if not files[split].is_file():  # pretokenize writes under a temporary name and renames when complete
-            run([sys.executable, "-m", "ratplus_titan.data.pretokenize", str(source), str(files[split]), "--workers", str(workers)])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ratplus_titan.data.pretokenize",
+                    str(source),
+                    str(files[split]),
+                    "--workers",
+                    str(workers),
+                ]
+            )
     tokens = np.memmap(files["train"], dtype=np.uint16, mode="r")
     window = scale.seq_len + 1
     need = {"pretrain": scale.pretrain_steps * scale.batch * window, "adapt": scale.adapt_steps * scale.batch * window}
@@ -62,20 +74,23 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
 def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict[str, str]) -> dict[str, Path]:
     """NIAH fine-tuning samples (training books) and evaluation samples (held-out books), disjoint keys
     and values; keyed by the corpus, the generator's source and every sample setting."""
-    from ratplus_titan.eval import niah, niah_splits as splits
+    from ratplus_titan.data.tokenizer import load_tokenizer
+    from ratplus_titan.eval import niah
+    from ratplus_titan.eval import niah_splits as splits
 
+    per_task = {"train": scale.niah_train_samples // len(scale.niah_tasks), "eval": scale.niah_eval_samples}
     settings = {
-        "corpus": digests, "length": scale.seq_len, "tasks": scale.niah_tasks, "train": scale.niah_train_samples,
-        "eval": scale.niah_eval_samples, "seed": scale.seed,
+        "corpus": digests, "length": scale.seq_len, "tasks": scale.niah_tasks, "per_task": per_task, "seed": scale.seed,
         "source": [file_digest(Path(m.__file__)) for m in (niah, splits)],
     }  # fmt: skip
     folder = stage_dir(work, "data", "niah", settings)
-    out = {"niah_train": folder / "train.jsonl", "niah_eval": folder / "eval.jsonl"}
+    out = {"niah_train": folder / splits.TRAIN_FILE, "niah_eval": folder / splits.EVAL_FILE}
     if not all(p.is_file() for p in out.values()):
-        splits.write_splits(
-            train_haystack=corpus["train"], eval_haystack=corpus["validation"], out_dir=folder, length=scale.seq_len,
-            tasks=scale.niah_tasks, train_samples=scale.niah_train_samples, eval_samples=scale.niah_eval_samples,
-            seed=scale.seed,
+        log(f"NIAH splits: {per_task['train']} fine-tuning and {per_task['eval']} evaluation samples per task")
+        splits.make_splits(
+            load_tokenizer(TOKENIZER), train_haystack=corpus["train"], eval_haystack=corpus["validation"],
+            length=scale.seq_len, tasks=scale.niah_tasks, n_train=per_task["train"], n_eval=per_task["eval"],
+            seed=scale.seed, out_dir=folder, progress=True,
         )  # fmt: skip
     return out
 
@@ -85,7 +100,14 @@ def pattern_args(spec: str) -> list[str]:
     from ratplus_titan.pattern import Pattern
 
     p = Pattern.parse(spec)
-    return ["--ratplus.dilation", str(p.dilation), "--ratplus.local_window", str(p.local_window), "--ratplus.sinks", str(p.sinks)]
+    return [
+        "--ratplus.dilation",
+        str(p.dilation),
+        "--ratplus.local_window",
+        str(p.local_window),
+        "--ratplus.sinks",
+        str(p.sinks),
+    ]
 
 
 def model_args(model: Model) -> list[str]:
@@ -117,7 +139,9 @@ def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
             *(["--ratplus.joint-train", "--ratplus.joint_dilation", str(scale.joint_dilation)] if model.joint_train
               else ["--ratplus.no-joint-train"]),
         ]  # fmt: skip
-        runs[name] = train_run(work, f"pretrain_{name}", "train_configs/reproduce_pretrain.toml", args, scale.pretrain_steps)
+        runs[name] = train_run(
+            work, f"pretrain_{name}", "train_configs/reproduce_pretrain.toml", args, scale.pretrain_steps
+        )
     return runs
 
 
@@ -127,10 +151,17 @@ def short_micro_batch(scale: Scale) -> int:
 
 
 def start_from(checkpoint: Path) -> list[str]:
-    return ["--checkpoint.initial_load_path", str(checkpoint), "--checkpoint.initial_load_model_only", "--ratplus.no-joint-train"]
+    return [
+        "--checkpoint.initial_load_path",
+        str(checkpoint),
+        "--checkpoint.initial_load_model_only",
+        "--ratplus.no-joint-train",
+    ]
 
 
-def adapt_runs(work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun]) -> dict[tuple[str, str], TrainRun]:
+def adapt_runs(
+    work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun]
+) -> dict[tuple[str, str], TrainRun]:
     runs = {}
     for name, model in MODELS.items():
         for spec in scale.patterns:
@@ -140,7 +171,9 @@ def adapt_runs(work: Path, scale: Scale, data: dict, pretrained: dict[str, Train
                 "--training.dataset_path", data["files"]["adapt"], *model_args(model), *pattern_args(spec),
                 *start_from(pretrained[name].checkpoint),
             ]  # fmt: skip
-            runs[(name, spec)] = train_run(work, f"adapt_{name}_{spec}", "train_configs/reproduce_adapt.toml", args, scale.adapt_steps)
+            runs[(name, spec)] = train_run(
+                work, f"adapt_{name}_{spec}", "train_configs/reproduce_adapt.toml", args, scale.adapt_steps
+            )
     return runs
 
 
@@ -159,7 +192,9 @@ def sft_runs(
                 "--training.dataset_path", data["files"]["niah_train"], *model_args(model),
                 *pattern_args("d1w0s0" if spec == DENSE else spec), *start_from(source.checkpoint),
             ]  # fmt: skip
-            runs[(name, spec)] = train_run(work, f"sft_{name}_{spec}", "train_configs/reproduce_sft.toml", args, scale.sft_steps)
+            runs[(name, spec)] = train_run(
+                work, f"sft_{name}_{spec}", "train_configs/reproduce_sft.toml", args, scale.sft_steps
+            )
     return runs
 
 
@@ -224,39 +259,56 @@ def niah_plan(scale: Scale) -> list[tuple[str, str, str]]:
     plan = []
     for model in MODELS:
         plan += [(model, spec, spec) for spec in (DENSE, *scale.patterns)]
-        plan += [(model, DENSE, label) for label in (*scale.patterns, *topk_specs(scale))]
+        plan += [(model, DENSE, label) for label in ("window", *scale.patterns, *topk_specs(scale))]
     return plan
 
 
 def niah_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str], Path]) -> list[dict]:
-    """NIAH accuracy on the held-out split, by task, depth and needle distance, for every row of ``niah_plan``."""
+    """NIAH accuracy on the held-out split, by task, depth and needle distance, for every row of ``niah_plan``;
+    ``far_accuracy``: on the samples whose answer needle lies beyond the local window from the question."""
+    from ratplus_titan.cli import parse_patterns
     from ratplus_titan.eval.niah import evaluate_file
+    from ratplus_titan.eval.perplexity import pattern_rows
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    specs = {**sparse_specs(scale), DENSE: DENSE}
+    specs = sparse_specs(scale)
+    window = local_window(scale)
     rows = []
     for model, tuned, label in niah_plan(scale):
         path = exports[(model, f"sft_{tuned}")]
         settings = {"export": path.name, "spec": specs[label], "samples": file_digest(Path(data["files"]["niah_eval"])),
-                    "dtype": dtype}  # fmt: skip
+                    "dtype": dtype, "window": window}  # fmt: skip
         cache = stage_dir(work, "eval", f"niah_{model}_{tuned}_{label}", settings) / "report.json"
-        row = {"model": model, "tuned": tuned, "pattern": label, "spec": specs[label]}
+        row = {"model": model, "tuned": tuned, "pattern": label, "spec": specs[label],
+               "kv_rows": pattern_rows(parse_patterns(specs[label])[0], scale.seq_len)}  # fmt: skip
         if not cache.is_file():
             try:
-                report = evaluate_file(path, data["files"]["niah_eval"], pattern=specs[label], dtype=dtype,
-                                       batch_size=scale.eval_batch, local_window=local_window(scale))  # fmt: skip
-                cache.write_text(json.dumps(report))
+                report = evaluate_file(path, data["files"]["niah_eval"], pattern=specs[label], batch_size=scale.eval_batch,
+                                       dtype=dtype, distance_edges=(window, 4 * window))  # fmt: skip
             except Exception as e:  # one failed evaluation must not cost the others
                 log(f"NIAH of {model} (fine-tuned {tuned}) under {specs[label]} failed: {e!r}")
                 rows.append({**row, "error": repr(e)[:2000]})
                 continue
+            cache.write_text(json.dumps(report))
         report = json.loads(cache.read_text())
-        rows.append({**row, **{k: v for k, v in report.items() if k != "samples"}})
-        log(f"NIAH {model:16s} tuned {tuned:10s} under {specs[label]:24s}: {report['accuracy']:.1f}")
+        samples = report["samples"]
+        far = [s["score"] for s in samples if s["answer_distance"] > window]
+        row.update(
+            samples=len(samples), accuracy=100 * fraction([s["score"] for s in samples]), far_samples=len(far),
+            far_accuracy=100 * fraction(far), by_task={t: v["accuracy"] for t, v in report["by_task"].items()},
+            by_depth={b: v["accuracy"] for b, v in report["by_depth"]["all"].items()},
+            by_distance={b: v["accuracy"] for b, v in report["by_distance"]["all"].items()},
+            seconds=report.get("seconds"), examples=[(s.get("prediction"), s.get("outputs")) for s in samples[:2]],
+        )  # fmt: skip
+        rows.append(row)
+        log(f"NIAH {model:16s} fine-tuned {tuned:10s} under {specs[label]:26s}: {row['accuracy']:5.1f}  "
+            f"beyond the window {row['far_accuracy']:5.1f} ({len(far)} samples)")  # fmt: skip
     return rows
 
 
 def local_window(scale: Scale) -> int:
+    """The local window W of the first sparse pattern: needles farther than W are reached only through
+    the dilated (or selected) rows."""
     from ratplus_titan.pattern import Pattern
 
     return Pattern.parse(scale.patterns[0]).local_window

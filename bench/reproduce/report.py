@@ -10,7 +10,10 @@ from bench.common import REPO, figure, save_figure
 from bench.reproduce.pipeline import DENSE
 from bench.reproduce.scales import MODELS
 
-README_BEGIN, README_END = "<!-- reproduce:begin (python -m bench.reproduce --readme-only JSON) -->", "<!-- reproduce:end -->"
+README_BEGIN, README_END = (
+    "<!-- reproduce:begin (python -m bench.reproduce --readme-only JSON) -->",
+    "<!-- reproduce:end -->",
+)
 DENSE_OK = 90.0
 """Dense NIAH accuracy (%) that counts as "near 100" after fine-tuning."""
 CLOSE_POINTS = 10.0
@@ -23,18 +26,17 @@ def niah_table(result: dict) -> dict[tuple[str, str, str], dict]:
     return {(r["model"], r["tuned"], r["pattern"]): r for r in result["niah"]}
 
 
-def far_accuracy(row: dict | None, window: int) -> float:
-    """Accuracy on needles farther than the local window from the question (NaN if missing or failed)."""
-    if not row or "error" in row:
-        return math.nan
-    return row["far_accuracy"] if "far_accuracy" in row else math.nan
+def accuracy(row: dict | None, key: str = "accuracy") -> float:
+    """A NIAH row's accuracy (``far_accuracy``: needles beyond the local window); NaN if missing or failed."""
+    value = (row or {}).get(key)
+    return math.nan if value is None else value
 
 
 def summarize(result: dict) -> dict:
     """Per model and pattern: held-out loss change vs the model's dense loss, NIAH accuracy (all needles and
     needles beyond the window); and whether each expectation from the paper holds."""
     cfg = result["config"]
-    patterns, window = cfg["patterns"], cfg["local_window"]
+    patterns = cfg["patterns"]
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
     niah = niah_table(result)
     summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}}
@@ -45,10 +47,10 @@ def summarize(result: dict) -> dict:
                 "adapted": 100 * (loss.get((model, f"adapted_{p}", p), math.nan) - dense) / dense}
             for p in patterns
         }  # fmt: skip
-        summary["niah"][model] = {f"{t}->{p}": niah[(m, t, p)].get("accuracy", math.nan)
-                                  for (m, t, p) in niah if m == model}  # fmt: skip
-        summary["niah_far"][model] = {f"{t}->{p}": far_accuracy(niah[(m, t, p)], window)
-                                      for (m, t, p) in niah if m == model}  # fmt: skip
+        summary["niah"][model] = {f"{t}->{p}": accuracy(row) for (m, t, p), row in niah.items() if m == model}
+        summary["niah_far"][model] = {
+            f"{t}->{p}": accuracy(row, "far_accuracy") for (m, t, p), row in niah.items() if m == model
+        }
     far = summary["niah_far"]
     first, last = patterns[0], patterns[-1]
 
@@ -79,7 +81,13 @@ def plot(result: dict, path: Path) -> None:
         tokens = [s * cfg["tokens_per_step"] / 1e6 for s in curve["step"]]
         curves.plot(tokens, curve["loss"], color=color, label=f"{MODELS[model].label}: dense")
         if any(v is not None for v in curve["loss_sparse"]):
-            curves.plot(tokens, curve["loss_sparse"], color=color, ls=":", label=f"{MODELS[model].label}: D={cfg['joint_dilation']} phase")
+            curves.plot(
+                tokens,
+                curve["loss_sparse"],
+                color=color,
+                ls=":",
+                label=f"{MODELS[model].label}: D={cfg['joint_dilation']} phase",
+            )
     curves.set(title="pretraining", xlabel="tokens (M)", ylabel="training loss")
 
     niah = niah_table(result)
@@ -88,7 +96,8 @@ def plot(result: dict, path: Path) -> None:
         if tuned != label or "by_depth" not in row:
             continue
         buckets = list(row["by_depth"])
-        depth.plot(range(len(buckets)), [row["by_depth"][b] for b in buckets], color=COLORS[model], ls=styles[label],
+        values = [math.nan if row["by_depth"][b] is None else row["by_depth"][b] for b in buckets]
+        depth.plot(range(len(buckets)), values, color=COLORS[model], ls=styles[label],
                    marker="o", label=f"{MODELS[model].label} {label}")  # fmt: skip
         depth.set_xticks(range(len(buckets)), buckets)
     depth.set(title="NIAH accuracy by needle depth (fine-tuned and evaluated under the pattern)",
@@ -98,7 +107,13 @@ def plot(result: dict, path: Path) -> None:
     width = 0.8 / len(MODELS)
     for i, model in enumerate(MODELS):
         values = [result["summary"]["niah_far"][model].get(label, math.nan) for label in labels]
-        bars.bar([x + (i - 1) * width for x in range(len(labels))], values, width, color=COLORS[model], label=MODELS[model].label)
+        bars.bar(
+            [x + (i - 1) * width for x in range(len(labels))],
+            values,
+            width,
+            color=COLORS[model],
+            label=MODELS[model].label,
+        )
     bars.set_xticks(range(len(labels)), [label.replace("->", "\n-> ") for label in labels], fontsize=7)
     bars.set(title=f"NIAH accuracy, needles beyond the {cfg['local_window']}-token window (fine-tuned -> evaluated)",
              ylabel="accuracy (%)", ylim=(0, 103))  # fmt: skip
@@ -107,7 +122,13 @@ def plot(result: dict, path: Path) -> None:
     pairs = [(p, kind) for p in cfg["patterns"] for kind in ("not_adapted", "adapted")]
     for i, model in enumerate(MODELS):
         values = [gaps[model][p][kind] for p, kind in pairs]
-        losses.bar([x + (i - 1) * width for x in range(len(pairs))], values, width, color=COLORS[model], label=MODELS[model].label)
+        losses.bar(
+            [x + (i - 1) * width for x in range(len(pairs))],
+            values,
+            width,
+            color=COLORS[model],
+            label=MODELS[model].label,
+        )
     losses.set_xticks(range(len(pairs)), [f"{p}\n{kind.replace('_', ' ')}" for p, kind in pairs], fontsize=8)
     losses.axhline(0, color="black", lw=0.8)
     losses.set(title="held-out LM loss vs the model's own dense loss", ylabel="change (%)")
@@ -115,7 +136,9 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     env = result["env"]
-    fig.suptitle(f"RAT+ vs attention, {cfg['flavor']} flavor, T={cfg['seq_len']}, {env['device']}, torch {env['torch']}, {env['date'][:10]}")
+    fig.suptitle(
+        f"RAT+ vs attention, {cfg['flavor']} flavor, T={cfg['seq_len']}, {env['device']}, torch {env['torch']}, {env['date'][:10]}"
+    )
     save_figure(fig, path, dpi=100)
 
 
@@ -144,8 +167,16 @@ def readme_section(result: dict, json_name: str) -> str:
         cells = []
         for model in MODELS:
             row = niah.get((model, tuned, pattern))
-            cells.append("-" if row is None else "failed" if "error" in row else f"{row['accuracy']:.1f} / {row['far_accuracy']:.1f}")
-        kv = next((r.get("kv_rows") for (m, t, p), r in niah.items() if (t, p) == (tuned, pattern) and "kv_rows" in r), "-")
+            cells.append(
+                "-"
+                if row is None
+                else "failed"
+                if "error" in row
+                else f"{accuracy(row):.1f} / {accuracy(row, 'far_accuracy'):.1f}"
+            )
+        kv = next(
+            (r.get("kv_rows") for (m, t, p), r in niah.items() if (t, p) == (tuned, pattern) and "kv_rows" in r), "-"
+        )
         lines.append(f"| {tuned} -> `{cfg['specs'].get(pattern, pattern)}` | {kv} | " + " | ".join(cells) + " |")
     lines += ["", "Held-out LM loss (nats, "
               f"{result['heldout'][0].get('tokens', 0):,} tokens); in brackets the change from the model's own dense loss:",

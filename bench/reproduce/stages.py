@@ -186,7 +186,9 @@ def export_all(runs: dict[str, tuple[TrainRun, str]], work: Path, concurrent: in
         procs = []
         for cmd in batch:
             log("$ " + " ".join(cmd))
-            procs.append((cmd, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            procs.append(
+                (cmd, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            )
         for cmd, proc in procs:
             _, err = proc.communicate()
             if proc.returncode != 0:

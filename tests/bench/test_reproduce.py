@@ -20,7 +20,13 @@ TINY = reproduce.SCALES["tiny"]
 
 
 def fake_data(tmp_path):
-    return {"files": {"pretrain": str(tmp_path / "p.bin"), "adapt": str(tmp_path / "a.bin"), "niah_train": str(tmp_path / "n.jsonl")}}
+    return {
+        "files": {
+            "pretrain": str(tmp_path / "p.bin"),
+            "adapt": str(tmp_path / "a.bin"),
+            "niah_train": str(tmp_path / "n.jsonl"),
+        }
+    }
 
 
 def plan(tmp_path, scale):
@@ -34,7 +40,9 @@ def plan(tmp_path, scale):
 def test_a_changed_setting_redoes_its_stage_and_everything_after_it(tmp_path):
     base = plan(tmp_path, TINY)
     same = plan(tmp_path, TINY)
-    assert [{k: r.dump for k, r in stage.items()} for stage in base] == [{k: r.dump for k, r in stage.items()} for stage in same]
+    assert [{k: r.dump for k, r in stage.items()} for stage in base] == [
+        {k: r.dump for k, r in stage.items()} for stage in same
+    ]
     pretrained, adapted, tuned = plan(tmp_path, replace(TINY, adapt_lr=1e-2))
     assert {k: r.dump for k, r in pretrained.items()} == {k: r.dump for k, r in base[0].items()}  # reused
     assert all(adapted[k].dump != base[1][k].dump for k in adapted)  # new adaptation under the new lr
@@ -60,7 +68,9 @@ def test_runs_carry_each_models_flags(tmp_path):
     for name, model in reproduce.MODELS.items():
         args = pretrained[name].args
         assert args[args.index("--ratplus.apply-re") + 1] == str(model.apply_re)
-        assert ("--ratplus.joint-train" in args) == model.joint_train and ("--ratplus.no-joint-train" in args) != model.joint_train
+        assert ("--ratplus.joint-train" in args) == model.joint_train and (
+            "--ratplus.no-joint-train" in args
+        ) != model.joint_train
         for spec in TINY.patterns:
             a = adapted[(name, spec)].args
             assert a[a.index("--checkpoint.initial_load_path") + 1] == str(pretrained[name].checkpoint)
@@ -92,13 +102,17 @@ def test_every_stage_is_recorded(result):
     window = TINY.seq_len + 1
     assert result["config"]["pretrain_tokens"] == TINY.pretrain_steps * TINY.batch * window
     assert result["config"]["adapt_tokens"] == TINY.adapt_steps * TINY.batch * window
-    assert {"data_s", "pretrain_s", "adapt_s", "sft_s", "export_s", "niah_s", "heldout_s", "total_s"} <= result["timing"].keys()
+    assert {"data_s", "pretrain_s", "adapt_s", "sft_s", "export_s", "niah_s", "heldout_s", "total_s"} <= result[
+        "timing"
+    ].keys()
     for model in reproduce.MODELS:
         assert result["models"][model]["params"] > 0 and result["models"][model]["flops_per_token"] > 0
     # joint training doubles the passes; the attention baselines differ only there
     assert result["models"]["attention_joint"]["flops_per_token"] > result["models"]["attention"]["flops_per_token"]
     patterns = (pipeline.DENSE, *TINY.patterns)
-    runs = {f"pretrain_{m}" for m in reproduce.MODELS} | {f"adapt_{m}_{p}" for m in reproduce.MODELS for p in TINY.patterns}
+    runs = {f"pretrain_{m}" for m in reproduce.MODELS} | {
+        f"adapt_{m}_{p}" for m in reproduce.MODELS for p in TINY.patterns
+    }
     runs |= {f"sft_{m}_{p}" for m in reproduce.MODELS for p in patterns}
     assert result["training"].keys() == runs
     for name, curve in result["training"].items():
@@ -128,7 +142,10 @@ def test_every_model_pattern_pair_is_evaluated(result):
     assert rows[("ratplus", "pretrained", "d16w16s2")]["kv_rows"] == 2 + 16 + math.ceil(T / 16)
     assert rows[("ratplus", "pretrained", "window")]["kv_rows"] == 2 + 16
     for score in ("ratplus", "quest", "moba"):
-        assert rows[("attention", "pretrained", f"topk-{score}")]["kv_rows"] == rows[("ratplus", "pretrained", "d4w16s2")]["kv_rows"]
+        assert (
+            rows[("attention", "pretrained", f"topk-{score}")]["kv_rows"]
+            == rows[("ratplus", "pretrained", "d4w16s2")]["kv_rows"]
+        )
 
 
 @slow
@@ -147,7 +164,9 @@ def test_niah_rows_and_summary(result):
         rows = {(r["checkpoint"], r["pattern"]): r["loss"] for r in result["heldout"] if r["model"] == model}
         for p in TINY.patterns:
             gap = summary["loss_gap_pct"][model][p]["adapted"]
-            assert gap == pytest.approx(100 * (rows[(f"adapted_{p}", p)] - rows[("pretrained", "dense")]) / rows[("pretrained", "dense")])
+            assert gap == pytest.approx(
+                100 * (rows[(f"adapted_{p}", p)] - rows[("pretrained", "dense")]) / rows[("pretrained", "dense")]
+            )
     assert len(summary["expected"]) == 5 and all(isinstance(v, bool) for v in summary["expected"].values())
 
 

@@ -18,7 +18,7 @@ from bench.reproduce.scales import SCALES, Scale
 from bench.reproduce.stages import OutOfTime, export_all, log, train
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
-               "micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
+               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if "pretrain_steps" in overrides:
         overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
     scale = replace(SCALES[args.scale], **overrides)
-    if scale.batch % scale.micro_batch:
-        parser.error(f"--batch {scale.batch} must be a multiple of --micro-batch {scale.micro_batch}")
+    for name in ("micro_batch", "short_micro_batch"):
+        if scale.batch % getattr(scale, name):
+            parser.error(f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}")
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
     long, short = concurrency(args.concurrent)
     started = time.monotonic()

@@ -145,11 +145,6 @@ def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
     return runs
 
 
-def short_micro_batch(scale: Scale) -> int:
-    """Adaptation and fine-tuning runs share the GPU six or nine at a time: smaller microbatches."""
-    return max(1, min(scale.micro_batch, scale.batch // 4))
-
-
 def start_from(checkpoint: Path) -> list[str]:
     return [
         "--checkpoint.initial_load_path",
@@ -166,7 +161,7 @@ def adapt_runs(
     for name, model in MODELS.items():
         for spec in scale.patterns:
             args = [
-                *common_args(scale, scale.adapt_steps, short_micro_batch(scale), scale.compile_short),
+                *common_args(scale, scale.adapt_steps, scale.short_micro_batch, scale.compile_short),
                 *schedule((scale.adapt_steps, 0, scale.adapt_lr)), "--training.dataset", "bin",
                 "--training.dataset_path", data["files"]["adapt"], *model_args(model), *pattern_args(spec),
                 *start_from(pretrained[name].checkpoint),
@@ -187,7 +182,7 @@ def sft_runs(
         for spec in (DENSE, *scale.patterns):
             source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
             args = [
-                *common_args(scale, scale.sft_steps, short_micro_batch(scale), scale.compile_short),
+                *common_args(scale, scale.sft_steps, scale.short_micro_batch, scale.compile_short),
                 *schedule((scale.sft_steps, scale.sft_warmup_steps, scale.sft_lr)), "--training.dataset", "sft",
                 "--training.dataset_path", data["files"]["niah_train"], *model_args(model),
                 *pattern_args("d1w0s0" if spec == DENSE else spec), *start_from(source.checkpoint),

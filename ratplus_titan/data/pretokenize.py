@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,22 @@ from ratplus_titan.data.dataset import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of every non-empty line of a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` file."""
+    opener = gzip.open if path.name.endswith(".gz") else lzma.open if path.name.endswith(".xz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: not a JSON object")
+            yield line_number, record
 
 
 def read_documents(path: Path) -> Iterator[str]:
@@ -40,18 +57,11 @@ def read_documents(path: Path) -> Iterator[str]:
         return
     if not name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz")):
         raise ValueError(f"{path}: unsupported input; allowed suffixes are {', '.join(INPUT_SUFFIXES)}")
-    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' field ({e})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: 'text' is {type(text).__name__}, not a string")
-            yield text
+    for line_number, record in read_json_lines(path):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_number}: not a JSON object with a string 'text' field")
+        yield text
 
 
 _worker_tokenizer = None

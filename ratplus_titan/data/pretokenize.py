@@ -8,7 +8,9 @@ document as ``bos <tokens> eos``, documents concatenated in file order. Reading 
 at training time, and a data position that reshards across data-parallel layouts.
 
 Inputs: ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` files of ``{"text": ...}`` documents (one per line),
-or ``.txt`` files (one document each). The output is written under a temporary name and renamed when
+or ``.txt`` files (one document each), all UTF-8. An input without documents (an empty or blank ``.txt``,
+a ``.jsonl`` without lines) is skipped with a warning naming it; if no input has one, nothing is written
+and the error names them. The output is written under a temporary name and renamed when
 complete, so an interrupted run leaves no truncated ``.bin`` behind.
 """
 
@@ -21,46 +23,68 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ratplus_titan.data.dataset import TOKEN_DTYPE
+from ratplus_titan.data.token_file import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")
 
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` of every non-empty line of a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` file."""
-    opener = gzip.open if path.name.endswith(".gz") else lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: not a JSON object")
-            yield line_number, record
+    """``(line number, object)`` of every non-blank line of a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` file.
+    Unreadable input (not UTF-8, a corrupt archive, a line that is no JSON object): a ``ValueError`` naming
+    the file (and line)."""
+    name = path.name
+    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not a JSON object ({e})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line_number}: not a JSON object (a {type(record).__name__})")
+                yield line_number, record
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
+        suffix = name[name.index(".jsonl") :] if ".jsonl" in name else path.suffix
+        raise ValueError(f"{path} cannot be read as {suffix} ({e})") from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start : e.start + 1]!r})")
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one input file, in order."""
+    """The documents of one input file, in order: a ``.txt`` file is one document (none if it is empty or
+    only whitespace), a ``.jsonl[.gz|.xz]`` file one per non-blank line. Unreadable input: a ``ValueError``
+    naming the file."""
     name = path.name
-    if name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
-        return
-    if not name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz")):
+    if not name.endswith(INPUT_SUFFIXES):
         raise ValueError(f"{path}: unsupported input; allowed suffixes are {', '.join(INPUT_SUFFIXES)}")
+    if name.endswith(".txt"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        if text.strip():
+            yield text
+        return
     for line_number, record in read_json_lines(path):
         text = record.get("text")
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{line_number}: not a JSON object with a string 'text' field")
+            raise ValueError(f"{path}:{line_number}: not a JSON object with a string 'text' field "
+                             f"({'no text' if text is None else type(text).__name__})")  # fmt: skip
         yield text
 
 
@@ -83,9 +107,13 @@ def pretokenize(
     vocab = load_tokenizer(tokenizer_path).get_vocab_size()
     if vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"tokenizer vocabulary of {vocab} ids does not fit uint16 token files (at most 65536)")
-    docs = [text for path in inputs for text in read_documents(Path(path))]
+    per_input = [(str(path), list(read_documents(Path(path)))) for path in inputs]  # a path given twice is read twice
+    docs = [text for _, found in per_input for text in found]
+    empty = [path for path, found in per_input if not found]
     if not docs:
-        raise ValueError(f"no documents in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no documents in {', '.join(empty)}: every input is empty; nothing written")
+    for path in empty:
+        print(f"pretokenize: warning: {path} holds no documents (empty), skipped", file=sys.stderr, flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     total_chars, done_chars, n_tokens, start = sum(map(len, docs)), 0, 0, time.monotonic()

@@ -116,7 +116,7 @@ def test_tokenize_records_reads_files_and_names_bad_lines(tokenizer, tmp_path):
     ):
         list(read_records(bad))
     broken = _write(tmp_path / "broken.jsonl", ["{not json"])
-    with pytest.raises(ValueError, match="broken.jsonl:1: not a JSON line"):
+    with pytest.raises(ValueError, match="broken.jsonl:1: not a JSON object"):
         tokenize_records([broken], tokenizer, 64)
     empty = _write(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="no SFT records in"):

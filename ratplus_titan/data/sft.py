@@ -34,10 +34,11 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
+from ratplus_titan.data.order import ItemOrder
 from ratplus_titan.data.pretokenize import read_json_lines
 
 if TYPE_CHECKING:
-    from ratplus_titan.data.order import ItemOrder
+    from ratplus_titan.data.dataset import DataSection
 
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
 
@@ -89,7 +90,9 @@ def read_records(path: Path) -> Iterator[tuple[int, str, str]]:
         yield line_number, prompt, answer
 
 
-def tokenize_records(files: Sequence[Path], tokenizer: BaseTokenizer, seq_len: int) -> list[tuple[np.ndarray, int]]:
+def tokenize_records(
+    files: Sequence[Path], tokenizer: BaseTokenizer, seq_len: int, seq_len_field: str = "training.seq_len"
+) -> list[tuple[np.ndarray, int]]:
     """Every record of ``files`` as ``(bos + prompt + answer tokens int32, prompt length with bos)``, checked
     to fit ``seq_len + 1`` tokens with the eos."""
     if tokenizer.eos_id is None:
@@ -102,7 +105,7 @@ def tokenize_records(files: Sequence[Path], tokenizer: BaseTokenizer, seq_len: i
             if n > seq_len + 1:
                 raise ValueError(
                     f"{path}:{line_number}: the record has {n} tokens (bos + prompt {len(prompt_ids)}, answer "
-                    f"{len(answer_ids)}, eos), more than training.seq_len + 1 = {seq_len + 1}: raise seq_len or "
+                    f"{len(answer_ids)}, eos), more than {seq_len_field} + 1 = {seq_len + 1}: raise seq_len or "
                     "shorten the record"
                 )
             rows.append((np.asarray([*prompt_ids, *answer_ids], dtype=np.int32), len(prompt_ids)))
@@ -126,9 +129,13 @@ class SFTDataset(IterableDataset, Stateful):
         return sft_row(tokens[:n_prompt].tolist(), tokens[n_prompt:].tolist(), self.eos_id, self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        epoch = self.order.epoch
         for index in self.order.items(self.infinite):
             x, y = self.row(index)
             yield {"input": x}, y
+            if self.order.epoch != epoch:
+                epoch = self.order.epoch
+                logger.info(f"Dataset {self.name}: epoch {epoch} ({self.order.order} order)")
         logger.warning(f"Dataset {self.name} has run out of data")
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,3 +143,25 @@ class SFTDataset(IterableDataset, Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.order.load_state_dict(state_dict)
+
+
+def build_sft_dataset(
+    section: DataSection, tokenizer: BaseTokenizer | None, dp_rank: int, dp_world_size: int, infinite: bool
+) -> SFTDataset:
+    """This rank's SFT dataset for a config section with ``dataset = "sft"`` (``dataset.build_dataset``):
+    every record read and tokenized up front, so a bad or too long record stops the run before training."""
+    from ratplus_titan.data.dataset import _find_files
+
+    if tokenizer is None:
+        raise ValueError(f'{section.field("dataset")} = "sft" is text and needs a tokenizer')
+    files = _find_files(section, SFT_SUFFIXES)
+    rows = tokenize_records(files, tokenizer, section.seq_len, section.field("seq_len"))
+    if len(rows) < dp_world_size:
+        raise ValueError(f"{section.field('dataset_path')} = {section.dataset_path!r} holds {len(rows)} SFT records, "
+                         f"fewer than the {dp_world_size} data-parallel ranks")  # fmt: skip
+    name = f"{len(files)} SFT file(s) from {section.dataset_path}"
+    order = ItemOrder(len(rows), dp_rank, dp_world_size, section.order, section.seed)
+    answer_tokens = sum(len(tokens) - n_prompt + 1 for tokens, n_prompt in rows)
+    logger.info(f"{section.name} data: {name}, {len(rows)} records ({answer_tokens:,} answer + eos tokens trained) "
+                f"in {section.order} order, rank {dp_rank} of {dp_world_size}")  # fmt: skip
+    return SFTDataset(rows, section.seq_len, tokenizer.eos_id, order, name, infinite)

@@ -514,22 +514,12 @@ SAMPLE_FIELDS = ("task", "index", "length", "prompt_tokens", "max_new_tokens", "
 
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Sample records from a ``.jsonl`` / ``.jsonl.gz`` file (``--write-data``, ``niah_splits`` eval files)."""
-    from ratplus_titan.data.pretokenize import read_json_lines
+    """Sample records from a ``.jsonl[.gz|.xz]`` file (``--write-data``, ``niah_splits`` eval files)."""
+    from ratplus_titan.data.jsonl import read_records
 
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"samples file {str(path)!r} does not exist")
-    samples = []
-    for line_number, record in read_json_lines(path):
-        missing = [k for k in SAMPLE_FIELDS if k not in record]
-        if missing:
-            raise ValueError(f"{path}:{line_number}: a NIAH sample needs the fields {', '.join(missing)} "
-                             "(write samples with ratplus-niah --write-data or python -m ratplus_titan.eval.niah_splits)")  # fmt: skip
-        samples.append(record)
-    if not samples:
-        raise ValueError(f"samples file {path} holds no samples")
-    return samples
+    return read_records(path, SAMPLE_FIELDS, "NIAH samples, as ratplus-niah --write-data writes them")
 
 
 def write_samples(path: str | Path, samples: Sequence[dict[str, Any]]) -> Path:

@@ -16,53 +16,20 @@ complete, so an interrupted run leaves no truncated ``.bin`` behind.
 
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
 import multiprocessing
 import os
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ratplus_titan.data.jsonl import not_utf8, read_json_lines
 from ratplus_titan.data.token_file import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")
-
-
-def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` of every non-blank line of a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` file.
-    Unreadable input (not UTF-8, a corrupt archive, a line that is no JSON object): a ``ValueError`` naming
-    the file (and line)."""
-    name = path.name
-    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: not a JSON object ({e})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{line_number}: not a JSON object (a {type(record).__name__})")
-                yield line_number, record
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
-        suffix = name[name.index(".jsonl") :] if ".jsonl" in name else path.suffix
-        raise ValueError(f"{path} cannot be read as {suffix} ({e})") from None
-
-
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start : e.start + 1]!r})")
 
 
 def read_documents(path: Path) -> Iterator[str]:
@@ -76,7 +43,7 @@ def read_documents(path: Path) -> Iterator[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise not_utf8(path, e) from None
         if text.strip():
             yield text
         return

@@ -34,8 +34,8 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
+from ratplus_titan.data.jsonl import read_json_lines
 from ratplus_titan.data.order import ItemOrder
-from ratplus_titan.data.pretokenize import read_json_lines
 
 if TYPE_CHECKING:
     from ratplus_titan.data.dataset import DataSection

@@ -318,7 +318,7 @@ def test_cli_evaluates_a_samples_file_teacher_forced(tiny_export, tmp_path, caps
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"task": "single", "input": "x"}) + "\n")
     line = cli_error(capsys, niah.main, [str(tiny_export), "--samples-file", str(bad), "--device", "cpu"])
-    assert f"{bad}:1: a NIAH sample needs the fields index, length" in line
+    assert f"{bad}:1: record has no 'index' field (NIAH samples" in line
     line = cli_error(capsys, niah.main, [str(tiny_export), "--samples-file", str(tmp_path / "none.jsonl")])
     assert "samples file" in line and "does not exist" in line
     line = cli_error(capsys, niah.main, [str(tiny_export), "--depth-buckets", "50,20"])

@@ -231,6 +231,27 @@ def test_sft_training_resumes_exactly_and_visits_every_record_each_epoch(tmp_pat
     assert again == first[3:] and again_rows == rows[12:]
 
 
+def test_validation_on_held_out_sft_records(tmp_path):
+    """``[validation] dataset = "sft"``: the held-out records' answer loss, in file order, finite."""
+    from ratplus_titan.train import RATPlusTrainer
+    from tests.torchtitan_cpu import trainer_session
+    from tests.trainer_utils import register_test_flavor
+
+    register_test_flavor()
+    write_records(tmp_path / "train.jsonl")
+    write_records(tmp_path / "held_out.jsonl", n=6, seed=1)
+    validation = ["--validation.enable", "--validation.dataset", "sft", "--validation.dataset_path",
+                  str(tmp_path / "held_out.jsonl"), "--validation.freq", "2", "--validation.steps", "-1",
+                  "--validation.seq_len", "64", "--validation.local_batch_size", "3"]  # fmt: skip
+    logged = []
+    args = sft_args(tmp_path / "out", 2, tmp_path / "train.jsonl", "--checkpoint.no-enable", *validation)
+    with trainer_session(RATPlusTrainer, args) as trainer:
+        trainer.metrics_processor.log_validation = lambda loss, step, **kw: logged.append((step, float(loss)))
+        trainer.train()
+    assert [step for step, _ in logged] == [1, 2]
+    assert all(5.0 < loss < 12.0 for _, loss in logged), logged
+
+
 def test_bad_sft_config_is_refused_while_the_trainer_is_built(tmp_path):
     from ratplus_titan.train import RATPlusTrainer
     from tests.torchtitan_cpu import trainer_session

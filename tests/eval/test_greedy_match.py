@@ -12,6 +12,8 @@ from ratplus_titan.eval.greedy_match import greedy_matches
 from ratplus_titan.inference.lm import RATPlusLM
 
 PATTERNS = ["dense", "d4w8s2", "topk4k3s2-ratplus", "topk8k2s2-quest", "1:dense+1:d4w8s2"]
+# the GPU run uses the CUDA kernels of both paths (prefill/decode and the full-sequence forward)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 ANSWER_TOKENS = 6
 
 
@@ -29,9 +31,10 @@ def cases(rng: random.Random, generated: list[int]) -> list[list[int]]:
     return [generated, generated[: rng.randint(1, len(generated))], changed, [rng.randrange(32000) for _ in range(4)]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_teacher_forced_match_equals_greedy_generation(tiny_export, pattern):
-    lm = RATPlusLM.from_pretrained(tiny_export, pattern=pattern, dtype="float32", device="cpu", max_seq_len=128,
+def test_teacher_forced_match_equals_greedy_generation(tiny_export, pattern, device):
+    lm = RATPlusLM.from_pretrained(tiny_export, pattern=pattern, dtype="float32", device=device, max_seq_len=128,
                                    max_batch_size=8)  # fmt: skip
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(3, 32000) for _ in range(n - 1)] for n in (5, 17, 40, 63, 90, 121)]

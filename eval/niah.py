@@ -222,9 +222,9 @@ def make_sample(
         )
     sentences, lengths = haystack.stretch(rng, limit - overhead)
     while True:
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
+        offsets = [0]  # haystack tokens before each sentence (and after the last)
+        for count in lengths:
+            offsets.append(offsets[-1] + count)
         total = offsets[-1]
         # needle i goes before sentence `slot` (the boundary nearest to its depth); ties keep depth order
         slots = [min(range(len(offsets)), key=lambda b: abs(offsets[b] - n["depth"] / 100 * total)) for n in needles]

@@ -66,7 +66,7 @@ class Scale:
 SCALES = {
     # one H100/H200 in one device call: 3 pretrained models, 6 adaptations, 9 fine-tunings, all evaluations
     "50m": Scale(
-        flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=360, warmup_steps=18,
+        flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=320, warmup_steps=16,
         adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
         eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=3840,

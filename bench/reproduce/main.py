@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -131,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         save("data", t0)
 
         t0 = time.monotonic()
-        pretrained = pipeline.pretrain_runs(work, scale, data)
-        result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
+        with ProcessPoolExecutor(1) as pool:  # the NIAH samples are written while the models pretrain
+            niah_data = pool.submit(pipeline.niah_splits, work, scale)
+            pretrained = pipeline.pretrain_runs(work, scale, data)
+            result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
+            data["files"].update(niah_data.result())
+            result["config"]["files"] = data["files"]
         save("pretrain", t0)
 
         t0 = time.monotonic()

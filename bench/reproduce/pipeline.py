@@ -18,18 +18,23 @@ TOKENIZER = REPO / "ratplus_titan" / "assets" / "llama2" / "tokenizer.model"
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
-    """Tokens of the corpus (pretraining windows, then adaptation windows pretraining never sees, held-out
-    windows) and the NIAH splits (fine-tuning samples from training books, evaluation samples from held-out
-    books). Returns the files and their sizes."""
-    import numpy as np
-
+def corpus_files(scale: Scale) -> dict[str, Path]:
+    """The scale's (train, validation) text files, checked to exist."""
     corpus = {split: REPO / text for split, text in zip(("train", "validation"), scale.corpus)}
     for path in corpus.values():
         if not path.is_file():
             raise FileNotFoundError(
                 f"corpus file {path} is missing: build it with scripts/build_gutenberg_corpus.py (data/README.md)"
             )
+    return corpus
+
+
+def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
+    """Tokens of the corpus: pretraining windows, then adaptation windows pretraining never sees, and the
+    held-out windows. Returns the files and their sizes (the NIAH splits come from ``niah_splits``)."""
+    import numpy as np
+
+    corpus = corpus_files(scale)
     digests = {split: file_digest(path) for split, path in corpus.items()}
     tokens_dir = stage_dir(work, "data", "tokens", {"corpus": digests, "tokenizer": file_digest(TOKENIZER)})
     files = {}
@@ -63,7 +68,6 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
             tokens[lo:hi].tofile(partial)
             partial.rename(path)
         files[name] = path
-    files.update(niah_splits(work, scale, corpus, digests))
     validation = np.memmap(files["validation"], dtype=np.uint16, mode="r")
     return {
         "train_tokens": int(len(tokens)), "validation_tokens": int(len(validation)),
@@ -71,12 +75,16 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     }  # fmt: skip
 
 
-def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict[str, str]) -> dict[str, Path]:
+def niah_splits(work: Path, scale: Scale) -> dict[str, str]:
     """NIAH fine-tuning samples (training books) and evaluation samples (held-out books), disjoint keys
-    and values; keyed by the corpus, the generator's source and every sample setting."""
+    and values; keyed by the corpus, the generator's source and every sample setting. Only fine-tuning
+    needs them: ``main`` writes them in a second process while the models pretrain."""
     from ratplus_titan.data.tokenizer import load_tokenizer
     from ratplus_titan.eval import niah
     from ratplus_titan.eval import niah_splits as splits
+
+    corpus = corpus_files(scale)
+    digests = {split: file_digest(path) for split, path in corpus.items()}
 
     per_task = {"train": scale.niah_train_samples // len(scale.niah_tasks), "eval": scale.niah_eval_samples}
     settings = {
@@ -92,7 +100,7 @@ def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict
             length=scale.seq_len, tasks=scale.niah_tasks, n_train=per_task["train"], n_eval=per_task["eval"],
             seed=scale.seed, out_dir=folder, progress=True,
         )  # fmt: skip
-    return out
+    return {k: str(v) for k, v in out.items()}
 
 
 # ---- training runs ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class Scale:
     eval_windows: int  # held-out windows for the LM loss
     eval_batch: int
     niah_tasks: tuple[str, ...]
-    niah_train_samples: int  # SFT samples, from training books (all tasks together)
+    niah_train_samples: int  # SFT samples from training books, all tasks together (sft_steps x batch: epochs)
     niah_eval_samples: int  # evaluation samples per task, from held-out books
     log_freq: int
     joint_dilation: int = 64
@@ -69,7 +69,7 @@ SCALES = {
         flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=320, warmup_steps=16,
         adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
-        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=3840,
+        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=1920,
         niah_eval_samples=200, log_freq=10,
     ),
     "tiny": Scale(

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from ratplus_titan import cli
-from ratplus_titan.inference.generate import DECODE_MODES, check_decode_mode
 
 PROG = "ratplus-niah"
 HAYSTACK_FILE = Path(__file__).resolve().parent / "assets" / "paul_graham_essays.jsonl.gz"
@@ -439,15 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--haystack", default="essays",
                         help="'essays' (shipped Paul Graham essays), 'noise' (RULER's repeated sentences), or a folder of "
                         ".txt files / a .txt or .jsonl(.gz) file (default: essays)")
-    parser.add_argument("--pattern", default="config", type=cli.pattern_list(config=True),
-                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
-                        "config.json (default: config)")
+    cli.add_pattern_argument(parser)
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                         help="answer tokens (default: 32 single/multikey, 96 otherwise)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples generated together (default: %(default)s)")
     parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
     parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+    parser.add_argument("--decode-mode", choices=cli.DECODE_MODES, default="auto",
                         help="decode step implementation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sample generation seed (default: %(default)s)")
     parser.add_argument("--output", default=None, help="results JSON (default: niah_<pattern>.json in the current folder)")
@@ -469,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"MODEL_DIR {args.model_dir!r} has no config.json: give a folder written by ratplus-export")
 
     from ratplus_titan.data.tokenizer import load_tokenizer
+    from ratplus_titan.inference.generate import check_decode_mode
     from ratplus_titan.inference.lm import RATPlusLM
 
     started = time.perf_counter()
@@ -497,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.batch_size,
         )
         check_decode_mode(lm, args.decode_mode)
+    cli.warn_beyond_model_length(PROG, "--lengths", max(args.lengths), lm.model_max_seq_len)
     if args.tokenizer:
         lm.tokenizer = tokenizer
     label = str(lm.patterns[0]) if len(set(lm.patterns)) == 1 else "hybrid"

@@ -370,6 +370,7 @@ def export_dcp(
     if pattern is None:
         record = read_training_record(checkpoint_dir)
         if record is None:
+            pattern = (1, 0, 0)  # dense, whatever the flavor table holds
             tell(f"note: {checkpoint_dir} records no training pattern (saved before ratplus-titan recorded it): "
                  "config.json gets dense; pass --pattern to record the pattern it was trained/adapted for")  # fmt: skip
         else:

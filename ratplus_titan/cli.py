@@ -278,7 +278,7 @@ def add_pattern_argument(parser: argparse.ArgumentParser, repeat: bool = False) 
         parser.add_argument("--pattern", action="append", dest="patterns", type=kind, default=None,
                             help=f"{help}; repeat for several (default: {RECORDED_PATTERN})")  # fmt: skip
         return
-    parser.add_argument("--pattern", default=RECORDED_PATTERN, type=kind, help=f"{help} (default: %(default)s)")
+    parser.add_argument("--pattern", default=RECORDED_PATTERN, type=kind, help=f"{help} (default: {RECORDED_PATTERN})")
 
 
 # ---- notes ---------------------------------------------------------------------------------

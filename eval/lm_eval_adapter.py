@@ -46,7 +46,7 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from ratplus_titan import cli
-from ratplus_titan.eval.lm_eval_cli import TASKS_DIR, main  # noqa: F401  (TASKS_DIR: README; main: python -m)
+from ratplus_titan.eval.lm_eval_cli import TASKS_DIR  # noqa: F401  (imported from here by users: README)
 from ratplus_titan.head_groups import LayerPattern
 
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
@@ -85,7 +85,6 @@ def parse_pattern_arg(pattern: Any) -> list[LayerPattern] | None:
         raise ValueError(f"model_args pattern: {err}") from None
 
 
-@register_model("ratplus")
 class RATPlusEvalLM(TemplateLM):
     """lm-eval ``LM`` over ``RATPlusLM``: loglikelihood, loglikelihood_rolling, generate_until."""
 
@@ -339,5 +338,12 @@ class RATPlusEvalLM(TemplateLM):
         }
 
 
+# Registered under the module's own name only: ``python -m ratplus_titan.eval.lm_eval_adapter`` runs this
+# file as ``__main__``, and the command below imports it again as ratplus_titan.eval.lm_eval_adapter
+# (lm-eval refuses a second class under one name).
 if __name__ == "__main__":
+    from ratplus_titan.eval.lm_eval_cli import main
+
     main()
+else:
+    register_model("ratplus")(RATPlusEvalLM)

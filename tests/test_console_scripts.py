@@ -86,7 +86,9 @@ def test_pattern_defaults_to_the_recorded_one_everywhere(command):
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    args = RATPlusModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, max_seq_len=64, dilation=4, local_window=8, sinks=2)
+    args = RATPlusModelArgs(
+        dim=32, n_layers=2, n_heads=2, vocab_size=32000, max_seq_len=64, dilation=4, local_window=8, sinks=2
+    )
     model = RATPlusModel(args)
     model.init_weights()
     out = tmp_path_factory.mktemp("tiny") / "export"
@@ -108,7 +110,7 @@ def test_perplexity_runs_the_recorded_pattern_and_names_it(export_dir, token_bin
     for name, options in {"default": [], "config": ["--pattern", "config"], "dense": ["--pattern", "dense"],
                           "explicit": ["--pattern", "d4w8s2"]}.items():  # fmt: skip
         out = tmp_path / f"{name}.json"
-        argv = [str(export_dir), str(token_bin), "--seq-len", "32", "--windows", "3", "--device", "cpu", "--output", str(out)]
+        argv = [str(export_dir), str(token_bin), "--seq-len", "32", "--windows", "3", "--device", "cpu", "--output", str(out)]  # fmt: skip
         assert perplexity.main([*argv, *options]) == 0
         (rows[name],) = json.loads(out.read_text())
         printed = capsys.readouterr()

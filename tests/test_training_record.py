@@ -17,7 +17,7 @@ from tests.trainer_utils import register_test_flavor, trainer_args
 
 # a per-layer pattern (the test flavor has 2 layers), as [ratplus] gives it
 PATTERN = {"dilation": [4, 8], "local_window": 8, "sinks": 2}
-SPARSE = ["--ratplus.no-joint-train", "--ratplus.dilation", "4", "8", "--ratplus.local_window", "8", "--ratplus.sinks", "2"]
+SPARSE = ["--ratplus.no-joint-train", "--ratplus.dilation", "4", "8", "--ratplus.local_window", "8", "--ratplus.sinks", "2"]  # fmt: skip
 
 
 def train(dump: Path, steps: int, *extra: str) -> None:
@@ -39,7 +39,9 @@ def run(tmp_path_factory) -> Path:
 
 
 def test_the_record_round_trips() -> None:
-    record = TrainingRecord({"dilation": [4, 8], "local_window": 8, "sinks": 2, "head_groups": ["2:dense+2:d4w0s0"]}, False)
+    record = TrainingRecord(
+        {"dilation": [4, 8], "local_window": 8, "sinks": 2, "head_groups": ["2:dense+2:d4w0s0"]}, False
+    )
     tensor = record.to_tensor()
     assert tensor.dtype == torch.uint8 and tensor.dim() == 1
     assert TrainingRecord.from_tensor(tensor, "x") == record
@@ -55,7 +57,9 @@ def test_export_records_the_trained_pattern(run: Path, tmp_path: Path, step: int
     assert capsys.readouterr().err.splitlines() == [
         "ratplus-export: pattern d4w8s2,d8w8s2: the one the checkpoint was trained with (--pattern overrides it)"
     ]
-    export.main([str(run / "checkpoint"), str(out), "--step", str(step), "--no-tokenizer", "--overwrite", "--pattern", "dense"])
+    export.main(
+        [str(run / "checkpoint"), str(out), "--step", str(step), "--no-tokenizer", "--overwrite", "--pattern", "dense"]
+    )
     assert json.loads((out / "config.json").read_text())["pattern"] == {"dilation": 1, "local_window": 0, "sinks": 0}
 
 
@@ -83,7 +87,13 @@ def test_runs_resume_and_start_from_checkpoints_holding_the_record(run: Path, tm
     train(resumed, 2)
     assert (resumed / "checkpoint" / "step-2" / ".metadata").is_file()
     adapted = tmp_path / "adapted"
-    train(adapted, 1, "--checkpoint.initial_load_path", str(run / "checkpoint" / "step-2"), "--checkpoint.initial_load_model_only")
+    train(
+        adapted,
+        1,
+        "--checkpoint.initial_load_path",
+        str(run / "checkpoint" / "step-2"),
+        "--checkpoint.initial_load_model_only",
+    )
     assert (adapted / "checkpoint" / "step-1" / ".metadata").is_file()
 
 
@@ -97,7 +107,11 @@ def test_run_train_then_export_without_pattern(tmp_path: Path) -> None:
 
     from tests.trainer_utils import DEBUG_TOML, REPO
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("RANK", None)
     train_args = ["--job.config_file", str(DEBUG_TOML), "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "1",
                   "--training.seq_len", "64", "--training.local_batch_size", "2", "--ratplus.no-joint-train",

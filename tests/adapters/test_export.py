@@ -231,6 +231,22 @@ def test_bad_arguments_fail_before_anything_loads(tmp_path: Path, capsys, option
     assert line.startswith("ratplus-export: error: ")
 
 
+def test_export_shows_its_stages_on_a_terminal_only(saved_model, tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
+    root, _ = saved_model
+    export_module.main([str(root), str(tmp_path / "a"), "--n-heads", "4", "--no-tokenizer"])
+    assert "reading" not in capsys.readouterr().err  # a log or a pipe: no progress lines
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    export_module.main([str(root), str(tmp_path / "b"), "--n-heads", "4", "--no-tokenizer"])
+    assert capsys.readouterr().err.splitlines() == [
+        f"ratplus-export: reading the model tensors of {root / 'step-2'}",
+        f"ratplus-export: note: {root / 'step-2'} records no training pattern (saved before ratplus-titan recorded "
+        "it): config.json gets dense; pass --pattern to record the pattern it was trained/adapted for",
+        f"ratplus-export: writing {tmp_path / 'b'}",
+    ]
+
+
 def test_non_finite_weights_are_refused_naming_the_tensor_and_the_shard(saved_model, tmp_path: Path, capsys) -> None:
     """A shard overwritten in place (same size) so that the embedding holds NaN: nothing is exported."""
     import shutil

@@ -369,12 +369,12 @@ def export_dcp(
     args = resolve_args(state_dict, flavor, n_heads, apply_re, max_seq_len, source=str(checkpoint_dir))
     if pattern is None:
         record = read_training_record(checkpoint_dir)
+        pattern = (1, 0, 0) if record is None else record.pattern_setting  # dense: whatever the flavor table holds
+        apply_pattern(args, pattern)
         if record is None:
-            pattern = (1, 0, 0)  # dense, whatever the flavor table holds
             tell(f"note: {checkpoint_dir} records no training pattern (saved before ratplus-titan recorded it): "
                  "config.json gets dense; pass --pattern to record the pattern it was trained/adapted for")  # fmt: skip
         else:
-            apply_pattern(args, record.pattern_setting)
             tell(f"pattern {cli.describe_patterns(args.patterns)}: the one the checkpoint was trained with "
                  "(--pattern overrides it)")  # fmt: skip
     apply_pattern(args, pattern)

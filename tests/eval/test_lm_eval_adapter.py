@@ -221,7 +221,7 @@ def test_cli_reports_bad_model_args_in_one_line(tiny_export, tmp_path, capsys):
 
     import lm_eval.tasks
 
-    from ratplus_titan.eval.lm_eval_adapter import main
+    from ratplus_titan.eval.lm_eval_cli import main
 
     argv, task_manager = list(sys.argv), lm_eval.tasks.TaskManager
     bad = tmp_path / "bad"
@@ -247,7 +247,7 @@ def test_cli_reports_bad_model_args_in_one_line(tiny_export, tmp_path, capsys):
 
 def test_cli_reports_an_unknown_task_in_one_line(tiny_export, capsys):
     """A task that is not ours: lm-eval indexes its own task YAMLs first (~7 s), then refuses it."""
-    from ratplus_titan.eval.lm_eval_adapter import main
+    from ratplus_titan.eval.lm_eval_cli import main
 
     line = cli_error(capsys, main, ["--model", "ratplus", "--model_args", f"path={tiny_export}", "--tasks",
                                     "ratplus_tiny_mc,no_such_task", "--device", "cpu"], only_line=False)  # fmt: skip

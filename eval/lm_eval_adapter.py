@@ -46,7 +46,7 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from ratplus_titan import cli
-from ratplus_titan.eval.lm_eval_cli import TASKS_DIR  # noqa: F401  (imported from here by users: README)
+from ratplus_titan.eval.lm_eval_cli import TASKS_DIR, main  # noqa: F401  (README; installs predating lm_eval_cli)
 from ratplus_titan.head_groups import LayerPattern
 
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
@@ -342,8 +342,6 @@ class RATPlusEvalLM(TemplateLM):
 # file as ``__main__``, and the command below imports it again as ratplus_titan.eval.lm_eval_adapter
 # (lm-eval refuses a second class under one name).
 if __name__ == "__main__":
-    from ratplus_titan.eval.lm_eval_cli import main
-
     main()
 else:
     register_model("ratplus")(RATPlusEvalLM)

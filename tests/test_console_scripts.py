@@ -45,7 +45,7 @@ print("heavy modules:", sorted(name for name in {heavy!r} if name in sys.modules
 
 def test_every_console_script_is_checked():
     assert set(SCRIPTS) == {"ratplus-export", "ratplus-import-official", "ratplus-generate", "ratplus-niah",
-                            "ratplus-longbench", "ratplus-lm-eval", "ratplus-perplexity"}  # fmt: skip
+                            "ratplus-longbench", "ratplus-lm-eval", "ratplus-perplexity", "ratplus-train"}  # fmt: skip
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

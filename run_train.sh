@@ -5,7 +5,7 @@
 # torchtitan 0.2.2 assumes CUDA when no accelerator is present.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+source scripts/find_python.sh  # PYTHON: as given, else .venv/bin/python, else python
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
 TRAIN_FILE=${TRAIN_FILE:-ratplus_titan.train}
 NGPU=${NGPU:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}

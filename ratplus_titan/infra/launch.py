@@ -1,0 +1,155 @@
+"""Starting a training run: the job config checked before anything is built, and config errors as one line.
+
+Every way to train goes through ``train`` here: ``python -m ratplus_titan.train`` (under torchrun:
+``run_train.sh`` on a GPU machine) and ``python -m ratplus_titan.infra.cpu`` (``run_train.sh``
+without a GPU). It runs torchtitan 0.2.2's ``train.main`` with
+
+- ``check_job_config`` right after the config is parsed: the ``[ratplus]`` types were checked
+  when the section was built (``RATPlus.__post_init__``); here a copy of the flavor's model args
+  takes the config as the trainer will (``update_from_config``: values, patterns, ``seq_len``, the
+  attention backend on this machine), and a pattern that is dense attention at ``training.seq_len``
+  gets a one-line warning;
+- the checkpoint checks of ``resume.py`` (another flavor's checkpoint, a run already at its last step);
+- a ``ConfigError`` from any of these, from torchtitan's parsing of the TOML file, or from building
+  the trainer, printed as ``PROG: error: MESSAGE`` with exit status 2. Anything else is a bug and
+  keeps its traceback.
+
+``python -m ratplus_titan.infra.launch --job.config_file X.toml [torchtitan args]`` checks a config
+and exits: ``run_train.sh`` runs it before torchrun, whose failure report would bury the line.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from ratplus_titan.cli import ArgumentParser, error_message, fail
+from ratplus_titan.config import ConfigError
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets and torchtitan's trainer reads."""
+
+
+def check_job_config(config, warn: bool = True) -> None:
+    """Raise ``ConfigError`` if the flavor's model cannot take ``config``; with ``warn``, log (once, one line)
+    the configured patterns that are dense attention at ``training.seq_len``."""
+    from torchtitan.tools.logging import logger
+
+    from ratplus_titan.model import ratplus_flavors
+    from ratplus_titan.train_spec import NAME
+
+    if config.model.name != NAME:
+        return
+    try:
+        args = copy.deepcopy(ratplus_flavors[config.model.flavor])
+    except KeyError as err:
+        raise ConfigError(error_message(err)) from None
+    args.update_from_config(config)
+    seq_len = config.training.seq_len
+    dense = args.dense_patterns(seq_len)
+    if warn and dense:
+        logger.warning(
+            f"ratplus: pattern {', '.join(map(str, dense))} is dense attention at training.seq_len={seq_len} (a local "
+            f"window >= {seq_len - 1} or >= {seq_len} sinks cover every earlier key), so training is not sparse: "
+            f"use ratplus.local_window < {seq_len - 1} for a sparse pattern"
+        )
+
+
+def parse_job_config(args: Sequence[str], warn: bool = True):
+    """torchtitan's ``ConfigManager().parse_args(args)`` and ``check_job_config``; ``ConfigError`` for bad values."""
+    from torchtitan.config import ConfigManager
+
+    with checked_parsing(warn):
+        return ConfigManager().parse_args(list(args))
+
+
+@contextmanager
+def checked_parsing(warn: bool = True, args: Sequence[str] | None = None) -> Iterator[None]:
+    """While inside, torchtitan's ``ConfigManager.parse_args`` runs ``check_job_config`` on what it parsed,
+    and its ``ValueError`` (a TOML field that does not exist, ...) becomes a ``ConfigError``.
+
+    ``args``: what ``parse_args()`` parses when called without arguments (torchtitan's ``main``
+    does), instead of the ``sys.argv[1:]`` bound when torchtitan was imported.
+    """
+    from torchtitan.config import ConfigManager
+
+    original = ConfigManager.parse_args
+
+    def parse_args(manager, given: Sequence[str] | None = None):
+        given = given if given is not None else args if args is not None else sys.argv[1:]
+        try:
+            config = original(manager, list(given))
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        check_job_config(config, warn)
+        return config
+
+    ConfigManager.parse_args = parse_args
+    try:
+        yield
+    finally:
+        ConfigManager.parse_args = original
+
+
+def train(trainer_cls: type, args: Sequence[str] | None, prog: str) -> None:
+    """torchtitan's ``train.main(trainer_cls)`` parsing ``args`` (``sys.argv[1:]`` if None), with the
+    checks above; a ``ConfigError`` ends the process with ``PROG: error: MESSAGE`` (exit status 2)."""
+    import torchtitan.train as tt_train
+
+    from ratplus_titan.infra.resume import resume_checks
+
+    try:
+        with checked_parsing(args=args), resume_checks():
+            tt_train.main(trainer_cls)
+    except ConfigError as err:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        fail(prog, err)
+
+
+def require_launcher(prog: str, argv: Sequence[str]) -> None:
+    """Exit with one line saying what to run when the torchrun variables are missing (``--help`` passes)."""
+    missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+    if missing and not {"-h", "--help"} & set(argv):
+        fail(
+            prog,
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: this module runs under torchrun "
+            "(one process per GPU). Train with ./run_train.sh (CONFIG_FILE=X.toml NGPU=N), or on a machine "
+            "without a GPU with python -m ratplus_titan.infra.cpu -- --job.config_file X.toml",
+        )
+
+
+def torchrun_main(trainer_cls: type, prog: str = "ratplus_titan.train") -> None:
+    """``python -m ratplus_titan.train``: one process of a torchrun job."""
+    require_launcher(prog, sys.argv[1:])
+    train(trainer_cls, None, prog)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ratplus_titan.infra.launch [torchtitan args]``: check the job config, print nothing if it is good."""
+    from torchtitan.tools.logging import logger
+
+    parser = ArgumentParser(
+        prog="python -m ratplus_titan.infra.launch",
+        usage="%(prog)s --job.config_file X.toml [torchtitan args]",
+        description="Check a training job config without training: the [ratplus] types and values against the "
+        "flavor's model, the attention backend on this machine. A bad value: one line on stderr, exit status 2.",
+    )
+    _, rest = parser.parse_known_args(argv)
+    logger.setLevel(logging.ERROR)  # the training run logs torchtitan's warnings; here only the verdict
+    try:
+        parse_job_config(rest, warn=False)
+    except ConfigError as err:
+        fail(parser.prog, err)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 traceback or a silently wrong run, through the entry points a user runs.
 
 Most cases call ``python -m ratplus_titan.infra.cpu``'s ``main`` in this process (what ``run_train.sh``
-runs without a GPU); a few run ``run_train.sh`` and ``python -m ratplus_titan.train`` as subprocesses.
+runs without a GPU) or run ``python -m ratplus_titan.train`` with runpy; two run ``run_train.sh``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import runpy
 import subprocess
 import sys
 import typing
@@ -59,9 +60,12 @@ def config_error(capfd, argv: list[str], contains: list[str]) -> str:
 
 
 def toml_with(path: Path, **ratplus) -> Path:
-    """debug_model.toml with ``ratplus`` set in its ``[ratplus]`` section (JSON writes these TOML values)."""
+    """debug_model.toml with ``ratplus`` set in its ``[ratplus]`` section (JSON writes these TOML values),
+    and one short step without a checkpoint: a run the checks fail to stop ends in seconds."""
     doc = tomllib.loads(DEBUG_TOML.read_text())
     doc["ratplus"].update(ratplus)
+    doc["training"].update(steps=1, seq_len=64, local_batch_size=1)
+    doc["checkpoint"]["enable"] = False
     lines = []
     for section, table in doc.items():
         lines += [f"[{section}]", *(f"{key} = {json.dumps(value)}" for key, value in table.items()), ""]
@@ -152,7 +156,7 @@ def test_quoted_booleans_through_run_train_sh(tmp_path):
         ({"sinks": -1}, [], ["ratplus.sinks=-1 is invalid", ">= 0"]),
         ({"head_groups": ["3:dense+2:d4w0s0"]}, [], ["ratplus.head_groups", "do not sum to n_heads=4"]),
         ({"attention_backend": "cuda"}, [], ["ratplus.attention_backend='cuda' is invalid", "auto, sdpa"]),
-        ({"joint_dilation": 512}, [], ["training.seq_len=256 cannot serve pattern d512w0s0"]),
+        ({"joint_dilation": 128}, [], ["training.seq_len=64 cannot serve pattern d128w0s0"]),
         ({"aply_re": False}, [], ["Invalid field names", "aply_re"]),
         ({}, ["--model.flavor", "2B"], ["model.flavor='2B' is unknown", "debugmodel"]),
     ],
@@ -227,18 +231,13 @@ def test_resuming_warns_about_dense_patterns_other_flavors_and_finished_runs(cap
 # ---- 7. the torchrun module without torchrun --------------------------------------------------
 
 
-def test_train_module_without_torchrun_says_what_to_run(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(REPO)
-    run = subprocess.run([sys.executable, "-m", "ratplus_titan.train", "--job.config_file", str(DEBUG_TOML)],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr, run.stderr[-3000:]
-    [line] = run.stderr.strip().splitlines()
-    assert line.startswith(
-        "ratplus_titan.train: error: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set"
-    )
-    assert "./run_train.sh" in line and "python -m ratplus_titan.infra.cpu -- --job.config_file" in line
+def test_train_module_without_torchrun_says_what_to_run(capsys, monkeypatch):
+    """``python -m ratplus_titan.train`` (run here by runpy) outside torchrun: once a KeyError 'LOCAL_RANK'."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # what torchrun sets
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["ratplus_titan.train", "--job.config_file", str(DEBUG_TOML)])
+    line = cli_error(capsys, lambda argv: runpy.run_module("ratplus_titan.train", run_name="__main__"), [], [
+        "ratplus_titan.train: error: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set",
+        "./run_train.sh", "python -m ratplus_titan.infra.cpu -- --job.config_file",
+    ])  # fmt: skip
+    assert line.startswith("ratplus_titan.train: error: ")

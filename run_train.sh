@@ -10,11 +10,6 @@ CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
 TRAIN_FILE=${TRAIN_FILE:-ratplus_titan.train}
 NGPU=${NGPU:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}
 if [ "$NGPU" -gt 0 ]; then
-  # A bad config: one line here, not one per rank plus torchrun's failure report.
-  case " $* " in
-    *" -h "* | *" --help "*) ;;
-    *) "$PYTHON" -m ratplus_titan.infra.launch --job.config_file "$CONFIG_FILE" "$@" ;;
-  esac
   exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint=localhost:0 \
     --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
     -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"

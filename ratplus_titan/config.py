@@ -5,7 +5,7 @@ at the types (``ConfigManager._dict_to_dataclass``), and tyro then takes those v
 with at most a warning. So a quoted ``apply_re = "false"`` arrived as the string ``"false"``, which
 is true. ``RATPlus.__post_init__`` checks every field against its annotation (``check_types``) and
 raises ``ConfigError``, which the training entry point prints as one line
-(``ratplus_titan/infra/launch.py``).
+(``ratplus_titan/infra/entry.py``).
 """
 
 import json

@@ -3,7 +3,7 @@
 Run: ``CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh`` (torchrun of ``python -m
 ratplus_titan.train`` on a GPU machine; ``python -m ratplus_titan.infra.cpu`` without a GPU), or
 ``TRAIN_FILE=ratplus_titan.train ./run_train.sh`` from a torchtitan checkout. Without torchrun's
-variables ``python -m ratplus_titan.train`` says what to run instead (``infra/launch.py``).
+variables ``python -m ratplus_titan.train`` says what to run instead (``infra/entry.py``).
 
 Joint training (DESIGN §3, "active recurrence learning"): for every batch, a
 forward/backward under the dilated pattern ``D = joint_dilation`` (no window, no
@@ -134,6 +134,6 @@ class RATPlusTrainer(Trainer):
 
 
 if __name__ == "__main__":
-    from ratplus_titan.infra.launch import torchrun_main
+    from ratplus_titan.infra.entry import torchrun_main
 
     torchrun_main(RATPlusTrainer)

@@ -297,14 +297,14 @@ def load_class(path: str) -> type:
 
 def train(trainer_cls_path: str, args: list[str], prog: str = PROG) -> None:
     """torchtitan's ``train.main(trainer_cls)`` on CPU, parsing ``args`` (not ``sys.argv``); a config
-    error ends the process with one line (``launch.train``)."""
+    error ends the process with one line (``entry.train``)."""
     patch_torchtitan_for_cpu()
-    from ratplus_titan.infra import launch
+    from ratplus_titan.infra import entry
 
     trainer_cls = load_class(trainer_cls_path)
     for k, v in single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():
         os.environ.setdefault(k, v)  # torchrun's variables win
-    launch.train(trainer_cls, args, prog)
+    entry.train(trainer_cls, args, prog)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,7 +11,7 @@ torchtitan 0.2.2 resumes from the newest ``step-N`` folder under ``[checkpoint] 
   without a word: ``finished_message`` says so and how to train longer or start over.
 
 ``resume_checks()`` installs both on torchtitan's ``CheckpointManager`` while a run is inside it
-(``ratplus_titan/infra/launch.py``).
+(``ratplus_titan/infra/entry.py``).
 """
 
 from __future__ import annotations

@@ -14,14 +14,13 @@ without a GPU). It runs torchtitan 0.2.2's ``train.main`` with
   the trainer, printed as ``PROG: error: MESSAGE`` with exit status 2. Anything else is a bug and
   keeps its traceback.
 
-``python -m ratplus_titan.infra.launch --job.config_file X.toml [torchtitan args]`` checks a config
-and exits: ``run_train.sh`` runs it before torchrun, whose failure report would bury the line.
+``ratplus-train`` (``infra/launch.py``) runs ``parse_job_config`` before it starts torchrun, whose
+failure report would bury the line.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ratplus_titan.cli import ArgumentParser, error_message, fail
+from ratplus_titan.cli import error_message, fail
 from ratplus_titan.config import ConfigError
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -131,25 +130,3 @@ def torchrun_main(trainer_cls: type, prog: str = "ratplus_titan.train") -> None:
     """``python -m ratplus_titan.train``: one process of a torchrun job."""
     require_launcher(prog, sys.argv[1:])
     train(trainer_cls, None, prog)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ratplus_titan.infra.launch [torchtitan args]``: check the job config, print nothing if it is good."""
-    from torchtitan.tools.logging import logger
-
-    parser = ArgumentParser(
-        prog="python -m ratplus_titan.infra.launch",
-        usage="%(prog)s --job.config_file X.toml [torchtitan args]",
-        description="Check a training job config without training: the [ratplus] types and values against the "
-        "flavor's model, the attention backend on this machine. A bad value: one line on stderr, exit status 2.",
-    )
-    _, rest = parser.parse_known_args(argv)
-    logger.setLevel(logging.ERROR)  # the training run logs torchtitan's warnings; here only the verdict
-    try:
-        parse_job_config(rest, warn=False)
-    except ConfigError as err:
-        fail(parser.prog, err)
-
-
-if __name__ == "__main__":
-    main()

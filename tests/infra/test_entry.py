@@ -1,4 +1,4 @@
-"""ratplus_titan/infra/launch.py (and config.py, resume.py): a bad training config is one line, not a
+"""ratplus_titan/infra/entry.py (and config.py, resume.py): a bad training config is one line, not a
 traceback or a silently wrong run, through the entry points a user runs.
 
 Most cases call ``python -m ratplus_titan.infra.cpu``'s ``main`` in this process (what ``run_train.sh``

@@ -3,7 +3,7 @@
     python -m bench.parallel_layouts --out bench/results      (on a 2-GPU machine)
 
 A reduced-depth 7B-width RAT+ model (``bench/reduced_flavors.py``), joint training on,
-bf16, pre-tokenized windows (rank r reads windows r, r+2, ... so the 2-rank FSDP global
+bf16, pre-tokenized windows (rank r reads positions r, r+2, ... of one shuffled stream, so the 2-rank FSDP global
 batch equals the TP batch), one seed checkpoint for both runs. Each run saves at step 5;
 then step 5 of the FSDP run is resumed under TP and vice versa. Losses must agree within
 bf16 noise. Writes ``parallel_layouts_<device>.json`` into ``--out``.

@@ -27,16 +27,17 @@ DEFAULT_BUCKETS = (256, 1024)
 """Bucket edges: positions [0, 256), [256, 1024), [1024, seq_len)."""
 
 
-def read_windows(path: str | Path, seq_len: int, windows: int) -> torch.Tensor:
-    """The first ``windows`` windows of ``seq_len + 1`` tokens of a uint16 ``.bin`` file -> ``[N, seq_len + 1]``."""
-    from ratplus_titan.data.dataset import TokenWindowDataset
+def read_windows(path: str | Path, seq_len: int, windows: int, vocab_size: int | None = None) -> torch.Tensor:
+    """The first ``windows`` windows (0 = all) of ``seq_len + 1`` tokens of a uint16 ``.bin`` file -> ``[N, seq_len + 1]``
+    (``[training] dataset = "bin"``'s windows, in file order), after checking the file (its size; its ids
+    below ``vocab_size`` when given): a bad file is a ``ValueError`` naming it."""
+    from ratplus_titan.data.token_file import open_token_file, token_windows
 
-    data = TokenWindowDataset([Path(path)], seq_len, 0, 1, name=str(path), infinite=False)
-    available = data.windows_per_rank
-    if available == 0:
+    available = token_windows(open_token_file(path, vocab_size), seq_len)
+    if len(available) == 0:
         raise ValueError(f"{path} holds fewer than seq_len + 1 = {seq_len + 1} tokens")
-    n = available if windows <= 0 else min(windows, available)
-    return torch.from_numpy(np.stack([data.window(i).astype(np.int64) for i in range(n)]))
+    n = len(available) if windows <= 0 else min(windows, len(available))
+    return torch.from_numpy(available[:n].astype(np.int64))
 
 
 def bucket_edges(seq_len: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> list[tuple[int, int]]:
@@ -100,7 +101,8 @@ def evaluate(
 ) -> list[dict]:
     """One row per pattern (see :func:`evaluate_pattern`), the model loaded once."""
     lm = load(model_dir, seq_len, dtype, device)
-    return evaluate_loaded(lm, read_windows(data, seq_len, windows), patterns, batch_size, edges, None if quiet else model_dir)
+    tokens = read_windows(data, seq_len, windows, lm.args.vocab_size)
+    return evaluate_loaded(lm, tokens, patterns, batch_size, edges, None if quiet else model_dir)
 
 
 def evaluate_loaded(
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     patterns = [cli.describe_patterns(p) for p in args.patterns] if args.patterns else ["dense"]
     with cli.user_errors(parser.prog):  # a bad model folder or token file: one line naming it
         lm = load(args.model_dir, args.seq_len, args.dtype, args.device)
-        windows = read_windows(args.data, args.seq_len, args.windows)
+        windows = read_windows(args.data, args.seq_len, args.windows, lm.args.vocab_size)
     rows = evaluate_loaded(lm, windows, patterns, args.batch_size, DEFAULT_BUCKETS, args.model_dir)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")

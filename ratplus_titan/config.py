@@ -47,6 +47,13 @@ class RATPlus:
     attention_backend: str = ""
     """auto | sdpa | reference | compact | flex | triton; empty keeps the flavor's value."""
 
+    data_order: str = "shuffled"
+    """Order of the training windows of `[training] dataset = "bin"`: "shuffled" (a fresh seeded permutation each
+    epoch) or "file" (file order). Text datasets are streamed in their own order; validation is always in file order."""
+
+    data_seed: int = 0
+    """Seed (>= 0) of the "shuffled" data order: epoch e's permutation depends only on (data_seed, e)."""
+
     def __post_init__(self) -> None:
         check_types(self, "ratplus")
 

@@ -1,7 +1,7 @@
 """The RAT+ trainer: torchtitan's ``Trainer`` plus joint training and a non-finite-loss stop.
 
-Run: ``CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh`` (torchrun of ``python -m
-ratplus_titan.train`` on a GPU machine; ``python -m ratplus_titan.infra.cpu`` without a GPU), or
+Run: ``ratplus-train --config debug_model`` (``./run_train.sh`` in a checkout): torchrun of ``python -m
+ratplus_titan.train`` on a GPU machine, ``python -m ratplus_titan.infra.cpu`` without a GPU; or
 ``TRAIN_FILE=ratplus_titan.train ./run_train.sh`` from a torchtitan checkout. Without torchrun's
 variables ``python -m ratplus_titan.train`` says what to run instead (``infra/entry.py``).
 

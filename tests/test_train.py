@@ -141,7 +141,7 @@ LAYOUTS = {  # the same global batch of 2 windows a step: rank r of W reads wind
 def test_fsdp_and_tp_match_one_process_and_resume_across_layouts(tmp_path, token_bin):
     """FSDP2 over 2 gloo ranks and TP=2 (head-interleaved in_proj split, sequence-parallel norms,
     vocab-sharded tied head) give the one-process losses; a step-2 DCP checkpoint of either
-    layout resumes under the other and continues with the same losses."""
+    layout resumes under the other and continues with the same losses (.bin data in the default shuffled order)."""
     seed = seed_checkpoint(tmp_path / "seed", token_bin)
     common = [*seed, "--checkpoint.interval", "2"]
     single = train(trainer_args(tmp_path / "one", 4, *common, data=token_bin, batch=2))
@@ -155,6 +155,28 @@ def test_fsdp_and_tp_match_one_process_and_resume_across_layouts(tmp_path, token
         flags, batch = LAYOUTS[target]
         resumed = spawn_gloo(train_in_this_rank, trainer_args(folder, 4, "--checkpoint.interval", "1000", *flags, data=token_bin, batch=batch))
         assert_same_losses(single[2:], resumed)
+
+
+def test_bin_data_order_comes_from_the_ratplus_section(tmp_path, token_bin):
+    """``[ratplus] data_order`` / ``data_seed`` reach the trainer's ``.bin`` loader: its first batch is
+    the seeded permutation's first windows (file order: the file's first windows); a bad value is refused
+    while the trainer is built, naming the field."""
+    from ratplus_titan.data import open_token_file, token_windows
+    from ratplus_titan.train import RATPlusTrainer
+    from tests.data.test_order import reference_stream
+
+    register_test_flavor()
+    windows = torch.from_numpy(token_windows(open_token_file(token_bin), 64).astype("int64"))
+    shuffled = reference_stream(len(windows), "shuffled", 3, 1)[:2]
+    for name, flags, expected in (("seed3", ["--ratplus.data_seed", "3"], shuffled), ("file", ["--ratplus.data_order", "file"], [0, 1])):
+        args = trainer_args(tmp_path / name, 1, "--checkpoint.no-enable", *flags, data=token_bin)
+        with trainer_session(RATPlusTrainer, args) as trainer:
+            x, y = next(iter(trainer.dataloader))
+            assert torch.equal(torch.cat([x["input"], y[:, -1:]], dim=1), windows[expected])
+    args = trainer_args(tmp_path / "bad", 1, "--checkpoint.no-enable", "--ratplus.data_order", "random", data=token_bin)
+    with pytest.raises(ValueError, match=r"ratplus\.data_order = 'random' is not supported; use one of 'shuffled', 'file'"):
+        with trainer_session(RATPlusTrainer, args):
+            pass
 
 
 def test_validation_on_the_bundled_held_out_split(tmp_path):

@@ -10,6 +10,8 @@ from ratplus_titan.data.dataset import (
     build_validation_dataloader,
     build_validator,
 )
+from ratplus_titan.data.order import ItemOrder, order_config
+from ratplus_titan.data.token_file import open_token_file, token_windows
 from ratplus_titan.data.tokenizer import (
     DEFAULT_TOKENIZER,
     JsonTokenizer,
@@ -21,6 +23,7 @@ from ratplus_titan.data.tokenizer import (
 __all__ = [
     "BUNDLED_CORPUS",
     "DEFAULT_TOKENIZER",
+    "ItemOrder",
     "JsonTokenizer",
     "PackedTextDataset",
     "SentencePieceTokenizer",
@@ -31,4 +34,7 @@ __all__ = [
     "build_validation_dataloader",
     "build_validator",
     "load_tokenizer",
+    "open_token_file",
+    "order_config",
+    "token_windows",
 ]

@@ -19,8 +19,10 @@ module adds is the sources RAT+ trains on, chosen by ``dataset`` and ``dataset_p
 
 Text sources are all streamed through ``datasets`` (remote or local alike), because its
 ``IterableDataset`` already shards across ranks (``split_dataset_by_node``) and saves its
-position (``state_dict``); the packer adds only its token buffer to that. ``.bin`` data needs
-neither tokenizer nor ``datasets``: rank ``r`` of ``W`` takes windows ``r, r + W, ...``.
+position (``state_dict``); the packer adds only its token buffer to that, and documents come in the
+source's own order. ``.bin`` data needs neither tokenizer nor ``datasets``; its training windows come in
+the order ``[ratplus] data_order`` / ``data_seed`` choose (``order.py``: a fresh seeded permutation each
+epoch by default), its validation windows in file order, so evaluation is the same every time.
 Each config error is raised by the builder, before any model work, naming the field.
 """
 
@@ -47,6 +49,9 @@ from torchtitan.config import JobConfig
 from torchtitan.config.job_config import DataLoader as DataLoaderConfig
 from torchtitan.tools.logging import logger
 
+from ratplus_titan.data.order import ItemOrder, order_config
+from ratplus_titan.data.token_file import open_token_file, token_windows
+
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
 BUNDLED_CORPUS = {
     "train": CORPUS_DIR / "en_pd_ccby.train.jsonl.gz",
@@ -56,7 +61,6 @@ FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
 DATASET_CHOICES = ('"bundled"', '"fineweb_edu"', '"hf:<name>[:<config>]"', '"local"', '"bin"')
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 """Local text file suffix → ``datasets`` builder. A ``.txt`` file is one document."""
-TOKEN_DTYPE = np.uint16
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,13 @@ class DataSection:
     batch_size: int
     split: str  # the split read from bundled/HF sources
     loader: DataLoaderConfig
+    order: str = "file"  # the order of .bin windows (ItemOrder): [ratplus] data_order for training, else "file"
+    seed: int = 0  # its seed: [ratplus] data_seed
 
     @classmethod
     def of(cls, job_config: JobConfig, name: str) -> DataSection:
         section = getattr(job_config, name)
+        order, seed = order_config(job_config) if name == "training" else ("file", 0)  # checks the values
         return cls(
             name=name,
             dataset=section.dataset,
@@ -82,6 +89,8 @@ class DataSection:
             batch_size=section.local_batch_size,
             split="train" if name == "training" else "validation",
             loader=section.dataloader,
+            order=order,
+            seed=seed,
         )
 
     def field(self, key: str) -> str:
@@ -138,76 +147,74 @@ class PackedTextDataset(IterableDataset, Stateful):
 
 
 class TokenWindowDataset(IterableDataset, Stateful):
-    """Contiguous ``seq_len + 1`` windows of pre-tokenized uint16 ``.bin`` files (memory-mapped).
+    """Contiguous ``seq_len + 1`` windows of pre-tokenized uint16 token arrays (memory-mapped ``.bin`` files).
 
-    Windows do not overlap and never cross a file boundary. The ``n`` windows of all files are
-    numbered in file order; rank ``r`` of ``W`` takes windows ``r, r + W, ...``, and every rank
-    gets ``n // W`` of them, so ranks never share a window and run out together.
+    Windows do not overlap and never cross a file boundary. The ``n`` windows of all files are numbered
+    in file order, and read in the order of an :class:`ItemOrder` (``order``, ``seed``): as one global
+    stream, epoch after epoch, of which rank ``r`` of ``W`` reads positions ``r, r + W, ...``, so ranks
+    never share a window within an epoch. Infinite: the stream goes on (a fresh permutation each epoch
+    when shuffled). Finite: one pass over epoch 0, ``n // W`` windows per rank, from the start each time.
     """
 
     def __init__(
-        self, files: list[Path], seq_len: int, dp_rank: int, dp_world_size: int, name: str, infinite: bool
+        self,
+        tokens: list[np.ndarray],
+        seq_len: int,
+        dp_rank: int,
+        dp_world_size: int,
+        name: str,
+        infinite: bool,
+        order: str = "file",
+        seed: int = 0,
     ) -> None:
-        self.files = files
         self.seq_len = seq_len
         self.name = name
         self.infinite = infinite
-        self._rank, self._world = dp_rank, dp_world_size
-        self._tokens = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in files]
-        counts = [len(t) // (seq_len + 1) for t in self._tokens]
-        self._first = np.cumsum([0, *counts])  # global index of each file's first window
-        self.windows_per_rank = int(self._first[-1]) // dp_world_size
-        self._next = 0  # this rank's next window, 0 .. windows_per_rank
-        self._epoch = 0
+        self._windows = [token_windows(t, seq_len) for t in tokens]  # per file: [n_f, seq_len + 1] views
+        self._first = np.cumsum([0, *map(len, self._windows)])  # global index of each file's first window
+        self.n_windows = int(self._first[-1])
+        self.order = ItemOrder(self.n_windows, dp_rank, dp_world_size, order, seed)
 
     def window(self, index: int) -> np.ndarray:
-        """Global window ``index`` (before sharding) as a view into its file."""
+        """Window ``index`` (numbered in file order) as a view into its file."""
         f = int(np.searchsorted(self._first, index, side="right")) - 1
-        start = (index - int(self._first[f])) * (self.seq_len + 1)
-        return self._tokens[f][start : start + self.seq_len + 1]
+        return self._windows[f][index - int(self._first[f])]
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        while True:
-            while self._next < self.windows_per_rank:
-                x = torch.from_numpy(self.window(self._next * self._world + self._rank).astype(np.int64))
-                self._next += 1
-                yield {"input": x[:-1]}, x[1:]
-            if not self.infinite:
-                logger.warning(f"Dataset {self.name} has run out of data")
-                return
-            self._epoch += 1
-            self._next = 0
-            logger.warning(f"Dataset {self.name} is being re-looped (epoch {self._epoch})")
+        epoch = self.order.epoch
+        for index in self.order.items(self.infinite):
+            x = torch.from_numpy(self.window(index).astype(np.int64))
+            yield {"input": x[:-1]}, x[1:]
+            if self.order.epoch != epoch:
+                epoch = self.order.epoch
+                logger.warning(f"Dataset {self.name} is being re-looped (epoch {epoch}, {self.order.order} order)")
+        logger.warning(f"Dataset {self.name} has run out of data")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_window": self._next, "epoch": self._epoch}
+        """The layout-free position (:meth:`ItemOrder.state_dict`), the same on every rank."""
+        return self.order.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._next = state_dict["next_window"]
-        self._epoch = state_dict["epoch"]
-
-    def global_position(self) -> dict[str, int]:
-        """Windows consumed by all ranks together (every rank advances in step): layout-free."""
-        return {"windows": self._next * self._world, "epoch": self._epoch}
-
-    def load_global_position(self, position: dict[str, int]) -> None:
-        self._next, self._epoch = position["windows"] // self._world, position["epoch"]
+        if "order" not in state_dict:  # saved before data orders existed: {"windows": n, "epoch": e}, file order
+            state_dict = {"order": "file", "seed": 0, "items": None, "epoch": state_dict["epoch"],
+                          "position": state_dict["windows"]}  # fmt: skip
+        self.order.load_state_dict(state_dict)
 
 
 class ReshardableDataloader(ParallelAwareDataloader):
     """Saves the ``.bin`` data position as a global window count, so a checkpoint resumes under
     any data-parallel degree (e.g. saved with FSDP over 2 ranks, resumed with TP=2 on 1 dp rank).
 
-    Rank r of W reads windows r, r + W, ...: after n steps of b windows per rank, the next
-    global window is n * b * W whatever the layout, as long as the global batch is the same.
+    Rank r of W reads positions r, r + W, ... of one global stream: after n steps of b windows per
+    rank, the next global position is n * b * W whatever the layout, as long as the global batch is the same.
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_position": self.dataset.global_position()}
+        return {"global_position": self.dataset.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self.dataset.load_global_position(state_dict["global_position"])
+            self.dataset.load_state_dict(state_dict["global_position"])
 
 
 class TextDataloader(ParallelAwareDataloader):
@@ -339,34 +346,23 @@ def _open_bin(
     section: DataSection, tokenizer: BaseTokenizer | None, dp_rank: int, dp_world_size: int, infinite: bool
 ) -> TokenWindowDataset:
     files, path_field, window = _find_files(section, (".bin",)), section.field("dataset_path"), section.seq_len + 1
-    for f in files:
-        size = f.stat().st_size
-        if size % np.dtype(TOKEN_DTYPE).itemsize:
-            raise ValueError(f"{path_field}: {f} has {size} bytes, not a whole number of uint16 token ids")
-    lengths = {str(f): f.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize for f in files}
-    n_windows = sum(n // window for n in lengths.values())
+    # ids past the vocabulary would crash the embedding lookup much later, on the GPU
+    vocab = tokenizer.get_vocab_size() if tokenizer is not None else None
+    tokens = [open_token_file(f, vocab, label=f"{path_field}: ") for f in files]
+    n_windows = sum(len(t) // window for t in tokens)
     if n_windows < dp_world_size:
         raise ValueError(
             f"{path_field} = {section.dataset_path!r}: the .bin file(s) hold {n_windows} windows of "
             f"{section.field('seq_len')} + 1 = {window} tokens, fewer than the {dp_world_size} "
-            f"data-parallel rank(s); token counts per file: {lengths}"
+            f"data-parallel rank(s); token counts per file: { {str(f): len(t) for f, t in zip(files, tokens)} }"
         )
+    name = f"{len(files)} .bin file(s) from {section.dataset_path}"
     dataset = TokenWindowDataset(
-        files,
-        section.seq_len,
-        dp_rank,
-        dp_world_size,
-        name=f"{len(files)} .bin file(s) from {section.dataset_path}",
-        infinite=infinite,
+        tokens, section.seq_len, dp_rank, dp_world_size, name, infinite, section.order, section.seed
     )
-    if tokenizer is not None:  # ids past the vocabulary crash the embedding lookup much later, on the GPU
-        first = dataset.window(0)
-        if int(first.max()) >= tokenizer.get_vocab_size():
-            raise ValueError(
-                f"{path_field}: {files[0]} holds token id {int(first.max())}, outside the tokenizer's "
-                f"vocabulary of {tokenizer.get_vocab_size()} (wrong tokenizer or not uint16?)"
-            )
-    logger.info(f"{section.name} data: {dataset.name}, {dataset.windows_per_rank} windows per rank")
+    logger.info(
+        f"{section.name} data: {name}, {n_windows} windows in {section.order} order, rank {dp_rank} of {dp_world_size}"
+    )
     return dataset
 
 

@@ -8,7 +8,9 @@ document as ``bos <tokens> eos``, documents concatenated in file order. Reading 
 at training time, and a data position that reshards across data-parallel layouts.
 
 Inputs: ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` files of ``{"text": ...}`` documents (one per line),
-or ``.txt`` files (one document each). The output is written under a temporary name and renamed when
+or ``.txt`` files (one document each), all UTF-8. An input without documents (an empty or blank ``.txt``,
+a ``.jsonl`` without lines) is skipped with a warning naming it; if no input has one, nothing is written
+and the error names them. The output is written under a temporary name and renamed when
 complete, so an interrupted run leaves no truncated ``.bin`` behind.
 """
 
@@ -21,37 +23,51 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ratplus_titan.data.dataset import TOKEN_DTYPE
+from ratplus_titan.data.token_file import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one input file, in order."""
+    """The documents of one input file, in order: a ``.txt`` file is one document (none if it is empty or
+    only whitespace), a ``.jsonl[.gz|.xz]`` file one per non-blank line. Unreadable input: a ``ValueError``
+    naming the file."""
     name = path.name
-    if name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
-        return
-    if not name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz")):
+    if not name.endswith(INPUT_SUFFIXES):
         raise ValueError(f"{path}: unsupported input; allowed suffixes are {', '.join(INPUT_SUFFIXES)}")
-    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' field ({e})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: 'text' is {type(text).__name__}, not a string")
-            yield text
+    try:
+        if name.endswith(".txt"):
+            text = path.read_text(encoding="utf-8")
+            if text.strip():
+                yield text
+            return
+        opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from _jsonl_documents(path, f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start : e.start + 1]!r})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
+        raise ValueError(f"{path} cannot be read as {name[name.index('.jsonl') :]} ({e})") from None
+
+
+def _jsonl_documents(path: Path, lines: Iterator[str]) -> Iterator[str]:
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' field ({e})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_number}: 'text' is {type(text).__name__}, not a string")
+        yield text
 
 
 _worker_tokenizer = None
@@ -73,9 +89,13 @@ def pretokenize(
     vocab = load_tokenizer(tokenizer_path).get_vocab_size()
     if vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"tokenizer vocabulary of {vocab} ids does not fit uint16 token files (at most 65536)")
-    docs = [text for path in inputs for text in read_documents(Path(path))]
+    per_input = [(str(path), list(read_documents(Path(path)))) for path in inputs]  # a path given twice is read twice
+    docs = [text for _, found in per_input for text in found]
+    empty = [path for path, found in per_input if not found]
     if not docs:
-        raise ValueError(f"no documents in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no documents in {', '.join(empty)}: every input is empty; nothing written")
+    for path in empty:
+        print(f"pretokenize: warning: {path} holds no documents (empty), skipped", file=sys.stderr, flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     total_chars, done_chars, n_tokens, start = sum(map(len, docs)), 0, 0, time.monotonic()

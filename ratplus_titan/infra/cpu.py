@@ -307,7 +307,8 @@ def train(trainer_cls_path: str, args: list[str], prog: str = PROG) -> None:
     entry.train(trainer_cls, args, prog)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> None:
+    """``python -m ratplus_titan.infra.cpu``; ``prog`` names the command in error lines (``ratplus-train``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train with torchtitan on a machine without a GPU (one CPU process, gloo). "
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and rest[0] == "--":
         rest = rest[1:]
     # CPU_FAST_ARGS come first so anything given on the command line wins (tyro: last wins).
-    train(ns.trainer, ([] if ns.no_fast else list(CPU_FAST_ARGS)) + rest, PROG)
+    train(ns.trainer, ([] if ns.no_fast else list(CPU_FAST_ARGS)) + rest, prog)
 
 
 if __name__ == "__main__":

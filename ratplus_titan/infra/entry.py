@@ -1,8 +1,8 @@
 """Starting a training run: the job config checked before anything is built, and config errors as one line.
 
-Every way to train goes through ``train`` here: ``python -m ratplus_titan.train`` (under torchrun:
-``run_train.sh`` on a GPU machine) and ``python -m ratplus_titan.infra.cpu`` (``run_train.sh``
-without a GPU). It runs torchtitan 0.2.2's ``train.main`` with
+Every way to train goes through ``train`` here: ``python -m ratplus_titan.train`` (the torchrun
+processes of ``ratplus-train`` / ``run_train.sh`` on a GPU machine) and ``python -m
+ratplus_titan.infra.cpu`` (the same without a GPU). It runs torchtitan 0.2.2's ``train.main`` with
 
 - ``check_job_config`` right after the config is parsed: the ``[ratplus]`` types were checked
   when the section was built (``RATPlus.__post_init__``); here a copy of the flavor's model args
@@ -21,6 +21,7 @@ failure report would bury the line.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -61,11 +62,21 @@ def check_job_config(config, warn: bool = True) -> None:
 
 
 def parse_job_config(args: Sequence[str], warn: bool = True):
-    """torchtitan's ``ConfigManager().parse_args(args)`` and ``check_job_config``; ``ConfigError`` for bad values."""
-    from torchtitan.config import ConfigManager
+    """torchtitan's ``ConfigManager().parse_args(args)`` and ``check_job_config``; ``ConfigError`` for bad values.
 
-    with checked_parsing(warn):
-        return ConfigManager().parse_args(list(args))
+    ``warn=False``: a check before the run itself, which logs torchtitan's warnings and ours; none here.
+    """
+    from torchtitan.config import ConfigManager
+    from torchtitan.tools.logging import logger
+
+    level = logger.level
+    if not warn:
+        logger.setLevel(logging.ERROR)
+    try:
+        with checked_parsing(warn):
+            return ConfigManager().parse_args(list(args))
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
@@ -121,8 +132,8 @@ def require_launcher(prog: str, argv: Sequence[str]) -> None:
         fail(
             prog,
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: this module runs under torchrun "
-            "(one process per GPU). Train with ./run_train.sh (CONFIG_FILE=X.toml NGPU=N), or on a machine "
-            "without a GPU with python -m ratplus_titan.infra.cpu -- --job.config_file X.toml",
+            "(one process per GPU). Train with ratplus-train --config X.toml (./run_train.sh in a checkout), "
+            "which starts torchrun on the GPUs of this machine, or one CPU process when it has none",
         )
 
 

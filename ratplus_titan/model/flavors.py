@@ -12,7 +12,9 @@ class Flavors(dict):
 
 ratplus_flavors = Flavors({
     "debugmodel": RATPlusModelArgs(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
-    # the small-scale reproduction (bench/reproduce.py): GPT-2-small width and depth, 128-wide heads as the paper's
+    # the small-scale reproductions (bench/reproduce): 128-wide heads as the paper's; 50M fits one device call,
+    # 125M is GPT-2-small's width and depth
+    "50M": RATPlusModelArgs(dim=512, n_layers=8, n_heads=4, max_seq_len=2048),
     "125M": RATPlusModelArgs(dim=768, n_layers=12, n_heads=6, max_seq_len=2048),
     "1B": RATPlusModelArgs(dim=2048, n_layers=24, n_heads=16),
     "3B": RATPlusModelArgs(dim=2560, n_layers=28, n_heads=20),

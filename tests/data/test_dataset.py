@@ -15,8 +15,10 @@ import pytest
 import torch
 from torchtitan.config import JobConfig
 
+from ratplus_titan.config import RATPlus
 from ratplus_titan.data import BUNDLED_CORPUS, build_dataloader, build_validation_dataloader, load_tokenizer
 from ratplus_titan.data.dataset import Validator, build_validator
+from tests.data.test_order import reference_stream
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,15 @@ def val_docs() -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def _job(dataset: str, path=None, seq_len: int = 32, batch: int = 2, section: str = "training") -> JobConfig:
+def _job(
+    dataset: str, path=None, seq_len: int = 32, batch: int = 2, section: str = "training", order: str | None = None, seed: int = 0
+) -> JobConfig:
+    """A job config; ``order``: give it a ``[ratplus]`` section with that data_order and data_seed."""
     job = JobConfig()
     cfg = getattr(job, section)
     cfg.dataset, cfg.dataset_path, cfg.seq_len, cfg.local_batch_size = dataset, path and str(path), seq_len, batch
+    if order is not None:
+        job.ratplus = RATPlus(data_order=order, data_seed=seed)
     return job
 
 
@@ -117,17 +124,55 @@ def _write_bin(path: Path, n: int, seed: int) -> np.ndarray:
     return tokens
 
 
-def test_bin_windows_are_memmap_slices(tok, tmp_path):
+def _slices(files: list[np.ndarray], window: int) -> list[np.ndarray]:
+    """The reference windows: each file cut by hand into whole windows, files in order."""
+    return [f[i * window : (i + 1) * window] for f in files for i in range(len(f) // window)]
+
+
+def _interleave(rank_rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of W ranks (rank r's j-th row is global position j * W + r) in global order."""
+    return torch.stack(rank_rows, dim=1).flatten(0, 1)
+
+
+def test_bin_file_order_is_memmap_slices_in_file_order(tok, tmp_path):
     files = [_write_bin(tmp_path / "a.bin", 1000, 0), _write_bin(tmp_path / "b.bin", 500, 1)]  # 62 + 31 windows
-    windows = [f[i * 16 : (i + 1) * 16] for f in files for i in range(len(f) // 16)]
+    windows = _slices(files, 16)
     seen = []
     for rank in (0, 1):
-        loader = build_dataloader(2, rank, tok, _job("bin", tmp_path, seq_len=15, batch=5), infinite=False)
-        rows = _rows(list(loader))
-        assert len(rows) == 93 // 2  # equal shares, the odd window dropped
-        assert torch.equal(rows, torch.from_numpy(np.stack(windows[rank:92:2]).astype(np.int64)))
+        job = _job("bin", tmp_path, seq_len=15, batch=5, order="file")
+        loader = build_dataloader(2, rank, tok, job, infinite=False)
+        for _ in range(2):  # a finite loader reads the same windows on every pass
+            rows = _rows(list(loader))
+            assert len(rows) == 93 // 2  # equal shares, the odd window left out
+            assert torch.equal(rows, torch.from_numpy(np.stack(windows[rank:92:2]).astype(np.int64)))
         seen.append({tuple(r.tolist()) for r in rows})
     assert not seen[0] & seen[1]
+    infinite = _rows(_take(build_dataloader(1, 0, tok, _job("bin", tmp_path, seq_len=15, batch=31, order="file")), 7))
+    assert torch.equal(infinite, torch.from_numpy(np.stack(windows + windows + windows[:31]).astype(np.int64)))
+
+
+@pytest.mark.parametrize(("world", "batch"), [(1, 6), (3, 2)])
+def test_bin_shuffled_reads_a_fresh_permutation_of_the_windows_each_epoch(tok, tmp_path, world, batch):
+    files = [_write_bin(tmp_path / "a.bin", 1000, 2), _write_bin(tmp_path / "b.bin", 500, 3)]  # 62 + 31 windows
+    windows = torch.from_numpy(np.stack(_slices(files, 16)).astype(np.int64))
+    job = _job("bin", tmp_path, seq_len=15, batch=batch, order="shuffled", seed=5)
+    steps = 3 * 93 // (world * batch) + 1  # into a fourth epoch
+    per_rank = [_rows(_take(build_dataloader(world, r, tok, job), steps)) for r in range(world)]
+    stream = _interleave(per_rank)
+    assert torch.equal(stream, windows[reference_stream(93, "shuffled", 5, 4)[: len(stream)]])
+    epochs = [stream[e * 93 : (e + 1) * 93] for e in range(3)]
+    for epoch in epochs:  # every window exactly once (the rows are random, so all distinct): ranks share none
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, windows.tolist()))
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[0], windows)
+    other_seed = _rows(_take(build_dataloader(1, 0, tok, _job("bin", tmp_path, seq_len=15, batch=6, order="shuffled", seed=6)), 3))
+    assert not torch.equal(other_seed, stream[:18])
+
+
+def test_bin_validation_stays_in_file_order(tok, tmp_path):
+    files = [_write_bin(tmp_path / "a.bin", 1000, 4)]
+    job = _job("bin", tmp_path / "a.bin", seq_len=15, batch=8, section="validation", order="shuffled", seed=1)
+    rows = _rows(list(build_validation_dataloader(1, 0, tok, job)))
+    assert torch.equal(rows, torch.from_numpy(np.stack(_slices(files, 16)).astype(np.int64)))
 
 
 def test_fineweb_edu_streams_from_the_hub(tok, monkeypatch, val_docs):
@@ -177,9 +222,43 @@ def test_resume_after_the_data_wrapped(tok, tmp_path, val_docs, caplog):
     assert "re-looped" in caplog.text
 
 
-def test_resume_bin(tok, tmp_path):
-    _write_bin(tmp_path / "a.bin", 2000, 0)
-    _resume_check(lambda: build_dataloader(2, 0, tok, _job("bin", tmp_path / "a.bin", seq_len=15, batch=3)), 30, 8)
+@pytest.mark.parametrize("order", ["shuffled", "file"])
+def test_resume_bin(tok, tmp_path, order):
+    _write_bin(tmp_path / "a.bin", 2000, 0)  # 125 windows: 30 steps of 3 windows on 2 ranks cross an epoch
+    _resume_check(lambda: build_dataloader(2, 0, tok, _job("bin", tmp_path / "a.bin", seq_len=15, batch=3, order=order)), 30, 8)
+
+
+@pytest.mark.parametrize(("world", "batch", "resumed_world", "resumed_batch"), [(2, 3, 1, 6), (1, 6, 3, 2), (3, 2, 2, 3)])
+def test_resume_bin_under_another_data_parallel_degree_continues_the_global_stream(
+    tok, tmp_path, world, batch, resumed_world, resumed_batch
+):
+    _write_bin(tmp_path / "a.bin", 1600, 0)  # 100 windows: 20 steps of 6 cross an epoch
+
+    def loaders(w, b):
+        return [build_dataloader(w, r, tok, _job("bin", tmp_path / "a.bin", seq_len=15, batch=b, seed=9)) for r in range(w)]
+
+    uninterrupted = _interleave([_rows(_take(loader, 20)) for loader in loaders(world, batch)])
+    first = loaders(world, batch)
+    before = _interleave([_rows(_take(loader, 12)) for loader in first])
+    states = [loader.state_dict() for loader in first]
+    assert all(state == states[0] for state in states)  # the same layout-free position on every rank
+    resumed = loaders(resumed_world, resumed_batch)
+    for loader in resumed:
+        loader.load_state_dict(states[0])
+    after = _interleave([_rows(_take(loader, 8)) for loader in resumed])
+    assert torch.equal(torch.cat([before, after]), uninterrupted)
+
+
+def test_resume_bin_from_a_checkpoint_saved_before_data_orders(tok, tmp_path):
+    """{"windows", "epoch"}: a file-order position; a shuffled run refuses it, naming the setting."""
+    files = [_write_bin(tmp_path / "a.bin", 1600, 0)]
+    legacy = {"global_position": {"windows": 10, "epoch": 1}}
+    loader = build_dataloader(2, 1, tok, _job("bin", tmp_path, seq_len=15, batch=2, order="file"))
+    loader.load_state_dict(legacy)
+    windows = np.stack(_slices(files, 16))
+    assert torch.equal(_rows(_take(loader, 1)), torch.from_numpy(windows[[11, 13]].astype(np.int64)))
+    with pytest.raises(ValueError, match=r"ratplus\.data_order = 'file', this run has 'shuffled'.*exclude_from_loading"):
+        build_dataloader(2, 1, tok, _job("bin", tmp_path, seq_len=15, batch=2)).load_state_dict(legacy)
 
 
 def test_validator_sets_what_torchtitans_sets(tok, monkeypatch):
@@ -207,7 +286,8 @@ def test_validator_sets_what_torchtitans_sets(tok, monkeypatch):
         ("local", "{tmp}/empty", FileNotFoundError, r"training\.dataset_path.*names no"),
         ("bin", "{tmp}/short.bin", ValueError, r"training\.dataset_path.*0 windows of training\.seq_len \+ 1 = 33"),
         ("bin", "{tmp}/odd.bin", ValueError, r"training\.dataset_path.*not a whole number of uint16"),
-        ("bin", "{tmp}/big.bin", ValueError, r"training\.dataset_path.*token id 40000, outside.*32000"),
+        ("bin", "{tmp}/big.bin", ValueError, r"training\.dataset_path: \S*big\.bin holds token id 40000 \(token 0\), outside the vocabulary of 32000"),
+        ("bin", "{tmp}/late", ValueError, r"training\.dataset_path: \S*late/b\.bin holds token id 32000 \(token 1,234\), outside"),
         ("bin", "{tmp}/notes.txt", FileNotFoundError, r"training\.dataset_path.*names no \['\.bin'\]"),
     ],
 )
@@ -221,6 +301,12 @@ def test_bad_config_errors(tok, tmp_path, dataset, path, error, pattern):
     np.arange(32, dtype=np.uint16).tofile(tmp_path / "short.bin")
     (tmp_path / "odd.bin").write_bytes(b"\0" * 67)
     np.full(33, 40000, dtype=np.uint16).tofile(tmp_path / "big.bin")
+    (tmp_path / "late").mkdir()  # the bad id is far from the first window, in the second file
+    _write_bin(tmp_path / "late" / "a.bin", 3000, 0)
+    _write_bin(tmp_path / "late" / "b.bin", 3000, 1)
+    late = np.fromfile(tmp_path / "late" / "b.bin", dtype=np.uint16)
+    late[1234] = 32000
+    late.tofile(tmp_path / "late" / "b.bin")
     job = _job(dataset, path and path.format(tmp=tmp_path))
     with pytest.raises(error, match=pattern):
         build_dataloader(1, 0, tok, job)
@@ -235,3 +321,5 @@ def test_other_config_errors(tok):
         build_dataloader(1, 0, None, _job("bundled"))
     with pytest.raises(ValueError, match=r"validation\.dataset = 'c4_validation' is not supported"):
         build_validation_dataloader(1, 0, tok, JobConfig())
+    with pytest.raises(ValueError, match=r"ratplus\.data_order = 'random' is not supported; use one of 'shuffled', 'file'"):
+        build_dataloader(1, 0, tok, _job("bundled", order="random"))

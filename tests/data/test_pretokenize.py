@@ -12,7 +12,9 @@ import torch
 
 from ratplus_titan.data.dataset import BUNDLED_CORPUS, PackedTextDataset, TokenWindowDataset
 from ratplus_titan.data.pretokenize import main, pretokenize, read_documents
+from ratplus_titan.data.token_file import open_token_file
 from ratplus_titan.data.tokenizer import load_tokenizer
+from tests.cli_errors import cli_error
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def test_bin_windows_equal_the_packed_text_windows(tmp_path, tokenizer):
     seq_len = 97  # not a divisor of anything in sight
     docs = datasets.load_dataset("json", data_files=[str(source)], split="train", streaming=True)
     packed = list(PackedTextDataset(docs, tokenizer, seq_len, name="bundled", infinite=False))
-    windows = list(TokenWindowDataset([out], seq_len, 0, 1, name="bin", infinite=False))
+    windows = list(TokenWindowDataset([open_token_file(out)], seq_len, 0, 1, name="bin", infinite=False))
     assert len(windows) == len(packed) == n_tokens // (seq_len + 1)
     for (x_bin, y_bin), (x_text, y_text) in zip(windows, packed):
         assert torch.equal(x_bin["input"], x_text["input"]) and torch.equal(y_bin, y_text)
@@ -85,3 +87,34 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
         main([argv[0], str(tmp_path / argv[1]), *argv[2:]])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("latin1.txt", "café au lait".encode("latin-1"), "latin1.txt is not UTF-8 text (invalid continuation byte: byte b'\\xe9')"),
+        ("latin1.jsonl.gz", gzip.compress(b'{"text": "caf\xe9"}\n'), "latin1.jsonl.gz is not UTF-8 text"),
+        ("broken.jsonl.xz", b"\xfd7zXZ\x00 not really xz", "broken.jsonl.xz cannot be read as .jsonl.xz"),
+        ("broken.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 50)[:30], "broken.jsonl.gz cannot be read as .jsonl.gz"),
+        ("empty.txt", b"", "no documents in {tmp}/empty.txt: every input is empty; nothing written"),
+        ("blank.txt", b" \n\t\n", "no documents in {tmp}/blank.txt: every input is empty"),
+    ],
+)
+def test_unreadable_or_empty_input_is_one_line_naming_the_file(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out.bin"
+    cli_error(capsys, main, [str(tmp_path / name), str(out), "--workers", "1"], [message.format(tmp=tmp_path)])
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_empty_txt_beside_text_is_skipped_with_a_warning(tmp_path, capsys, tokenizer):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "book.txt").write_text("Call me Ishmael.")
+    out = tmp_path / "out.bin"
+    capsys.readouterr()
+    assert main([str(tmp_path / "empty.txt"), str(tmp_path / "book.txt"), str(out), "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"pretokenize: warning: {tmp_path / 'empty.txt'} holds no documents (empty), skipped"
+    expected = [tokenizer.bos_id, *tokenizer.encode("Call me Ishmael."), tokenizer.eos_id]
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
+    assert f"wrote {len(expected)} tokens" in captured.out

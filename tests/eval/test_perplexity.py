@@ -98,7 +98,13 @@ def test_cli_writes_json_and_rejects_bad_arguments(model_and_data, tmp_path, cap
     missing = tmp_path / "no_such_model"
     cases = [([str(folder), str(data), "--seq-len", "0"], "--seq-len"), ([str(folder), str(data), "--pattern", "d0w1s1"], "d0w1s1"),
              ([str(folder), str(data), "--windows", "-1"], "--windows"), ([str(missing), str(data)], str(missing)),
-             ([str(folder), str(tmp_path / "none.bin")], "none.bin")]  # fmt: skip
+             ([str(folder), str(tmp_path / "none.bin")], "none.bin"),
+             ([str(folder), str(tmp_path / "odd.bin")], "odd.bin has 83 bytes, not a whole number of uint16 token ids"),
+             ([str(folder), str(tmp_path / "late.bin"), "--seq-len", str(SEQ_LEN), "--windows", "2"], f"late.bin holds token id {VOCAB} (token 100), outside the vocabulary of {VOCAB}")]  # fmt: skip
+    (tmp_path / "odd.bin").write_bytes(b"\1" * 83)
+    late = np.fromfile(data, dtype=np.uint16)
+    late[100] = VOCAB  # past the 2 windows of 41 tokens read: the whole file is checked
+    late.tofile(tmp_path / "late.bin")
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

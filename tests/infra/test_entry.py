@@ -139,7 +139,7 @@ def test_quoted_booleans_through_run_train_sh(tmp_path):
     assert "Traceback" not in run.stdout + run.stderr
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     message = 'ratplus.apply_re="false" is a string, but the field takes a boolean: write it without quotes'
-    assert errors == [f"{CPU_PROG}: error: {message}"]
+    assert errors == [f"ratplus-train: error: {message}"]
     assert not (tmp_path / "out").exists()  # nothing started
 
 
@@ -168,15 +168,15 @@ def test_a_bad_value_is_one_line_naming_the_field(capfd, tmp_path, ratplus, extr
 
 
 def test_a_bad_value_through_run_train_sh_on_a_gpu_machine(tmp_path):
-    """With GPUs run_train.sh checks the config before torchrun (whose report would bury the line).
-    NGPU=1 on this machine: the check refuses the config, so torchrun never starts."""
+    """With GPUs run_train.sh (ratplus-train) checks the config before torchrun, whose report would bury
+    the line. NGPU=1 on this machine: the check refuses the config, so torchrun never starts."""
     toml = toml_with(tmp_path / "bad.toml", joint_dilation=0)
     env = {**os.environ, "PYTHON": sys.executable, "CONFIG_FILE": str(toml), "NGPU": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([str(REPO / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Traceback" not in run.stdout + run.stderr and "torch.distributed" not in run.stdout + run.stderr
     assert run.stderr.strip().splitlines() == [
-        "python -m ratplus_titan.infra.launch: error: ratplus.joint_dilation=0 is invalid: allowed values are -1 (no "
+        "ratplus-train: error: ratplus.joint_dilation=0 is invalid: allowed values are -1 (no "
         "dilated keys) or an integer >= 1 (1 = dense), at most 2147483647"
     ]
 
@@ -238,6 +238,6 @@ def test_train_module_without_torchrun_says_what_to_run(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ratplus_titan.train", "--job.config_file", str(DEBUG_TOML)])
     line = cli_error(capsys, lambda argv: runpy.run_module("ratplus_titan.train", run_name="__main__"), [], [
         "ratplus_titan.train: error: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set",
-        "./run_train.sh", "python -m ratplus_titan.infra.cpu -- --job.config_file",
+        "ratplus-train --config X.toml (./run_train.sh in a checkout)", "one CPU process when it has none",
     ])  # fmt: skip
     assert line.startswith("ratplus_titan.train: error: ")

@@ -31,7 +31,7 @@ def test_debug_flavor_builds():
 
 
 def test_unknown_flavor_names_allowed_values():
-    with pytest.raises(KeyError, match="model.flavor='2B' is unknown: allowed values are debugmodel, 125M, 1B, 3B, 7B"):
+    with pytest.raises(KeyError, match="model.flavor='2B' is unknown: allowed values are debugmodel, 50M, 125M, 1B, 3B, 7B"):
         ratplus_flavors["2B"]
 
 

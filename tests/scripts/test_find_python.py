@@ -65,4 +65,4 @@ exit 3
                          env=bare_python_on_path(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
     check = "-c import importlib.util as u"  # find_python.sh's check, in adapt_chain.sh and in run_train.sh
-    assert calls.read_text().splitlines() == [check, check, "-m ratplus_titan.infra.cpu"]
+    assert calls.read_text().splitlines() == [check, check, "-m ratplus_titan.infra.launch"]

@@ -1,0 +1,5 @@
+import sys
+
+from bench.reproduce.main import main
+
+sys.exit(main())

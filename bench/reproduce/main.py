@@ -1,0 +1,176 @@
+"""``python -m bench.reproduce``: the command line, and the stages run in order (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+
+from bench.common import REPO, device_slug, environment, write_json
+from bench.reproduce import pipeline, report
+from bench.reproduce.scales import SCALES, Scale
+from bench.reproduce.stages import OutOfTime, export_all, log, train
+
+OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
+               "micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
+"""Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench import reproduce
+
+    doc = reproduce.__doc__ or ""
+    parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=doc.split("\n\n")[0],
+                                     epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--scale", choices=sorted(SCALES), default="50m", help="model and data size (default: %(default)s)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and PNG")
+    parser.add_argument(
+        "--work", type=Path, help="folder for data, checkpoints, logs (default: outputs/reproduce_<scale>)"
+    )
+    types = {f.name: f.type for f in fields(Scale)}
+    for name in OVERRIDABLE:
+        kind = {"int": positive_int, "float": positive_float, "str": str}[str(types[name])]
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
+    parser.add_argument("--concurrent", type=positive_int, default=None,
+                        help="pretraining runs side by side (default: 3 on a GPU, 1 on a CPU); adaptation and "
+                        "fine-tuning runs take up to 3x as many, as GPU memory allows")  # fmt: skip
+    parser.add_argument(
+        "--deadline-min",
+        type=positive_float,
+        default=None,
+        help="start no training run after this many minutes; exit 3 (rerun to continue)",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes"
+    )
+    parser.add_argument(
+        "--progress-s", type=positive_float, default=20.0, help="seconds between progress lines (default: %(default)s)"
+    )
+    parser.add_argument("--readme", action="store_true", help="also rewrite the README section from the result")
+    parser.add_argument(
+        "--readme-only", type=Path, metavar="JSON", help="only rewrite the README section (and the PNG) from this JSON"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def concurrency(requested: int | None) -> tuple[int, int]:
+    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many ~10 GB runs as its memory holds (<= 9);
+    on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
+    if not torch.cuda.is_available():
+        return requested or 1, requested or 2
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    long = requested or 3
+    return long, max(1, min(3 * long, int(free_gib // 10)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.readme_only:
+        result = json.loads(args.readme_only.read_text())
+        report.write_readme(result, args.readme_only.name)
+        log(f"README section rewritten from {args.readme_only}")
+        return 0
+    overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
+    if "pretrain_steps" in overrides:
+        overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
+    scale = replace(SCALES[args.scale], **overrides)
+    if scale.batch % scale.micro_batch:
+        parser.error(f"--batch {scale.batch} must be a multiple of --micro-batch {scale.micro_batch}")
+    work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
+    long, short = concurrency(args.concurrent)
+    started = time.monotonic()
+    deadline = started + 60 * args.deadline_min if args.deadline_min else None
+    result: dict = {"env": environment(), "scale": args.scale}
+    out_json = args.out / f"reproduce_{device_slug()}{args.tag}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    timing: dict = {}
+
+    def save(stage: str, t0: float) -> None:
+        timing[f"{stage}_s"] = round(time.monotonic() - t0, 1)
+        timing["total_s"] = round(time.monotonic() - started, 1)
+        result["timing"] = timing
+        write_json(out_json, result)  # every stage leaves a readable file
+        log(f"{stage} done ({timing[f'{stage}_s']:.0f} s, {timing['total_s']:.0f} s in all); wrote {out_json}")
+
+    log(f"scale {args.scale}: {scale}; work {work}; runs side by side: {long} long, {short} short")
+    try:
+        t0 = time.monotonic()
+        data = pipeline.prepare_data(work, scale, args.workers)
+        manifest = REPO / Path(scale.corpus[0]).parent / "manifest.json"
+        books = len(json.loads(manifest.read_text())["books"]["validation"]) if manifest.is_file() else None
+        result["config"] = {**asdict(scale), "tokens_per_step": scale.tokens_per_step, "specs": pipeline.sparse_specs(scale),
+                            "local_window": pipeline.local_window(scale), "validation_books": books, **data}  # fmt: skip
+        result["models"] = pipeline.model_counts(scale)
+        save("data", t0)
+
+        t0 = time.monotonic()
+        pretrained = pipeline.pretrain_runs(work, scale, data)
+        result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
+        save("pretrain", t0)
+
+        t0 = time.monotonic()
+        adapted = pipeline.adapt_runs(work, scale, data, pretrained)
+        result["training"].update(train(list(adapted.values()), short, args.progress_s, deadline))
+        save("adapt", t0)
+
+        t0 = time.monotonic()
+        tuned = pipeline.sft_runs(work, scale, data, pretrained, adapted)
+        result["training"].update(train(list(tuned.values()), short, args.progress_s, deadline))
+        save("sft", t0)
+
+        t0 = time.monotonic()
+        plan = {(m, "pretrained"): (r, "dense") for m, r in pretrained.items()}
+        plan |= {(m, f"adapted_{p}"): (r, p) for (m, p), r in adapted.items()}
+        plan |= {(m, f"sft_{p}"): (r, p) for (m, p), r in tuned.items()}
+        exports = export_all(plan, work, args.workers)
+        save("export", t0)
+
+        t0 = time.monotonic()
+        result["niah"] = pipeline.niah_all(
+            work, scale, data, {k: v for k, v in exports.items() if k[1].startswith("sft_")}
+        )
+        save("niah", t0)
+
+        t0 = time.monotonic()
+        lm_exports = {k: v for k, v in exports.items() if not k[1].startswith("sft_")}
+        result["heldout"] = pipeline.heldout_all(work, scale, data, lm_exports)
+        save("heldout", t0)
+    except OutOfTime as e:
+        log(f"stopped: {e}. Rerun the same command to continue from the finished stages.")
+        return 3
+
+    result["summary"] = report.summarize(result)
+    write_json(out_json, result)
+    report.plot(result, out_json.with_suffix(".png"))
+    if args.readme:
+        report.write_readme(result, out_json.name)
+    print(report.readme_section(result, out_json.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

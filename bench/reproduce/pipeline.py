@@ -1,0 +1,340 @@
+"""The reproduction's stages, in order: data, pretraining, adaptation, NIAH fine-tuning, export, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import REPO
+from bench.reproduce.scales import MODELS, Model, Scale
+from bench.reproduce.stages import TrainRun, file_digest, log, run, stage_dir, train_run
+
+DENSE = "dense"
+TOKENIZER = REPO / "ratplus_titan" / "assets" / "llama2" / "tokenizer.model"
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
+    """Tokens of the corpus (pretraining windows, then adaptation windows pretraining never sees, held-out
+    windows) and the NIAH splits (fine-tuning samples from training books, evaluation samples from held-out
+    books). Returns the files and their sizes."""
+    import numpy as np
+
+    corpus = {split: REPO / text for split, text in zip(("train", "validation"), scale.corpus)}
+    for path in corpus.values():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"corpus file {path} is missing: build it with scripts/build_gutenberg_corpus.py (data/README.md)"
+            )
+    digests = {split: file_digest(path) for split, path in corpus.items()}
+    tokens_dir = stage_dir(work, "data", "tokens", {"corpus": digests, "tokenizer": file_digest(TOKENIZER)})
+    files = {}
+    for split, source in corpus.items():
+        files[split] = tokens_dir / f"{split}.bin"
+        if not files[split].is_file():  # pretokenize writes under a temporary name and renames when complete
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ratplus_titan.data.pretokenize",
+                    str(source),
+                    str(files[split]),
+                    "--workers",
+                    str(workers),
+                ]
+            )
+    tokens = np.memmap(files["train"], dtype=np.uint16, mode="r")
+    window = scale.seq_len + 1
+    need = {"pretrain": scale.pretrain_steps * scale.batch * window, "adapt": scale.adapt_steps * scale.batch * window}
+    if need["pretrain"] + need["adapt"] > len(tokens):
+        raise ValueError(
+            f"{files['train']} holds {len(tokens):,} tokens, fewer than the {need['pretrain'] + need['adapt']:,} that "
+            f"{scale.pretrain_steps} + {scale.adapt_steps} steps of {scale.batch} x {window} take: fewer steps, or a larger corpus"
+        )
+    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "need": need})
+    for name, (lo, hi) in {"pretrain": (0, need["pretrain"]), "adapt": (need["pretrain"], sum(need.values()))}.items():
+        path = cuts_dir / f"{name}.bin"
+        if not path.is_file() or path.stat().st_size != 2 * (hi - lo):
+            partial = path.with_suffix(".partial")
+            tokens[lo:hi].tofile(partial)
+            partial.rename(path)
+        files[name] = path
+    files.update(niah_splits(work, scale, corpus, digests))
+    validation = np.memmap(files["validation"], dtype=np.uint16, mode="r")
+    return {
+        "train_tokens": int(len(tokens)), "validation_tokens": int(len(validation)),
+        "pretrain_tokens": need["pretrain"], "adapt_tokens": need["adapt"], "files": {k: str(v) for k, v in files.items()},
+    }  # fmt: skip
+
+
+def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict[str, str]) -> dict[str, Path]:
+    """NIAH fine-tuning samples (training books) and evaluation samples (held-out books), disjoint keys
+    and values; keyed by the corpus, the generator's source and every sample setting."""
+    from ratplus_titan.data.tokenizer import load_tokenizer
+    from ratplus_titan.eval import niah
+    from ratplus_titan.eval import niah_splits as splits
+
+    per_task = {"train": scale.niah_train_samples // len(scale.niah_tasks), "eval": scale.niah_eval_samples}
+    settings = {
+        "corpus": digests, "length": scale.seq_len, "tasks": scale.niah_tasks, "per_task": per_task, "seed": scale.seed,
+        "source": [file_digest(Path(m.__file__)) for m in (niah, splits)],
+    }  # fmt: skip
+    folder = stage_dir(work, "data", "niah", settings)
+    out = {"niah_train": folder / splits.TRAIN_FILE, "niah_eval": folder / splits.EVAL_FILE}
+    if not all(p.is_file() for p in out.values()):
+        log(f"NIAH splits: {per_task['train']} fine-tuning and {per_task['eval']} evaluation samples per task")
+        splits.make_splits(
+            load_tokenizer(TOKENIZER), train_haystack=corpus["train"], eval_haystack=corpus["validation"],
+            length=scale.seq_len, tasks=scale.niah_tasks, n_train=per_task["train"], n_eval=per_task["eval"],
+            seed=scale.seed, out_dir=folder, progress=True,
+        )  # fmt: skip
+    return out
+
+
+# ---- training runs ---------------------------------------------------------------------------------------
+def pattern_args(spec: str) -> list[str]:
+    from ratplus_titan.pattern import Pattern
+
+    p = Pattern.parse(spec)
+    return [
+        "--ratplus.dilation",
+        str(p.dilation),
+        "--ratplus.local_window",
+        str(p.local_window),
+        "--ratplus.sinks",
+        str(p.sinks),
+    ]
+
+
+def model_args(model: Model) -> list[str]:
+    return ["--ratplus.apply-re", str(model.apply_re)]
+
+
+def common_args(scale: Scale, steps: int, micro_batch: int, compile_: bool) -> list[str]:
+    return [
+        "--model.flavor", scale.flavor, "--training.seq_len", str(scale.seq_len),
+        "--training.local_batch_size", str(micro_batch), "--training.global_batch_size", str(scale.batch),
+        "--training.steps", str(steps), "--checkpoint.interval", str(scale.checkpoint_interval),
+        "--metrics.log_freq", str(scale.log_freq), "--metrics.disable_color_printing",
+        "--ratplus.data_seed", str(scale.seed), "--compile.enable" if compile_ else "--compile.no-enable", *scale.extra,
+    ]  # fmt: skip
+
+
+def schedule(steps_warmup_lr: tuple[int, int, float]) -> list[str]:
+    _, warmup, lr = steps_warmup_lr
+    return ["--lr_scheduler.warmup_steps", str(warmup), "--optimizer.lr", str(lr)]
+
+
+def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
+    runs = {}
+    for name, model in MODELS.items():
+        args = [
+            *common_args(scale, scale.pretrain_steps, scale.micro_batch, scale.compile_pretrain),
+            *schedule((scale.pretrain_steps, scale.warmup_steps, scale.pretrain_lr)),
+            "--training.dataset", "bin", "--training.dataset_path", data["files"]["pretrain"], *model_args(model),
+            *(["--ratplus.joint-train", "--ratplus.joint_dilation", str(scale.joint_dilation)] if model.joint_train
+              else ["--ratplus.no-joint-train"]),
+        ]  # fmt: skip
+        runs[name] = train_run(
+            work, f"pretrain_{name}", "train_configs/reproduce_pretrain.toml", args, scale.pretrain_steps
+        )
+    return runs
+
+
+def short_micro_batch(scale: Scale) -> int:
+    """Adaptation and fine-tuning runs share the GPU six or nine at a time: smaller microbatches."""
+    return max(1, min(scale.micro_batch, scale.batch // 4))
+
+
+def start_from(checkpoint: Path) -> list[str]:
+    return [
+        "--checkpoint.initial_load_path",
+        str(checkpoint),
+        "--checkpoint.initial_load_model_only",
+        "--ratplus.no-joint-train",
+    ]
+
+
+def adapt_runs(
+    work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun]
+) -> dict[tuple[str, str], TrainRun]:
+    runs = {}
+    for name, model in MODELS.items():
+        for spec in scale.patterns:
+            args = [
+                *common_args(scale, scale.adapt_steps, short_micro_batch(scale), scale.compile_short),
+                *schedule((scale.adapt_steps, 0, scale.adapt_lr)), "--training.dataset", "bin",
+                "--training.dataset_path", data["files"]["adapt"], *model_args(model), *pattern_args(spec),
+                *start_from(pretrained[name].checkpoint),
+            ]  # fmt: skip
+            runs[(name, spec)] = train_run(
+                work, f"adapt_{name}_{spec}", "train_configs/reproduce_adapt.toml", args, scale.adapt_steps
+            )
+    return runs
+
+
+def sft_runs(
+    work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun], adapted: dict[tuple[str, str], TrainRun]
+) -> dict[tuple[str, str], TrainRun]:
+    """Each model fine-tuned on the NIAH training split under each pattern: dense from the pretrained
+    checkpoint, a sparse pattern from the checkpoint adapted to it (the paper's protocol)."""
+    runs = {}
+    for name, model in MODELS.items():
+        for spec in (DENSE, *scale.patterns):
+            source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
+            args = [
+                *common_args(scale, scale.sft_steps, short_micro_batch(scale), scale.compile_short),
+                *schedule((scale.sft_steps, scale.sft_warmup_steps, scale.sft_lr)), "--training.dataset", "sft",
+                "--training.dataset_path", data["files"]["niah_train"], *model_args(model),
+                *pattern_args("d1w0s0" if spec == DENSE else spec), *start_from(source.checkpoint),
+            ]  # fmt: skip
+            runs[(name, spec)] = train_run(
+                work, f"sft_{name}_{spec}", "train_configs/reproduce_sft.toml", args, scale.sft_steps
+            )
+    return runs
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+def sparse_specs(scale: Scale) -> dict[str, str]:
+    """Every pattern evaluated, by label: dense; the sliding window + sinks alone (the first pattern's);
+    each sparse pattern; top-k block attention at the first sparse pattern's KV budget, by block score."""
+    from ratplus_titan.pattern import Pattern
+
+    first = Pattern.parse(scale.patterns[0])
+    specs = {DENSE: DENSE, "window": f"d-1w{first.local_window}s{first.sinks}"}
+    specs.update({p: p for p in scale.patterns})
+    specs.update(topk_specs(scale))
+    return specs
+
+
+def topk_specs(scale: Scale) -> dict[str, str]:
+    """Top-k block attention reading as many KV rows as the first sparse pattern (DESIGN §2: blocks of D)."""
+    from ratplus_titan.pattern import Pattern
+
+    first = Pattern.parse(scale.patterns[0])
+    rows = first.cache_rows(scale.seq_len)  # S + W + ceil(T / D)
+    block = first.dilation
+    top_k = max(1, (rows - first.sinks) // block - 1)  # sinks + (top_k + 1) blocks = the same rows
+    return {f"topk-{score}": f"topk{block}k{top_k}s{first.sinks}-{score}" for score in ("ratplus", "quest", "moba")}
+
+
+def heldout_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str], Path]) -> list[dict]:
+    """Held-out LM loss by position: each pretrained model under every pattern, each adapted one under its
+    pattern and dense. A failed row is recorded and the rest go on."""
+    from ratplus_titan.eval.perplexity import evaluate_pattern, load, print_row, read_windows
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    specs = sparse_specs(scale)
+    windows = read_windows(data["files"]["validation"], scale.seq_len, scale.eval_windows)
+    rows = []
+    for (model, checkpoint), path in exports.items():
+        labels = list(specs) if checkpoint == "pretrained" else [checkpoint.removeprefix("adapted_"), DENSE]
+        lm = None
+        for label in labels:
+            settings = {"export": path.name, "spec": specs[label], "windows": scale.eval_windows, "dtype": dtype,
+                        "validation": file_digest(Path(data["files"]["validation"]))}  # fmt: skip
+            cache = stage_dir(work, "eval", f"loss_{model}_{checkpoint}_{label}", settings) / "row.json"
+            if not cache.is_file():
+                try:
+                    lm = lm or load(path, scale.seq_len, dtype)
+                    found = evaluate_pattern(lm, windows, specs[label], scale.eval_batch)
+                    print_row(path.name, found)
+                except Exception as e:  # one failed pattern must not cost the other rows
+                    log(f"held-out loss of {model} {checkpoint} under {specs[label]} failed: {e!r}")
+                    found = {"pattern": specs[label], "error": repr(e)[:2000]}
+                cache.write_text(json.dumps(found))
+            row = json.loads(cache.read_text())
+            rows.append({"model": model, "checkpoint": checkpoint, **row, "pattern": label, "spec": row["pattern"]})
+        del lm
+    return rows
+
+
+def niah_plan(scale: Scale) -> list[tuple[str, str, str]]:
+    """(model, fine-tuned under, evaluated under): each model fine-tuned and evaluated under each pattern;
+    the dense-fine-tuned models also under each sparse pattern and top-k block attention, not fine-tuned for it."""
+    plan = []
+    for model in MODELS:
+        plan += [(model, spec, spec) for spec in (DENSE, *scale.patterns)]
+        plan += [(model, DENSE, label) for label in ("window", *scale.patterns, *topk_specs(scale))]
+    return plan
+
+
+def niah_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str], Path]) -> list[dict]:
+    """NIAH accuracy on the held-out split, by task, depth and needle distance, for every row of ``niah_plan``;
+    ``far_accuracy``: on the samples whose answer needle lies beyond the local window from the question."""
+    from ratplus_titan.cli import parse_patterns
+    from ratplus_titan.eval.niah import evaluate_file
+    from ratplus_titan.eval.perplexity import pattern_rows
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    specs = sparse_specs(scale)
+    window = local_window(scale)
+    rows = []
+    for model, tuned, label in niah_plan(scale):
+        path = exports[(model, f"sft_{tuned}")]
+        settings = {"export": path.name, "spec": specs[label], "samples": file_digest(Path(data["files"]["niah_eval"])),
+                    "dtype": dtype, "window": window}  # fmt: skip
+        cache = stage_dir(work, "eval", f"niah_{model}_{tuned}_{label}", settings) / "report.json"
+        row = {"model": model, "tuned": tuned, "pattern": label, "spec": specs[label],
+               "kv_rows": pattern_rows(parse_patterns(specs[label])[0], scale.seq_len)}  # fmt: skip
+        if not cache.is_file():
+            try:
+                report = evaluate_file(path, data["files"]["niah_eval"], pattern=specs[label], batch_size=scale.eval_batch,
+                                       dtype=dtype, distance_edges=(window, 4 * window))  # fmt: skip
+            except Exception as e:  # one failed evaluation must not cost the others
+                log(f"NIAH of {model} (fine-tuned {tuned}) under {specs[label]} failed: {e!r}")
+                rows.append({**row, "error": repr(e)[:2000]})
+                continue
+            cache.write_text(json.dumps(report))
+        report = json.loads(cache.read_text())
+        samples = report["samples"]
+        far = [s["score"] for s in samples if s["answer_distance"] > window]
+        row.update(
+            samples=len(samples), accuracy=100 * fraction([s["score"] for s in samples]), far_samples=len(far),
+            far_accuracy=100 * fraction(far), by_task={t: v["accuracy"] for t, v in report["by_task"].items()},
+            by_depth={b: v["accuracy"] for b, v in report["by_depth"]["all"].items()},
+            by_distance={b: v["accuracy"] for b, v in report["by_distance"]["all"].items()},
+            seconds=report.get("seconds"), examples=[(s.get("prediction"), s.get("outputs")) for s in samples[:2]],
+        )  # fmt: skip
+        rows.append(row)
+        log(f"NIAH {model:16s} fine-tuned {tuned:10s} under {specs[label]:26s}: {row['accuracy']:5.1f}  "
+            f"beyond the window {row['far_accuracy']:5.1f} ({len(far)} samples)")  # fmt: skip
+    return rows
+
+
+def local_window(scale: Scale) -> int:
+    """The local window W of the first sparse pattern: needles farther than W are reached only through
+    the dilated (or selected) rows."""
+    from ratplus_titan.pattern import Pattern
+
+    return Pattern.parse(scale.patterns[0]).local_window
+
+
+def model_counts(scale: Scale) -> dict:
+    """Parameters and training FLOPs per token of each model (joint training adds the D=64 pass)."""
+    import dataclasses
+
+    from ratplus_titan.model import RATPlusModel, ratplus_flavors
+    from ratplus_titan.pattern import DENSE as DENSE_PATTERN
+    from ratplus_titan.pattern import Pattern
+
+    counts: dict = {}
+    for name, model in MODELS.items():
+        args = dataclasses.replace(ratplus_flavors[scale.flavor], max_seq_len=scale.seq_len, apply_re=model.apply_re)
+        with torch.device("meta"):
+            module = RATPlusModel(args)
+        params, dense = args.get_nparams_and_flops(module, scale.seq_len, [DENSE_PATTERN] * args.n_layers)
+        _, sparse = args.get_nparams_and_flops(module, scale.seq_len, [Pattern(scale.joint_dilation)] * args.n_layers)
+        counts[name] = {"params": params, "flops_per_token": dense + (sparse if model.joint_train else 0),
+                        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}  # fmt: skip
+    for name in MODELS:
+        counts[name]["flops_vs_ratplus"] = counts[name]["flops_per_token"] / counts["ratplus"]["flops_per_token"]
+    return counts
+
+
+def fraction(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

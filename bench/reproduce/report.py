@@ -1,0 +1,213 @@
+"""The reproduction's result: the summary checked against the paper's expectations, the figure, the README
+section (regenerated from the JSON alone with ``python -m bench.reproduce --readme-only JSON``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bench.common import REPO, figure, save_figure
+from bench.reproduce.pipeline import DENSE
+from bench.reproduce.scales import MODELS
+
+README_BEGIN, README_END = (
+    "<!-- reproduce:begin (python -m bench.reproduce --readme-only JSON) -->",
+    "<!-- reproduce:end -->",
+)
+DENSE_OK = 90.0
+"""Dense NIAH accuracy (%) that counts as "near 100" after fine-tuning."""
+CLOSE_POINTS = 10.0
+"""A sparse pattern is "close to dense" within this many points of beyond-window NIAH accuracy."""
+COLORS = {"ratplus": "tab:blue", "attention": "tab:red", "attention_joint": "tab:orange"}
+
+
+def niah_table(result: dict) -> dict[tuple[str, str, str], dict]:
+    """``{(model, fine-tuned under, evaluated under): NIAH row}`` (rows with an error included)."""
+    return {(r["model"], r["tuned"], r["pattern"]): r for r in result["niah"]}
+
+
+def accuracy(row: dict | None, key: str = "accuracy") -> float:
+    """A NIAH row's accuracy (``far_accuracy``: needles beyond the local window); NaN if missing or failed."""
+    value = (row or {}).get(key)
+    return math.nan if value is None else value
+
+
+def summarize(result: dict) -> dict:
+    """Per model and pattern: held-out loss change vs the model's dense loss, NIAH accuracy (all needles and
+    needles beyond the window); and whether each expectation from the paper holds."""
+    cfg = result["config"]
+    patterns = cfg["patterns"]
+    loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
+    niah = niah_table(result)
+    summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}}
+    for model in MODELS:
+        dense = loss.get((model, "pretrained", DENSE), math.nan)
+        summary["loss_gap_pct"][model] = {
+            p: {"not_adapted": 100 * (loss.get((model, "pretrained", p), math.nan) - dense) / dense,
+                "adapted": 100 * (loss.get((model, f"adapted_{p}", p), math.nan) - dense) / dense}
+            for p in patterns
+        }  # fmt: skip
+        summary["niah"][model] = {f"{t}->{p}": accuracy(row) for (m, t, p), row in niah.items() if m == model}
+        summary["niah_far"][model] = {
+            f"{t}->{p}": accuracy(row, "far_accuracy") for (m, t, p), row in niah.items() if m == model
+        }
+    far = summary["niah_far"]
+    first, last = patterns[0], patterns[-1]
+
+    def tuned(model: str, p: str) -> float:
+        return far[model].get(f"{p}->{p}", math.nan)
+
+    summary["expected"] = {
+        f"dense_at_least_{DENSE_OK:g}_every_model": all(
+            summary["niah"][m].get(f"{DENSE}->{DENSE}", 0) >= DENSE_OK for m in MODELS),
+        f"attention_{first}_far_below_its_dense": tuned("attention", first) <= 0.5 * tuned("attention", DENSE),
+        f"ratplus_{first}_within_{CLOSE_POINTS:g}_points_of_its_dense": tuned("ratplus", first) >= tuned("ratplus", DENSE) - CLOSE_POINTS,
+        f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}":
+            tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last),
+        "topk_ratplus_score_on_ratplus_at_least_attention_best": far["ratplus"].get(f"{DENSE}->topk-ratplus", math.nan)
+            >= max(far[m].get(f"{DENSE}->topk-{s}", math.nan) for m in ("attention", "attention_joint") for s in ("quest", "moba")),
+    }  # fmt: skip
+    return summary
+
+
+def plot(result: dict, path: Path) -> None:
+    cfg = result["config"]
+    fig, axes = figure(2, 2, figsize=(16, 10))
+    (curves, depth), (bars, losses) = axes
+    for model, color in COLORS.items():
+        curve = result["training"].get(f"pretrain_{model}")
+        if not curve:
+            continue
+        tokens = [s * cfg["tokens_per_step"] / 1e6 for s in curve["step"]]
+        curves.plot(tokens, curve["loss"], color=color, label=f"{MODELS[model].label}: dense")
+        if any(v is not None for v in curve["loss_sparse"]):
+            curves.plot(
+                tokens,
+                curve["loss_sparse"],
+                color=color,
+                ls=":",
+                label=f"{MODELS[model].label}: D={cfg['joint_dilation']} phase",
+            )
+    curves.set(title="pretraining", xlabel="tokens (M)", ylabel="training loss")
+
+    niah = niah_table(result)
+    styles = dict(zip([DENSE, *cfg["patterns"]], ("-", "--", ":", "-.")))
+    for (model, tuned, label), row in niah.items():
+        if tuned != label or "by_depth" not in row:
+            continue
+        buckets = list(row["by_depth"])
+        values = [math.nan if row["by_depth"][b] is None else row["by_depth"][b] for b in buckets]
+        depth.plot(range(len(buckets)), values, color=COLORS[model], ls=styles[label],
+                   marker="o", label=f"{MODELS[model].label} {label}")  # fmt: skip
+        depth.set_xticks(range(len(buckets)), buckets)
+    depth.set(title="NIAH accuracy by needle depth (fine-tuned and evaluated under the pattern)",
+              xlabel="needle depth (% of the haystack)", ylabel="accuracy (%)", ylim=(-3, 103))  # fmt: skip
+
+    labels = list(dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah))
+    width = 0.8 / len(MODELS)
+    for i, model in enumerate(MODELS):
+        values = [result["summary"]["niah_far"][model].get(label, math.nan) for label in labels]
+        bars.bar(
+            [x + (i - 1) * width for x in range(len(labels))],
+            values,
+            width,
+            color=COLORS[model],
+            label=MODELS[model].label,
+        )
+    bars.set_xticks(range(len(labels)), [label.replace("->", "\n-> ") for label in labels], fontsize=7)
+    bars.set(title=f"NIAH accuracy, needles beyond the {cfg['local_window']}-token window (fine-tuned -> evaluated)",
+             ylabel="accuracy (%)", ylim=(0, 103))  # fmt: skip
+
+    gaps = result["summary"]["loss_gap_pct"]
+    pairs = [(p, kind) for p in cfg["patterns"] for kind in ("not_adapted", "adapted")]
+    for i, model in enumerate(MODELS):
+        values = [gaps[model][p][kind] for p, kind in pairs]
+        losses.bar(
+            [x + (i - 1) * width for x in range(len(pairs))],
+            values,
+            width,
+            color=COLORS[model],
+            label=MODELS[model].label,
+        )
+    losses.set_xticks(range(len(pairs)), [f"{p}\n{kind.replace('_', ' ')}" for p, kind in pairs], fontsize=8)
+    losses.axhline(0, color="black", lw=0.8)
+    losses.set(title="held-out LM loss vs the model's own dense loss", ylabel="change (%)")
+    for ax in (curves, depth, bars, losses):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    env = result["env"]
+    fig.suptitle(
+        f"RAT+ vs attention, {cfg['flavor']} flavor, T={cfg['seq_len']}, {env['device']}, torch {env['torch']}, {env['date'][:10]}"
+    )
+    save_figure(fig, path, dpi=100)
+
+
+def readme_section(result: dict, json_name: str) -> str:
+    cfg, env, counts, timing = result["config"], result["env"], result["models"], result["timing"]
+    niah = niah_table(result)
+    window = cfg["local_window"]
+    lines = [
+        f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
+        f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor (RAT+ {counts['ratplus']['params'] / 1e6:.0f}M parameters, "
+        f"attention {counts['attention']['params'] / 1e6:.0f}M), T={cfg['seq_len']}. Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens "
+        f"({cfg['pretrain_steps']} steps of {cfg['batch']} windows in a seeded random order); adaptation: "
+        f"{cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} steps, lr {cfg['adapt_lr']:g}); NIAH fine-tuning: "
+        f"{cfg['sft_steps']} steps of {cfg['batch']} samples ({cfg['niah_train_samples']} samples from training books, lr "
+        f"{cfg['sft_lr']:g}, prompt masked); NIAH evaluation: {cfg['niah_eval_samples']} samples per task "
+        f"({', '.join(cfg['niah_tasks'])}) from {cfg.get('validation_books') or 'held-out'} held-out books, needle depths 0-100%.",
+        "",
+        f"NIAH accuracy (%), all needles / needles more than {window} tokens before the question "
+        "(what only the dilated or selected rows can reach). *fine-tuned -> evaluated*:",
+        "",
+        "| fine-tuned -> evaluated | KV rows | " + " | ".join(MODELS[m].label for m in MODELS) + " |",
+        "|---|---|" + "---|" * len(MODELS),
+    ]
+    for label in dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah):
+        tuned, pattern = label.split("->")
+        cells = []
+        for model in MODELS:
+            row = niah.get((model, tuned, pattern))
+            cells.append(
+                "-"
+                if row is None
+                else "failed"
+                if "error" in row
+                else f"{accuracy(row):.1f} / {accuracy(row, 'far_accuracy'):.1f}"
+            )
+        kv = next(
+            (r.get("kv_rows") for (m, t, p), r in niah.items() if (t, p) == (tuned, pattern) and "kv_rows" in r), "-"
+        )
+        lines.append(f"| {tuned} -> `{cfg['specs'].get(pattern, pattern)}` | {kv} | " + " | ".join(cells) + " |")
+    lines += ["", "Held-out LM loss (nats, "
+              f"{result['heldout'][0].get('tokens', 0):,} tokens); in brackets the change from the model's own dense loss:",
+              "", "| pattern | " + " | ".join(f"{MODELS[m].label} not adapted | adapted" for m in MODELS) + " |",
+              "|---|" + "---|---|" * len(MODELS)]  # fmt: skip
+    loss = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result["heldout"]}
+
+    def cell(model: str, checkpoint: str, label: str) -> str:
+        row, dense = loss.get((model, checkpoint, label)), loss.get((model, "pretrained", DENSE))
+        if row is None:
+            return "-"
+        if "loss" not in row or not dense or "loss" not in dense:
+            return "failed"
+        if (checkpoint, label) == ("pretrained", DENSE):
+            return f"{row['loss']:.4f}"
+        return f"{row['loss']:.4f} ({100 * (row['loss'] - dense['loss']) / dense['loss']:+.2f}%)"
+
+    for label, spec in cfg["specs"].items():
+        adapted = f"adapted_{label}" if label in cfg["patterns"] else None
+        cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label) if adapted else '-'}" for m in MODELS]
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    expected = result["summary"]["expected"]
+    lines += ["", "The paper's expectations at this scale: " + "; ".join(
+        f"{name.replace('_', ' ')}: **{'yes' if ok else 'no'}**" for name, ok in expected.items()) + "."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_readme(result: dict, json_name: str, readme: Path = REPO / "README.md") -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_BEGIN + "\n" + readme_section(result, json_name) + "\n" + README_END + tail)

@@ -1,0 +1,83 @@
+"""What the reproduction trains and measures: the three models and the sizes it runs at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Model:
+    """One pretrained model of the comparison (DESIGN §3: RAT+ and the attention baselines)."""
+
+    name: str
+    label: str  # for tables and plots
+    apply_re: bool  # False: no recurrence (keys and values are k, x directly)
+    joint_train: bool  # a D=joint_dilation step before the dense step of every batch
+
+
+MODELS: dict[str, Model] = {m.name: m for m in (
+    Model("ratplus", "RAT+", apply_re=True, joint_train=True),
+    Model("attention", "attention", apply_re=False, joint_train=False),  # the paper's standard baseline
+    Model("attention_joint", "attention + joint", apply_re=False, joint_train=True),  # FLOPs-matched to RAT+
+)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the reproduction: model, data, the patterns measured and each stage's schedule.
+
+    ``batch`` is the global batch (windows or samples a step); ``micro_batch`` what one forward holds
+    (``batch // micro_batch`` gradient-accumulation steps), so several runs share one GPU.
+    """
+
+    flavor: str
+    seq_len: int
+    batch: int
+    micro_batch: int
+    pretrain_steps: int
+    warmup_steps: int
+    adapt_steps: int
+    sft_steps: int
+    patterns: tuple[str, ...]  # the sparse patterns adapted to, fine-tuned under and evaluated
+    corpus: tuple[str, str]  # (train, validation) text files, relative to the repository
+    eval_windows: int  # held-out windows for the LM loss
+    eval_batch: int
+    niah_tasks: tuple[str, ...]
+    niah_train_samples: int  # SFT samples, from training books (all tasks together)
+    niah_eval_samples: int  # evaluation samples per task, from held-out books
+    log_freq: int
+    joint_dilation: int = 64
+    pretrain_lr: float = 1.5e-3
+    adapt_lr: float = 8e-5  # DESIGN §3
+    sft_lr: float = 1e-4
+    sft_warmup_steps: int = 0
+    compile_pretrain: bool = True
+    compile_short: bool = False  # adaptation and SFT: short runs, where compiling costs more than it saves
+    checkpoint_interval: int = 100  # a run cut off resumes from its last checkpoint
+    seed: int = 0  # data order and NIAH samples
+    extra: tuple[str, ...] = field(default=())  # more torchtitan arguments for every run
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+
+SCALES = {
+    # one H100/H200 in one device call: 3 pretrained models, 6 adaptations, 9 fine-tunings, all evaluations
+    "50m": Scale(
+        flavor="50M", seq_len=2048, batch=32, micro_batch=16, pretrain_steps=360, warmup_steps=18,
+        adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
+        corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
+        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=3840,
+        niah_eval_samples=200, log_freq=10,
+    ),
+    "tiny": Scale(
+        flavor="debugmodel", seq_len=256, batch=4, micro_batch=4, pretrain_steps=4, warmup_steps=1,
+        adapt_steps=2, sft_steps=2, patterns=("d4w16s2", "d16w16s2"),
+        corpus=("ratplus_titan/assets/corpus/en_pd_ccby.train.jsonl.gz",
+                "ratplus_titan/assets/corpus/en_pd_ccby.validation.jsonl.gz"),
+        eval_windows=4, eval_batch=4, niah_tasks=("single", "multikey"), niah_train_samples=8, niah_eval_samples=2,
+        log_freq=1, compile_pretrain=False, checkpoint_interval=2,
+        extra=("--training.mixed_precision_param", "float32"),
+    ),
+}  # fmt: skip

@@ -1,0 +1,23 @@
+"""The files of the checkout, as git lists them (tracked, and untracked but not ignored): never ``build/``,
+``.venv/`` or other generated copies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_files() -> list[str]:
+    """Paths relative to the repository root; skips the calling test outside a git checkout."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the file list comes from git")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    return [name for name in listed if (REPO_ROOT / name).is_file()]  # a deleted, not yet committed file: gone

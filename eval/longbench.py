@@ -260,27 +260,9 @@ def task_of_file(path: str | Path) -> str:
 
 def read_jsonl(path: str | Path, fields: Sequence[str], what: str) -> list[dict[str, Any]]:
     """The JSON objects of a jsonl file, each holding ``fields``; errors name the file and line."""
-    path = Path(path)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err})") from None
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not a JSON object ({err}): the file is corrupted or truncated") from None
-        missing = [field for field in fields if not isinstance(record, dict) or field not in record]
-        if missing:
-            raise ValueError(f"{path}:{line_no}: record has no {missing[0]!r} field ({what}: {', '.join(fields)})")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
+    from ratplus_titan.data.jsonl import read_records
+
+    return read_records(path, fields, what)
 
 
 def load_samples(path: str | Path) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ class RATPlus:
     """auto | sdpa | reference | compact | flex | triton; empty keeps the flavor's value."""
 
     data_order: str = "shuffled"
-    """Order of the training windows of `[training] dataset = "bin"`: "shuffled" (a fresh seeded permutation each
+    """Order of the training windows of `[training] dataset = "bin"` (and records of "sft"): "shuffled" (a fresh seeded permutation each
     epoch) or "file" (file order). Text datasets are streamed in their own order; validation is always in file order."""
 
     data_seed: int = 0

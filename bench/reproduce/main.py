@@ -7,18 +7,19 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 
-from bench.common import REPO, device_slug, environment, write_json
+from bench.common import REPO, device_slug, environment, plot_or_skip, write_json
 from bench.reproduce import pipeline, report
 from bench.reproduce.scales import SCALES, Scale
 from bench.reproduce.stages import OutOfTime, export_all, log, train
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
-               "micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
+               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
@@ -91,15 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.readme_only:
         result = json.loads(args.readme_only.read_text())
+        result["summary"] = report.summarize(result)  # the JSON's numbers, judged by today's rules
+        plot_or_skip(report.plot, result, args.readme_only.with_suffix(".png"))
         report.write_readme(result, args.readme_only.name)
-        log(f"README section rewritten from {args.readme_only}")
+        log(f"README section and figure rewritten from {args.readme_only}")
         return 0
     overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
     if "pretrain_steps" in overrides:
         overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
     scale = replace(SCALES[args.scale], **overrides)
-    if scale.batch % scale.micro_batch:
-        parser.error(f"--batch {scale.batch} must be a multiple of --micro-batch {scale.micro_batch}")
+    for name in ("micro_batch", "short_micro_batch"):
+        if scale.batch % getattr(scale, name):
+            parser.error(f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}")
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
     long, short = concurrency(args.concurrent)
     started = time.monotonic()
@@ -128,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         save("data", t0)
 
         t0 = time.monotonic()
-        pretrained = pipeline.pretrain_runs(work, scale, data)
-        result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
+        with ProcessPoolExecutor(1) as pool:  # the NIAH samples are written while the models pretrain
+            niah_data = pool.submit(pipeline.niah_splits, work, scale)
+            pretrained = pipeline.pretrain_runs(work, scale, data)
+            result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
+            data["files"].update(niah_data.result())
+            result["config"]["files"] = data["files"]
         save("pretrain", t0)
 
         t0 = time.monotonic()
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result["summary"] = report.summarize(result)
     write_json(out_json, result)
-    report.plot(result, out_json.with_suffix(".png"))
+    plot_or_skip(report.plot, result, out_json.with_suffix(".png"))
     if args.readme:
         report.write_readme(result, out_json.name)
     print(report.readme_section(result, out_json.name))

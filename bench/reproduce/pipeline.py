@@ -18,18 +18,23 @@ TOKENIZER = REPO / "ratplus_titan" / "assets" / "llama2" / "tokenizer.model"
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
-    """Tokens of the corpus (pretraining windows, then adaptation windows pretraining never sees, held-out
-    windows) and the NIAH splits (fine-tuning samples from training books, evaluation samples from held-out
-    books). Returns the files and their sizes."""
-    import numpy as np
-
+def corpus_files(scale: Scale) -> dict[str, Path]:
+    """The scale's (train, validation) text files, checked to exist."""
     corpus = {split: REPO / text for split, text in zip(("train", "validation"), scale.corpus)}
     for path in corpus.values():
         if not path.is_file():
             raise FileNotFoundError(
                 f"corpus file {path} is missing: build it with scripts/build_gutenberg_corpus.py (data/README.md)"
             )
+    return corpus
+
+
+def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
+    """Tokens of the corpus: pretraining windows, then adaptation windows pretraining never sees, and the
+    held-out windows. Returns the files and their sizes (the NIAH splits come from ``niah_splits``)."""
+    import numpy as np
+
+    corpus = corpus_files(scale)
     digests = {split: file_digest(path) for split, path in corpus.items()}
     tokens_dir = stage_dir(work, "data", "tokens", {"corpus": digests, "tokenizer": file_digest(TOKENIZER)})
     files = {}
@@ -63,7 +68,6 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
             tokens[lo:hi].tofile(partial)
             partial.rename(path)
         files[name] = path
-    files.update(niah_splits(work, scale, corpus, digests))
     validation = np.memmap(files["validation"], dtype=np.uint16, mode="r")
     return {
         "train_tokens": int(len(tokens)), "validation_tokens": int(len(validation)),
@@ -71,12 +75,16 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     }  # fmt: skip
 
 
-def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict[str, str]) -> dict[str, Path]:
+def niah_splits(work: Path, scale: Scale) -> dict[str, str]:
     """NIAH fine-tuning samples (training books) and evaluation samples (held-out books), disjoint keys
-    and values; keyed by the corpus, the generator's source and every sample setting."""
+    and values; keyed by the corpus, the generator's source and every sample setting. Only fine-tuning
+    needs them: ``main`` writes them in a second process while the models pretrain."""
     from ratplus_titan.data.tokenizer import load_tokenizer
     from ratplus_titan.eval import niah
     from ratplus_titan.eval import niah_splits as splits
+
+    corpus = corpus_files(scale)
+    digests = {split: file_digest(path) for split, path in corpus.items()}
 
     per_task = {"train": scale.niah_train_samples // len(scale.niah_tasks), "eval": scale.niah_eval_samples}
     settings = {
@@ -92,7 +100,7 @@ def niah_splits(work: Path, scale: Scale, corpus: dict[str, Path], digests: dict
             length=scale.seq_len, tasks=scale.niah_tasks, n_train=per_task["train"], n_eval=per_task["eval"],
             seed=scale.seed, out_dir=folder, progress=True,
         )  # fmt: skip
-    return out
+    return {k: str(v) for k, v in out.items()}
 
 
 # ---- training runs ---------------------------------------------------------------------------------------
@@ -145,11 +153,6 @@ def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
     return runs
 
 
-def short_micro_batch(scale: Scale) -> int:
-    """Adaptation and fine-tuning runs share the GPU six or nine at a time: smaller microbatches."""
-    return max(1, min(scale.micro_batch, scale.batch // 4))
-
-
 def start_from(checkpoint: Path) -> list[str]:
     return [
         "--checkpoint.initial_load_path",
@@ -166,7 +169,7 @@ def adapt_runs(
     for name, model in MODELS.items():
         for spec in scale.patterns:
             args = [
-                *common_args(scale, scale.adapt_steps, short_micro_batch(scale), scale.compile_short),
+                *common_args(scale, scale.adapt_steps, scale.short_micro_batch, scale.compile_short),
                 *schedule((scale.adapt_steps, 0, scale.adapt_lr)), "--training.dataset", "bin",
                 "--training.dataset_path", data["files"]["adapt"], *model_args(model), *pattern_args(spec),
                 *start_from(pretrained[name].checkpoint),
@@ -187,7 +190,7 @@ def sft_runs(
         for spec in (DENSE, *scale.patterns):
             source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
             args = [
-                *common_args(scale, scale.sft_steps, short_micro_batch(scale), scale.compile_short),
+                *common_args(scale, scale.sft_steps, scale.short_micro_batch, scale.compile_short),
                 *schedule((scale.sft_steps, scale.sft_warmup_steps, scale.sft_lr)), "--training.dataset", "sft",
                 "--training.dataset_path", data["files"]["niah_train"], *model_args(model),
                 *pattern_args("d1w0s0" if spec == DENSE else spec), *start_from(source.checkpoint),

@@ -40,6 +40,7 @@ def summarize(result: dict) -> dict:
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
     niah = niah_table(result)
     summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}}
+    # expectations are judged on needles beyond the window, the ones only the dilated or selected rows reach
     for model in MODELS:
         dense = loss.get((model, "pretrained", DENSE), math.nan)
         summary["loss_gap_pct"][model] = {
@@ -57,15 +58,22 @@ def summarize(result: dict) -> dict:
     def tuned(model: str, p: str) -> float:
         return far[model].get(f"{p}->{p}", math.nan)
 
+    dense_ok = {m: far[m].get(f"{DENSE}->{DENSE}", math.nan) >= DENSE_OK for m in MODELS}
+
+    def given(condition: bool, value: bool) -> bool | None:
+        """None when the comparison says nothing: the dense model it is measured against failed NIAH."""
+        return bool(value) if condition else None
+
+    best_attention = max(far[m].get(f"{DENSE}->topk-{s}", math.nan) for m in MODELS if m != "ratplus" for s in ("quest", "moba"))
     summary["expected"] = {
-        f"dense_at_least_{DENSE_OK:g}_every_model": all(
-            summary["niah"][m].get(f"{DENSE}->{DENSE}", 0) >= DENSE_OK for m in MODELS),
-        f"attention_{first}_far_below_its_dense": tuned("attention", first) <= 0.5 * tuned("attention", DENSE),
-        f"ratplus_{first}_within_{CLOSE_POINTS:g}_points_of_its_dense": tuned("ratplus", first) >= tuned("ratplus", DENSE) - CLOSE_POINTS,
-        f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}":
-            tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last),
-        "topk_ratplus_score_on_ratplus_at_least_attention_best": far["ratplus"].get(f"{DENSE}->topk-ratplus", math.nan)
-            >= max(far[m].get(f"{DENSE}->topk-{s}", math.nan) for m in ("attention", "attention_joint") for s in ("quest", "moba")),
+        f"dense_at_least_{DENSE_OK:g}_every_model": all(dense_ok.values()),
+        f"attention_{first}_far_below_its_dense": given(dense_ok["attention"], tuned("attention", first) <= 0.5 * tuned("attention", DENSE)),
+        f"ratplus_{first}_within_{CLOSE_POINTS:g}_points_of_its_dense": given(
+            dense_ok["ratplus"], tuned("ratplus", first) >= tuned("ratplus", DENSE) - CLOSE_POINTS),
+        f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}": given(
+            dense_ok["ratplus"] and dense_ok["attention"], tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last)),
+        "topk_ratplus_score_on_ratplus_at_least_attention_best": given(
+            all(dense_ok.values()), far["ratplus"].get(f"{DENSE}->topk-ratplus", math.nan) >= best_attention),
     }  # fmt: skip
     return summary
 
@@ -199,8 +207,9 @@ def readme_section(result: dict, json_name: str) -> str:
         cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label) if adapted else '-'}" for m in MODELS]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     expected = result["summary"]["expected"]
-    lines += ["", "The paper's expectations at this scale: " + "; ".join(
-        f"{name.replace('_', ' ')}: **{'yes' if ok else 'no'}**" for name, ok in expected.items()) + "."]  # fmt: skip
+    verdict = {True: "yes", False: "no", None: f"not testable (dense below {DENSE_OK:g}%)"}
+    lines += ["", "The paper's expectations, on needles beyond the window: " + "; ".join(
+        f"{name.replace('_', ' ')}: **{verdict[ok]}**" for name, ok in expected.items()) + "."]  # fmt: skip
     return "\n".join(lines)
 
 

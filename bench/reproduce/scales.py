@@ -33,7 +33,8 @@ class Scale:
     flavor: str
     seq_len: int
     batch: int
-    micro_batch: int
+    micro_batch: int  # pretraining
+    short_micro_batch: int  # adaptation and fine-tuning: runs that share the GPU six or nine at a time
     pretrain_steps: int
     warmup_steps: int
     adapt_steps: int
@@ -43,7 +44,7 @@ class Scale:
     eval_windows: int  # held-out windows for the LM loss
     eval_batch: int
     niah_tasks: tuple[str, ...]
-    niah_train_samples: int  # SFT samples, from training books (all tasks together)
+    niah_train_samples: int  # SFT samples from training books, all tasks together (sft_steps x batch: epochs)
     niah_eval_samples: int  # evaluation samples per task, from held-out books
     log_freq: int
     joint_dilation: int = 64
@@ -65,14 +66,14 @@ class Scale:
 SCALES = {
     # one H100/H200 in one device call: 3 pretrained models, 6 adaptations, 9 fine-tunings, all evaluations
     "50m": Scale(
-        flavor="50M", seq_len=2048, batch=32, micro_batch=16, pretrain_steps=360, warmup_steps=18,
+        flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=320, warmup_steps=16,
         adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
-        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=3840,
+        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=1920,
         niah_eval_samples=200, log_freq=10,
     ),
     "tiny": Scale(
-        flavor="debugmodel", seq_len=256, batch=4, micro_batch=4, pretrain_steps=4, warmup_steps=1,
+        flavor="debugmodel", seq_len=256, batch=4, micro_batch=4, short_micro_batch=4, pretrain_steps=4, warmup_steps=1,
         adapt_steps=2, sft_steps=2, patterns=("d4w16s2", "d16w16s2"),
         corpus=("ratplus_titan/assets/corpus/en_pd_ccby.train.jsonl.gz",
                 "ratplus_titan/assets/corpus/en_pd_ccby.validation.jsonl.gz"),

@@ -15,6 +15,8 @@ module adds is the sources RAT+ trains on, chosen by ``dataset`` and ``dataset_p
 ``"hf:<path>[:<config>]"`` empty, or a local copy to read instead of ``<path>``
 ``"local"``                a ``.txt``/``.jsonl``/``.jsonl.gz``/``.parquet`` file, directory or glob
 ``"bin"``                  a uint16 ``.bin`` file of token ids, directory or glob (pre-tokenized)
+``"sft"``                  ``.jsonl[.gz|.xz]`` ``{"prompt", "answer"}`` records, a file, directory
+                           or glob: one record per row, the prompt masked from the loss (``sft.py``)
 =========================  ==============================================================
 
 Text sources are all streamed through ``datasets`` (remote or local alike), because its
@@ -58,7 +60,7 @@ BUNDLED_CORPUS = {
     "validation": CORPUS_DIR / "en_pd_ccby.validation.jsonl.gz",
 }
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
-DATASET_CHOICES = ('"bundled"', '"fineweb_edu"', '"hf:<name>[:<config>]"', '"local"', '"bin"')
+DATASET_CHOICES = ('"bundled"', '"fineweb_edu"', '"hf:<name>[:<config>]"', '"local"', '"bin"', '"sft"')
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 """Local text file suffix → ``datasets`` builder. A ``.txt`` file is one document."""
 
@@ -255,6 +257,10 @@ def build_dataset(
         raise ValueError(f"{section.field('seq_len')} must be positive, got {section.seq_len}")
     if section.dataset.strip().lower() == "bin":
         return _open_bin(section, tokenizer, dp_rank, dp_world_size, infinite)
+    if section.dataset.strip().lower() == "sft":
+        from ratplus_titan.data.sft import build_sft_dataset
+
+        return build_sft_dataset(section, tokenizer, dp_rank, dp_world_size, infinite)
     docs, where = _open_text(section)
     if tokenizer is None:
         raise ValueError(
@@ -277,7 +283,8 @@ def _loader(
         )
     dataset = build_dataset(section, tokenizer, dp_rank, dp_world_size, infinite)
     kwargs = {**asdict(section.loader), "batch_size": section.batch_size}
-    loader_cls = ReshardableDataloader if isinstance(dataset, TokenWindowDataset) else TextDataloader
+    # datasets read in an ItemOrder (.bin windows, SFT records) save a layout-free position
+    loader_cls = ReshardableDataloader if isinstance(getattr(dataset, "order", None), ItemOrder) else TextDataloader
     return loader_cls(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
@@ -413,7 +420,7 @@ def _text_of(sample: dict[str, Any], name: str) -> str:
 
 
 def _suffix(path: Path) -> str:
-    return ".jsonl.gz" if path.name.endswith(".jsonl.gz") else path.suffix
+    return next((s for s in (".jsonl.gz", ".jsonl.xz") if path.name.endswith(s)), path.suffix)
 
 
 class Validator(_TitanValidator):

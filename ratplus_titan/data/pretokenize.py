@@ -16,19 +16,16 @@ complete, so an interrupted run leaves no truncated ``.bin`` behind.
 
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
 import multiprocessing
 import os
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ratplus_titan.data.jsonl import not_utf8, read_json_lines
 from ratplus_titan.data.token_file import TOKEN_DTYPE
 from ratplus_titan.data.tokenizer import load_tokenizer
 
@@ -42,31 +39,19 @@ def read_documents(path: Path) -> Iterator[str]:
     name = path.name
     if not name.endswith(INPUT_SUFFIXES):
         raise ValueError(f"{path}: unsupported input; allowed suffixes are {', '.join(INPUT_SUFFIXES)}")
-    try:
-        if name.endswith(".txt"):
-            text = path.read_text(encoding="utf-8")
-            if text.strip():
-                yield text
-            return
-        opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield from _jsonl_documents(path, f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start : e.start + 1]!r})") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
-        raise ValueError(f"{path} cannot be read as {name[name.index('.jsonl') :]} ({e})") from None
-
-
-def _jsonl_documents(path: Path, lines: Iterator[str]) -> Iterator[str]:
-    for line_number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    if name.endswith(".txt"):
         try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{line_number}: not a JSON object with a 'text' field ({e})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, e) from None
+        if text.strip():
+            yield text
+        return
+    for line_number, record in read_json_lines(path):
+        text = record.get("text")
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{line_number}: 'text' is {type(text).__name__}, not a string")
+            raise ValueError(f"{path}:{line_number}: not a JSON object with a string 'text' field "
+                             f"({'no text' if text is None else type(text).__name__})")  # fmt: skip
         yield text
 
 

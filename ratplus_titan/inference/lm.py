@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ratplus_titan.adapters.layout import check_state_dict, load_export
@@ -163,6 +164,16 @@ class RATPlusLM(nn.Module):
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.max_seq_len}")
         return self.model(tokens.to(self.device))
+
+    @torch.no_grad()
+    def logits_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K, V]`` at ``positions [B, K]`` of ``tokens [B, T]``: the full-sequence forward
+        under the inference pattern(s), the (tied) output head applied at those positions only."""
+        if tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.max_seq_len}")
+        h = self.model.hidden_states(tokens.to(self.device))  # [B, T, d]
+        index = positions.to(self.device)[..., None].expand(-1, -1, h.shape[-1])
+        return F.linear(h.gather(1, index), self.model.tok_embeddings.weight)
 
     def set_pattern(self, pattern: PatternLike) -> None:
         """Switch the inference pattern(s); the decode cache is dropped (its layout depends on them)."""

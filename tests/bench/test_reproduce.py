@@ -167,7 +167,7 @@ def test_niah_rows_and_summary(result):
             assert gap == pytest.approx(
                 100 * (rows[(f"adapted_{p}", p)] - rows[("pretrained", "dense")]) / rows[("pretrained", "dense")]
             )
-    assert len(summary["expected"]) == 5 and all(isinstance(v, bool) for v in summary["expected"].values())
+    assert len(summary["expected"]) == 5 and all(v is None or isinstance(v, bool) for v in summary["expected"].values())
 
 
 @slow

@@ -26,17 +26,21 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
 from ratplus_titan.cli import error_message, fail
 from ratplus_titan.config import ConfigError
 
+if TYPE_CHECKING:
+    from torchtitan.config import JobConfig
+
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun sets and torchtitan's trainer reads."""
 
 
-def check_job_config(config, warn: bool = True) -> None:
+def check_job_config(config: JobConfig, warn: bool = True) -> None:
     """Raise ``ConfigError`` if the flavor's model cannot take ``config``; with ``warn``, log (once, one line)
     the configured patterns that are dense attention at ``training.seq_len``."""
     from torchtitan.tools.logging import logger
@@ -61,7 +65,7 @@ def check_job_config(config, warn: bool = True) -> None:
         )
 
 
-def parse_job_config(args: Sequence[str], warn: bool = True):
+def parse_job_config(args: Sequence[str], warn: bool = True) -> JobConfig:
     """torchtitan's ``ConfigManager().parse_args(args)`` and ``check_job_config``; ``ConfigError`` for bad values.
 
     ``warn=False``: a check before the run itself, which logs torchtitan's warnings and ours; none here.
@@ -91,7 +95,7 @@ def checked_parsing(warn: bool = True, args: Sequence[str] | None = None) -> Ite
 
     original = ConfigManager.parse_args
 
-    def parse_args(manager, given: Sequence[str] | None = None):
+    def parse_args(manager: ConfigManager, given: Sequence[str] | None = None) -> JobConfig:
         given = given if given is not None else args if args is not None else sys.argv[1:]
         try:
             config = original(manager, list(given))

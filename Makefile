@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make train   create .venv, install, train the debug RAT+ model on the bundled corpus (CPU if no GPU)
 #   make test    create .venv, install, run the test suite
+#   make test-gpu  the whole suite on a CUDA machine, kernels compiled (scripts/test_gpu.sh; JOBS=8 workers)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ CPU_TORCH := torch==2.13.0
 TORCH_SPEC ?= $(if $(HAS_GPU),$(GPU_TORCH),$(CPU_TORCH))
 CONFIG_FILE ?= train_configs/debug_model.toml
 
-.PHONY: install train test lint bench-kernels clean
+.PHONY: install train test test-gpu lint bench-kernels clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,10 @@ train: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# No `install` prerequisite: scripts/test_gpu.sh installs offline from .whl/ when it is there, else runs `make install`.
+test-gpu:
+	bash scripts/test_gpu.sh
 
 lint: install
 	$(PY) -m ruff check .

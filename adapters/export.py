@@ -10,6 +10,13 @@ lives under ``optimizer.``, ``lr_scheduler.``, ``dataloader.``, ``train_state``.
 
 DCP stores each tensor as its global (unsharded) shape, so a checkpoint saved under any
 FSDP/TP layout loads here into plain full CPU tensors, without a process group.
+
+The pattern recorded in config.json is ``--pattern`` if given, else the one the checkpoint was
+trained with (``ratplus_titan.training_record``, saved by ``RATPlusTrainer``), else dense (a
+checkpoint saved before the record existed; a note says so).
+
+torch, torchtitan and the model are imported inside the functions that use them, so that
+``--help`` and bad arguments answer at once.
 """
 
 from __future__ import annotations
@@ -20,16 +27,18 @@ import json
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ratplus_titan import cli
-from ratplus_titan.model.args import RATPlusModelArgs
-from ratplus_titan.model.flavors import ratplus_flavors
-from ratplus_titan.pattern import Pattern
 
-from .layout import check_state_dict, expected_shapes, save_export
+if TYPE_CHECKING:
+    import torch
+
+    from ratplus_titan.model.args import RATPlusModelArgs
+
+Progress = Callable[[str], None]
 
 # First FQN component of every model tensor torchtitan writes for a RAT+ model
 # ("output" only shows up if someone saved an untied head: check_state_dict then names it).
@@ -79,23 +88,46 @@ def canonical_name(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in WRAPPER_NAMES)
 
 
-def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of a DCP checkpoint as a full CPU tensor in its saved dtype.
-
-    Non-model entries (optimizer, lr_scheduler, dataloader, train_state) are not read.
-    """
+def read_metadata(checkpoint_dir: Path):
+    """The DCP ``.metadata`` of ``checkpoint_dir``; an unreadable one is a ``ValueError`` naming it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    checkpoint_dir = Path(checkpoint_dir)
     try:
-        metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+        return dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
     except (EOFError, pickle.UnpicklingError, RuntimeError) as err:
         raise ValueError(
             f"{checkpoint_dir / '.metadata'} cannot be read ({type(err).__name__}: {err}): the file is truncated or "
             "corrupted; copy the step-N folder again"
         ) from None
+
+
+def read_tensors(checkpoint_dir: Path, wanted: dict[str, torch.Tensor]) -> None:
+    """``dcp.load`` of ``wanted`` (full tensors, filled in place) in this process; a failure names the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():  # the single-process load is the intent, not a fallback
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+        except CheckpointException as err:  # a BaseException: one per failed rank, here rank 0
+            reasons = "; ".join(f"{type(e).__name__}: {str(e).split('. ')[0]}" for e, _ in err.failures.values())
+            raise ValueError(f"{checkpoint_dir}: reading the tensors fails ({reasons}): a shard is corrupted") from None
+
+
+def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP checkpoint as a full CPU tensor in its saved dtype.
+
+    Non-model entries (optimizer, lr_scheduler, dataloader, train_state) are not read. A tensor
+    holding a NaN or an infinity is a ``ValueError`` naming it and the shard file it is stored in.
+    """
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .layout import check_finite
+
+    checkpoint_dir = Path(checkpoint_dir)
+    metadata = read_metadata(checkpoint_dir)
     wanted: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -113,14 +145,43 @@ def load_dcp_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Ten
             f"its first entries are: {sample}"
         )
     check_shard_files(checkpoint_dir, metadata)
-    with warnings.catch_warnings():  # the single-process load is the intent, not a fallback
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
-        except CheckpointException as err:  # a BaseException: one per failed rank, here rank 0
-            reasons = "; ".join(f"{type(e).__name__}: {str(e).split('. ')[0]}" for e, _ in err.failures.values())
-            raise ValueError(f"{checkpoint_dir}: reading the tensors fails ({reasons}): a shard is corrupted") from None
+    read_tensors(checkpoint_dir, wanted)
+    check_finite(
+        wanted,
+        lambda key, tensor: ", ".join(str(checkpoint_dir / f) for f in files_with_non_finite(metadata, key, tensor)),
+        fix="export an earlier step (checkpoint/step-N), or copy this one again",
+    )
     return {names[key]: tensor for key, tensor in wanted.items()}
+
+
+def read_training_record(checkpoint_dir: Path):
+    """The checkpoint's ``TrainingRecord`` (the pattern it was trained with), or None if it has none."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ratplus_titan.training_record import RECORD_KEY, TrainingRecord
+
+    meta = read_metadata(checkpoint_dir).state_dict_metadata.get(RECORD_KEY)
+    if meta is None:
+        return None
+    if not isinstance(meta, TensorStorageMetadata) or meta.properties.dtype != torch.uint8:
+        raise ValueError(f"{checkpoint_dir}: {RECORD_KEY!r} is not a uint8 tensor; pass --pattern instead")
+    wanted = {RECORD_KEY: torch.empty(tuple(meta.size), dtype=torch.uint8)}
+    read_tensors(checkpoint_dir, wanted)
+    return TrainingRecord.from_tensor(wanted[RECORD_KEY], str(checkpoint_dir))
+
+
+def files_with_non_finite(metadata, key: str, tensor: torch.Tensor) -> list[str]:
+    """The shard files (relative paths) holding the chunks of DCP tensor ``key`` that are not all finite."""
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    files = []
+    for chunk in metadata.state_dict_metadata[key].chunks:
+        part = tensor[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
+        if not bool(torch.isfinite(part).all()):
+            files.append(metadata.storage_data[MetadataIndex(key, chunk.offsets)].relative_path)
+    return sorted(set(files))
 
 
 def check_shard_files(checkpoint_dir: Path, metadata) -> None:
@@ -177,6 +238,11 @@ def resolve_args(
     ``n_heads`` or from the flavor whose sizes match; a wrong head count would silently
     scramble the head-interleaved ``in_proj``, so it is never guessed.
     """
+    from ratplus_titan.model.args import RATPlusModelArgs
+    from ratplus_titan.model.flavors import ratplus_flavors
+
+    from .layout import check_state_dict
+
     found = shape_summary(state_dict)
     if apply_re is None:
         apply_re = bool(found["apply_re"])
@@ -212,6 +278,8 @@ def pattern_values(field: str):
     """argparse type of ``--dilation``/``--local-window``/``--sinks``: an int, or one per layer (comma-separated)."""
 
     def parse(text: str) -> int | list[int]:
+        from ratplus_titan.pattern import Pattern
+
         try:
             values = [int(v) for v in text.split(",")]
             for value in values:
@@ -227,7 +295,9 @@ def pattern_values(field: str):
 
 def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "pattern", "the attention pattern the weights were trained/adapted for, recorded in config.json (default: dense)"
+        "pattern",
+        "the attention pattern the weights were trained/adapted for, recorded in config.json (default: the "
+        "pattern the checkpoint was trained with, if it records one; else dense)",
     )
     group.add_argument(
         "--pattern",
@@ -242,6 +312,8 @@ def add_pattern_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pattern_from_arguments(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tuple | None:
     """``(dilation, local_window, sinks[, head_groups])`` from the CLI (``args.set_pattern``'s arguments), or None."""
+    from ratplus_titan.pattern import Pattern
+
     parts = (options.dilation, options.local_window, options.sinks)
     if options.pattern is not None:
         if any(p is not None for p in parts):
@@ -276,17 +348,46 @@ def export_dcp(
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
     step: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    note: Progress | None = None,
 ) -> Path:
     """Read the model tensors of a torchtitan DCP checkpoint and write the exported folder.
 
+    ``pattern``: ``set_pattern``'s arguments; None takes the checkpoint's training record (else dense).
     ``dtype``: of the exported tensors; default the checkpoint's (``layout.source_dtype``).
+    ``overwrite``: replace an existing export at ``out_dir``. ``progress``: called with a line per
+    stage; ``note``: with a line saying where the recorded pattern came from.
     """
+    from .layout import expected_shapes, is_export, save_export
+
+    say, tell = progress or (lambda line: None), note or (lambda line: None)
+    check_output(out_dir, overwrite, is_export)
     checkpoint_dir = find_checkpoint(checkpoint, step)
+    say(f"reading the model tensors of {checkpoint_dir}")
     state_dict = load_dcp_model_state_dict(checkpoint_dir)
     args = resolve_args(state_dict, flavor, n_heads, apply_re, max_seq_len, source=str(checkpoint_dir))
+    if pattern is None:
+        record = read_training_record(checkpoint_dir)
+        pattern = (1, 0, 0) if record is None else record.pattern_setting  # dense: whatever the flavor table holds
+        apply_pattern(args, pattern)
+        if record is None:
+            tell(f"note: {checkpoint_dir} records no training pattern (saved before ratplus-titan recorded it): "
+                 "config.json gets dense; pass --pattern to record the pattern it was trained/adapted for")  # fmt: skip
+        else:
+            tell(f"pattern {cli.describe_patterns(args.patterns)}: the one the checkpoint was trained with "
+                 "(--pattern overrides it)")  # fmt: skip
     apply_pattern(args, pattern)
     state_dict = {name: state_dict[name] for name in expected_shapes(args)}
-    return save_export(out_dir, state_dict, args, dtype=dtype, tokenizer_path=tokenizer)
+    say(f"writing {out_dir}")
+    return save_export(out_dir, state_dict, args, dtype=dtype, tokenizer_path=tokenizer, overwrite=overwrite)
+
+
+def check_output(out_dir: str | Path, overwrite: bool, is_export: Callable[[Path], bool]) -> None:
+    """Refuse a non-empty ``out_dir`` before a long read (``save_export`` checks again when it writes)."""
+    from .folder import check_writable
+
+    check_writable(Path(out_dir), overwrite, is_export, "a folder written by ratplus-export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--flavor",
-        choices=sorted(ratplus_flavors),
-        help="model flavor; default: read the sizes off the tensors (a matching flavor gives the head count)",
+        type=flavor_name,
+        help="model flavor (ratplus_titan/model/flavors.py, e.g. 1B); default: read the sizes off the tensors "
+        "(a matching flavor gives the head count)",
     )
     parser.add_argument("--n-heads", type=cli.positive_int, help="number of heads (needed when no flavor matches the sizes)")
     parser.add_argument(
@@ -320,7 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flavor_name(text: str) -> str:
+    """argparse type of ``--flavor``: a name in the flavor table (imported here, not for ``--help``)."""
+    from ratplus_titan.model.flavors import ratplus_flavors
+
+    if text not in ratplus_flavors:
+        raise argparse.ArgumentTypeError(f"{text!r} is unknown: allowed values are {', '.join(ratplus_flavors)}")
+    return text
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export")
     parser.add_argument(
         "--dtype",
         choices=cli.DTYPES,
@@ -359,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             step=options.step,
+            overwrite=options.overwrite,
+            progress=cli.progress(parser.prog),
+            note=lambda line: cli.note(parser.prog, line),
         )
     report_written(parser.prog, out, options.dtype)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from ratplus_titan.cli import DTYPES
 from ratplus_titan.data.tokenizer import TOKENIZER_FILES, resolve_tokenizer_file
 from ratplus_titan.model.args import RATPlusModelArgs
+
+from .folder import leftovers, written_folder
 
 FORMAT = "ratplus-titan"
 VERSION = 1
@@ -101,15 +104,55 @@ def source_dtype(state_dict: dict[str, torch.Tensor]) -> str:
     return str(functools.reduce(torch.promote_types, dtypes)).removeprefix("torch.")
 
 
+def pattern_fields(args: RATPlusModelArgs) -> dict:
+    """The pattern set on ``args`` as config.json's ``"pattern"`` holds it (and a checkpoint's training record)."""
+    pattern = {"dilation": args.dilation, "local_window": args.local_window, "sinks": args.sinks}
+    if args.head_groups:
+        pattern["head_groups"] = list(args.head_groups)
+    return pattern
+
+
+def pattern_setting(fields: dict) -> tuple:
+    """``pattern_fields`` back as ``args.set_pattern``'s arguments (a ``KeyError`` names a missing field)."""
+    return fields["dilation"], fields["local_window"], fields["sinks"], fields.get("head_groups")
+
+
+def check_finite(
+    state_dict: dict[str, torch.Tensor], source: str | Callable[[str, torch.Tensor], str], fix: str
+) -> None:
+    """Raise naming the first tensor that holds a NaN or an infinity, and its file.
+
+    ``source``: the file, or a function of (name, tensor) naming it; ``fix``: what the user can do.
+    """
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+        if bad:
+            where = source(name, tensor) if callable(source) else source
+            raise ValueError(
+                f"{where}: tensor {name!r} holds {bad:,} NaN/inf values (of {tensor.numel():,}): the file is "
+                f"corrupted, or training had diverged when it was saved; {fix}"
+            )
+
+
+def is_export(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
 def save_export(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor],
     args: RATPlusModelArgs,
     dtype: str | None = None,
     tokenizer_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer into ``out_dir``.
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer as the folder ``out_dir``.
 
+    The folder is written beside ``out_dir`` and then takes its place (``folder.written_folder``): it
+    is the complete old export or the complete new one, never a mix. An existing non-empty ``out_dir``
+    is replaced only with ``overwrite``, and only if it is an export.
     ``dtype``: of the written tensors; default ``source_dtype(state_dict)`` (nothing is rounded).
     """
     from safetensors.torch import save_file
@@ -118,32 +161,36 @@ def save_export(
     if tokenizer_path is not None:
         tokenizer_path = resolve_tokenizer_file(tokenizer_path, field="tokenizer")  # before anything is written
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype or source_dtype(state_dict)
     torch_dtype = getattr(torch, dtype)
     tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in state_dict.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": FORMAT})
-    pattern = {"dilation": args.dilation, "local_window": args.local_window, "sinks": args.sinks}
-    if args.head_groups:
-        pattern["head_groups"] = list(args.head_groups)
     config = {
         "format": FORMAT,
         "version": VERSION,
         "model_args": args_to_dict(args),
-        "pattern": pattern,
+        "pattern": pattern_fields(args),
         "dtype": dtype,
         "in_proj_layout": "head_interleaved",
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out_dir / tokenizer_path.name)
+    with written_folder(out_dir, overwrite, is_export, "a folder written by ratplus-export") as folder:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, folder / tokenizer_path.name)
     return out_dir
 
 
 def read_config(config_file: Path) -> dict:
     """An export's ``config.json``, with the fields ``load_export`` reads; errors name the file."""
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: is {config_file.parent} a folder written by ratplus-export?")
+        folder = config_file.parent
+        previous = [path for path, _ in leftovers(folder) if path.name.startswith(f"{folder.name}.old-")]
+        if not folder.exists() and previous:
+            raise FileNotFoundError(
+                f"{folder} does not exist: an export replacing it was interrupted, and {previous[-1]} holds the "
+                f"previous export; rename it to {folder.name}, or export again"
+            )
+        raise FileNotFoundError(f"{config_file} not found: is {folder} a folder written by ratplus-export?")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -163,8 +210,7 @@ def args_from_config(config: dict, config_file: Path) -> RATPlusModelArgs:
     """The model args of a ``read_config`` result, with the recorded pattern set; errors name the file."""
     try:
         args = args_from_dict(dict(config["model_args"]))
-        recorded = config["pattern"]
-        args.set_pattern(recorded["dilation"], recorded["local_window"], recorded["sinks"], recorded.get("head_groups"))
+        args.set_pattern(*pattern_setting(config["pattern"]))
     except KeyError as err:
         raise ValueError(f"{config_file}: field {err.args[0]!r} is missing (in model_args or pattern)") from None
     except ValueError as err:
@@ -203,5 +249,6 @@ def load_export(path: str | Path) -> ExportedModel:
     weights = path / "model.safetensors"
     state_dict = load_weights(weights)
     check_state_dict(args, state_dict, source=str(weights))
+    check_finite(state_dict, str(weights), fix="export the model again from a good checkpoint")
     tokenizer = next((path / f for f in TOKENIZER_FILES if (path / f).exists()), None)
     return ExportedModel(args, state_dict, config["pattern"], config["dtype"], tokenizer)

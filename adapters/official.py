@@ -18,6 +18,8 @@ wrapper names, and a DDP ``module.`` prefix; all are dropped). Older files keep 
 forget-gate rows as ``...seq_layer.fgate_proj.weight`` (``d`` rows) beside a ``4d``-row
 ``in_proj``; they are appended after it. The official ``in_proj`` rows are ``[o; q; k; x; f]``,
 each part ``[head][hd]``; ours are head-interleaved (``layout.official_to_interleaved``).
+
+torch and the model are imported inside the functions that use them (``--help`` answers at once).
 """
 
 from __future__ import annotations
@@ -28,23 +30,26 @@ import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ratplus_titan import cli
-from ratplus_titan.model.args import RATPlusModelArgs
 
 from .export import (
+    Progress,
     add_output_arguments,
     add_pattern_arguments,
     apply_pattern,
     canonical_name,
+    check_output,
     pattern_from_arguments,
     report_written,
     tokenizer_from_arguments,
 )
-from .layout import official_to_interleaved, save_export
+
+if TYPE_CHECKING:
+    import torch
+
+    from ratplus_titan.model.args import RATPlusModelArgs
 
 HEAD_DIM = 128  # the paper's head size for every flavor (DESIGN §1)
 EMBEDDING = "embedding.wte.weight"
@@ -83,6 +88,8 @@ def torch_load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     ``trust_pickle=True`` loads with ``weights_only=False`` instead, which runs whatever
     code the file names: only for files you trust, and only if the weights-only load fails.
     """
+    import torch
+
     path = str(path)
     # mmap: the optimizer state that official files also hold is never read into memory.
     # The legacy (pre-zip) format cannot be mapped.
@@ -113,6 +120,8 @@ def torch_load_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
 
 def official_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The ``"task"`` state dict of a loaded official checkpoint (or the object itself if it is one)."""
+    import torch
+
     if isinstance(checkpoint, dict) and "task" in checkpoint:
         checkpoint = checkpoint["task"]
     if not isinstance(checkpoint, dict) or not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -148,6 +157,8 @@ def heads_from_config(checkpoint: Any) -> int | None:
 def normalize_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper names (``_orig_mod.`` etc., a DDP ``module.`` prefix) and append
     ``fgate_proj`` rows to ``in_proj``."""
+    import torch
+
     ddp = all(key.startswith("module.") for key in state_dict)
     clean: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -175,6 +186,8 @@ def infer_official_args(
     state_dict: dict[str, torch.Tensor], n_heads: int | None = None, max_seq_len: int = 4096
 ) -> RATPlusModelArgs:
     """Model args from the shapes of a normalized official state dict (default ``n_heads = d / 128``)."""
+    from ratplus_titan.model.args import RATPlusModelArgs
+
     if EMBEDDING not in state_dict:
         raise KeyError(f"checkpoint is missing tensor {EMBEDDING!r}")
     vocab_size, dim = state_dict[EMBEDDING].shape
@@ -229,6 +242,10 @@ def convert_official(
     state_dict: dict[str, torch.Tensor], n_heads: int | None = None, max_seq_len: int = 4096
 ) -> tuple[RATPlusModelArgs, dict[str, torch.Tensor]]:
     """Official state dict (raw names) -> our args and ``RATPlusModel`` state dict."""
+    import torch
+
+    from .layout import official_to_interleaved
+
     state_dict = normalize_official(state_dict)
     args = infer_official_args(state_dict, n_heads, max_seq_len)
     expected = official_shapes(args)
@@ -264,18 +281,30 @@ def import_official(
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
     trust_pickle: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
     """Read an official ``.pth`` and write the exported-model folder.
 
     Head count: ``n_heads``, else the file's config (``heads_from_config``), else ``d_model / 128``.
     ``dtype``: of the exported tensors; default the checkpoint's (``layout.source_dtype``).
+    ``overwrite``: replace an existing export at ``out_dir``. ``progress``: called with a line per stage.
+    A tensor holding a NaN or an infinity is a ``ValueError`` naming it and the file.
     """
+    from .layout import check_finite, is_export, save_export
+
+    say = progress or (lambda line: None)
+    check_output(out_dir, overwrite, is_export)
+    say(f"reading {checkpoint}")
     loaded = torch_load_checkpoint(checkpoint, trust_pickle)
     if n_heads is None:
         n_heads = heads_from_config(loaded)
-    args, state_dict = convert_official(official_state_dict(loaded, str(checkpoint)), n_heads, max_seq_len)
+    official = official_state_dict(loaded, str(checkpoint))
+    check_finite(official, str(checkpoint), fix="convert an earlier or intact copy of the checkpoint")
+    args, state_dict = convert_official(official, n_heads, max_seq_len)
     apply_pattern(args, pattern)
-    return save_export(out_dir, state_dict, args, dtype=dtype, tokenizer_path=tokenizer)
+    say(f"writing {out_dir}")
+    return save_export(out_dir, state_dict, args, dtype=dtype, tokenizer_path=tokenizer, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             dtype=options.dtype,
             tokenizer=tokenizer_from_arguments(options),
             trust_pickle=options.trust_pickle,
+            overwrite=options.overwrite,
+            progress=cli.progress(parser.prog),
         )
     report_written(parser.prog, out, options.dtype)
 

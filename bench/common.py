@@ -9,8 +9,9 @@
 - ``write_json``, ``save_figure``: results into ``--out`` (``out_dir()``: ``$OUT`` when set, else ``bench/results``).
 
 ``import_without_train_spec()`` makes the kernel and model modules importable on a device machine
-without torchtitan: ``ratplus_titan/__init__`` registers the torchtitan train spec; when that import
-fails, the package and its kernels are mapped by path (bare modules).
+without torchtitan: ``ratplus_titan/__init__`` registers the torchtitan train spec only when torchtitan
+is already imported, so the import normally succeeds; if it fails all the same, the package and its
+kernels are mapped by path (bare modules).
 """
 
 from __future__ import annotations

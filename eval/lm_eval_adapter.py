@@ -7,8 +7,8 @@ rest of ``ratplus_titan``; install it with ``pip install 'ratplus-titan[eval]'``
         --model_args path=out/export,pattern=d16w256s4,dtype=bfloat16,batch_size=16 \\
         --tasks hellaswag,ratplus_tiny_mc --include_path eval/tasks
 
-The module's ``main`` is lm-eval's own CLI with the model registered first: lm-eval 0.4.x
-looks models up only in its registry (no entry-point discovery), so the plain ``lm_eval``
+The command (``lm_eval_cli.main``) is lm-eval's own CLI with the model registered first: lm-eval
+0.4.x looks models up only in its registry (no entry-point discovery), so the plain ``lm_eval``
 command does not know ``ratplus``. From Python, import this module and call
 ``lm_eval.simple_evaluate(model="ratplus", model_args=...)``.
 
@@ -32,8 +32,6 @@ model is causal, so padding after a sequence never changes its logits.
 from __future__ import annotations
 
 import copy
-import itertools
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,12 +46,8 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from ratplus_titan import cli
+from ratplus_titan.eval.lm_eval_cli import TASKS_DIR, main  # noqa: F401  (README; installs predating lm_eval_cli)
 from ratplus_titan.head_groups import LayerPattern
-from ratplus_titan.inference.generate import DECODE_MODES
-
-PROG = "ratplus-lm-eval"
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-"""Our local lm-eval task YAMLs (tiny multiple-choice / perplexity tasks, the needle tasks)."""
 
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
 
@@ -91,7 +85,6 @@ def parse_pattern_arg(pattern: Any) -> list[LayerPattern] | None:
         raise ValueError(f"model_args pattern: {err}") from None
 
 
-@register_model("ratplus")
 class RATPlusEvalLM(TemplateLM):
     """lm-eval ``LM`` over ``RATPlusLM``: loglikelihood, loglikelihood_rolling, generate_until."""
 
@@ -125,8 +118,8 @@ class RATPlusEvalLM(TemplateLM):
         self._batch_size = _as_positive_int(batch_size, "batch_size")
         self._max_gen_toks = _as_positive_int(max_gen_toks, "max_gen_toks")
         self.add_bos_token = _as_bool(add_bos_token, "add_bos_token")
-        if decode_mode not in DECODE_MODES:
-            raise ValueError(f"decode_mode={decode_mode!r} is invalid: allowed values are {', '.join(DECODE_MODES)}")
+        if decode_mode not in cli.DECODE_MODES:
+            raise ValueError(f"decode_mode={decode_mode!r} is invalid: allowed values are {', '.join(cli.DECODE_MODES)}")
         self.decode_mode = decode_mode
         if dtype is not None and dtype not in (*cli.DTYPES, "auto"):
             raise ValueError(f"dtype={dtype!r} is invalid: allowed values are {', '.join(cli.DTYPES)}")
@@ -345,84 +338,10 @@ class RATPlusEvalLM(TemplateLM):
         }
 
 
-def local_task_names() -> set[str]:
-    """Task and tag names defined by the YAMLs in ``TASKS_DIR``."""
-    import re
-
-    names: set[str] = set()
-    for path in TASKS_DIR.glob("*.yaml"):
-        text = path.read_text(encoding="utf-8")
-        names.update(re.findall(r"^task: *(\S+)", text, flags=re.M))
-    names.add("ratplus_niah")  # the tag of the four needle tasks
-    return names
-
-
-def _requested_tasks(args: list[str]) -> list[str]:
-    """The task names of ``--tasks``/``-t`` (lm-eval takes several values, each comma-separated)."""
-    for i, arg in enumerate(args):
-        if arg in ("--tasks", "-t"):
-            values = itertools.takewhile(lambda value: not value.startswith("-"), args[i + 1 :])
-        elif arg.startswith("--tasks="):
-            values = [arg.split("=", 1)[1]]
-        else:
-            continue
-        return [t.strip() for value in values for t in value.split(",") if t.strip()]
-    return []
-
-
-def _has_option(args: list[str], *names: str) -> bool:
-    return any(a in names or a.split("=", 1)[0] in names for a in args)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's CLI with the ``ratplus`` model registered.
-
-    Without ``--include_path`` our task folder is included; when every requested task is one
-    of ours, lm-eval's own ~15 s index of its built-in task YAMLs is skipped. Bad input found
-    by lm-eval's argument checks, its task lookup or our model's construction (``model_args``,
-    the model folder) is reported in one line (``cli.user_errors``); the evaluation itself is not
-    wrapped.
-    """
-    import lm_eval.tasks
-    from lm_eval.__main__ import cli_evaluate
-    from lm_eval.config.evaluate_config import EvaluatorConfig
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(
-            f"usage: {PROG} [lm-eval arguments]\n"
-            "  lm-eval's CLI with the 'ratplus' model registered, e.g.\n"
-            "  --model ratplus --model_args path=DIR,pattern=d16w256s4,dtype=bfloat16,batch_size=16 "
-            "--tasks ratplus_tiny_mc\n"
-            f"  model_args: path, pattern, dtype, device, batch_size, max_length, max_gen_toks, add_bos_token, "
-            f"decode_mode, tokenizer\n  local tasks (default --include_path {TASKS_DIR}): "
-            f"{', '.join(sorted(local_task_names()))}\n\nlm-eval's own help follows.\n"
-        )
-        args = args or ["--help"]
-    saved_argv, task_manager = sys.argv, lm_eval.tasks.TaskManager
-    evaluating = args[0] not in ("-h", "--help", "ls", "validate")
-    requested = _requested_tasks(args)
-    if evaluating and not requested and not _has_option(args, "--config", "-C"):
-        cli.fail(PROG, f"--tasks is missing: give lm-eval task names, e.g. --tasks hellaswag or one of ours "
-                       f"({', '.join(sorted(local_task_names()))})")  # fmt: skip
-    if evaluating and not _has_option(args, "--include_path"):
-        args += ["--include_path", str(TASKS_DIR)]
-        if requested and set(requested) <= local_task_names():
-
-            class LocalTaskManager(task_manager):
-                def __init__(self, *a: Any, **kw: Any) -> None:
-                    kw.setdefault("include_defaults", False)
-                    super().__init__(*a, **kw)
-
-            lm_eval.tasks.TaskManager = LocalTaskManager
-    checks = [(EvaluatorConfig, "from_cli"), (EvaluatorConfig, "process_tasks"), (RATPlusEvalLM, "create_from_arg_obj")]
-    sys.argv = ["lm-eval", *args]
-    try:
-        with cli.user_errors_in(PROG, checks):
-            cli_evaluate()
-    finally:
-        sys.argv, lm_eval.tasks.TaskManager = saved_argv, task_manager
-
-
+# Registered under the module's own name only: ``python -m ratplus_titan.eval.lm_eval_adapter`` runs this
+# file as ``__main__``, and the command below imports it again as ratplus_titan.eval.lm_eval_adapter
+# (lm-eval refuses a second class under one name).
 if __name__ == "__main__":
     main()
+else:
+    register_model("ratplus")(RATPlusEvalLM)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from ratplus_titan import cli
-from ratplus_titan.inference.generate import DECODE_MODES, check_decode_mode
 
 PROG = "ratplus-longbench"
 
@@ -408,16 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("data", nargs="+", help="LongBench jsonl files, or folders holding them")
     parser.add_argument("--tasks", type=cli.comma_list(cli.one_of(tuple(TASKS))), default=None,
                         help="comma-separated subset of the tasks found (default: all)")
-    parser.add_argument("--pattern", default="config", type=cli.pattern_list(config=True),
-                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
-                        "config.json (default: config)")
+    cli.add_pattern_argument(parser)
     parser.add_argument("--max-length", type=cli.token_count, default=None,
                         help="prompt + answer tokens; prompts are truncated in the middle to fit (default: the model's max_seq_len)")
     parser.add_argument("--limit", type=cli.positive_int, default=None, help="first N samples of each file (default: all)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples generated together (default: %(default)s)")
     parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
     parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+    parser.add_argument("--decode-mode", choices=cli.DECODE_MODES, default="auto",
                         help="decode step implementation (default: %(default)s)")
     parser.add_argument("--output-dir", default=None, help="where predictions and result.json go (default: longbench_<pattern>)")
     parser.add_argument("--score-only", action="store_true",
@@ -448,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.model_dir is None or not (Path(args.model_dir) / "config.json").is_file():
         parser.error(f"MODEL_DIR {args.model_dir!r} has no config.json: give a folder written by ratplus-export")
+    from ratplus_titan.inference.generate import check_decode_mode
     from ratplus_titan.inference.lm import RATPlusLM
 
     with cli.user_errors(PROG):
@@ -462,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_length = args.max_length or lm.max_seq_len
         for task, _, _ in data:
             prompt_budget(task, max_length)
+    cli.warn_beyond_model_length(PROG, "--max-length", max_length, lm.model_max_seq_len)
     label = str(lm.patterns[0]) if len(set(lm.patterns)) == 1 else "hybrid"
     out_dir = Path(args.output_dir or f"longbench_{label}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,6 @@ from typing import Any
 
 from ratplus_titan import cli
 from ratplus_titan.eval.haystack import Haystack, split_sentences
-from ratplus_titan.inference.generate import DECODE_MODES, check_decode_mode
 
 __all__ = ["Haystack", "split_sentences"]  # and the functions below
 
@@ -594,6 +593,8 @@ def evaluate_file(
 ) -> dict[str, Any]:
     """Evaluate an exported model on the samples of ``samples_file`` under ``pattern``; returns the
     report of :func:`report` (``ratplus-niah MODEL_DIR --samples-file FILE`` writes the same)."""
+    from ratplus_titan.inference.generate import check_decode_mode
+
     started = time.perf_counter()
     check_edges(depth_edges, "depth_edges", 0, 100)
     check_edges(distance_edges, "distance_edges", 0)
@@ -636,9 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--haystack", default="essays",
                         help="'essays' (shipped Paul Graham essays), 'noise' (RULER's repeated sentences), or a folder of "
                         ".txt files / a .txt or .jsonl(.gz|.xz) file (default: essays)")
-    parser.add_argument("--pattern", default="config", type=cli.pattern_list(config=True),
-                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
-                        "config.json (default: config)")
+    cli.add_pattern_argument(parser)
     parser.add_argument("--scorer", choices=SCORERS, default="generate",
                         help="generate (string match of the generated text) or teacher-forced (exact greedy match of "
                         "the expected answer, one forward; see below) (default: %(default)s)")
@@ -652,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples run together (default: %(default)s)")
     parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
     parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+    parser.add_argument("--decode-mode", choices=cli.DECODE_MODES, default="auto",
                         help="decode step implementation of the generate scorer (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sample generation seed (default: %(default)s)")
     parser.add_argument("--output", default=None, help="results JSON (default: niah_<pattern>.json in the current folder)")
@@ -678,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_edges(args.distance_buckets, "--distance-buckets", 0)
 
     from ratplus_titan.data.tokenizer import load_tokenizer
+    from ratplus_titan.inference.generate import check_decode_mode
 
     started = time.perf_counter()
     with cli.user_errors(PROG):
@@ -698,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_decode_mode(lm, args.decode_mode)
         if args.tokenizer:
             lm.tokenizer = load_tokenizer(args.tokenizer)
+    cli.warn_beyond_model_length(PROG, "--lengths", max(int(s["length"]) for s in samples), lm.model_max_seq_len)
     label = str(lm.patterns[0]) if len(set(lm.patterns)) == 1 else "hybrid"
     tasks = sorted({s["task"] for s in samples}, key=list(TASKS).index)
     lengths = sorted({int(s["length"]) for s in samples})

@@ -18,10 +18,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from ratplus_titan import cli
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BUCKETS = (256, 1024)
 """Bucket edges: positions [0, 256), [256, 1024), [1024, seq_len)."""
@@ -31,6 +33,9 @@ def read_windows(path: str | Path, seq_len: int, windows: int, vocab_size: int |
     """The first ``windows`` windows (0 = all) of ``seq_len + 1`` tokens of a uint16 ``.bin`` file -> ``[N, seq_len + 1]``
     (``[training] dataset = "bin"``'s windows, in file order), after checking the file (its size; its ids
     below ``vocab_size`` when given): a bad file is a ``ValueError`` naming it."""
+    import numpy as np
+    import torch
+
     from ratplus_titan.data.token_file import open_token_file, token_windows
 
     available = token_windows(open_token_file(path, vocab_size), seq_len)
@@ -46,23 +51,31 @@ def bucket_edges(seq_len: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> list[t
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-@torch.no_grad()
-def heldout_loss(lm, windows: torch.Tensor, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> dict:
+def heldout_loss(
+    lm, windows: torch.Tensor, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS, progress: str | None = None
+) -> dict:
     """Mean cross-entropy of ``lm`` (a ``RATPlusLM``, under its current pattern) on ``windows [N, T + 1]``.
 
     Returns ``{"loss", "perplexity", "tokens", "by_position": {"a-b": loss}}``; sums are accumulated in
-    float64 over every position of every window.
+    float64 over every position of every window. ``progress``: a progress bar (stderr) with this label.
     """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
     seq_len = windows.shape[1] - 1
     buckets = bucket_edges(seq_len, edges)
     position_sum = torch.zeros(seq_len, dtype=torch.float64)
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = lm(batch[:, :-1])  # [B, T, V]
-        targets = batch[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        position_sum += nll.view(batch.shape[0], seq_len).double().sum(0).cpu()
-        del logits, nll
+    bar = tqdm(total=windows.shape[0], desc=progress, unit="window", disable=progress is None, file=sys.stderr)
+    with torch.no_grad(), bar:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size]
+            logits = lm(batch[:, :-1])  # [B, T, V]
+            targets = batch[:, 1:].to(logits.device)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            position_sum += nll.view(batch.shape[0], seq_len).double().sum(0).cpu()
+            del logits, nll
+            bar.update(batch.shape[0])
     n = windows.shape[0]
     loss = float(position_sum.sum() / (n * seq_len))
     by_position = {f"{a}-{b}": float(position_sum[a:b].sum() / (n * (b - a))) for a, b in buckets}
@@ -76,13 +89,21 @@ def load(model_dir: str | Path, seq_len: int, dtype: str | None = None, device: 
     return RATPlusLM.from_pretrained(model_dir, pattern="dense", dtype=dtype, device=device, max_seq_len=seq_len)
 
 
-def evaluate_pattern(lm, windows: torch.Tensor, spec: str, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS) -> dict:
-    """``{"pattern", "kv_rows", "loss", "perplexity", "tokens", "by_position", "seconds"}`` of ``lm`` under ``spec``."""
-    from ratplus_titan.cli import parse_patterns
+def evaluate_pattern(
+    lm, windows: torch.Tensor, spec: str, batch_size: int, edges: Sequence[int] = DEFAULT_BUCKETS, progress: bool = False
+) -> dict:
+    """``{"pattern", "kv_rows", "loss", "perplexity", "tokens", "by_position", "seconds"}`` of ``lm`` under ``spec``.
 
-    lm.set_pattern(parse_patterns(spec))  # one spec, or one per layer comma-separated
+    ``spec``: one pattern, one per layer comma-separated, or ``config`` (the pattern recorded in the
+    export; ``"pattern"`` then names it). ``progress``: a progress bar on stderr.
+    """
+    recorded = spec.strip() == cli.RECORDED_PATTERN
+    lm.set_pattern(lm.args.patterns if recorded else cli.parse_patterns(spec))  # args: as loaded from config.json
+    if recorded:
+        spec = cli.describe_patterns(lm.patterns)
     start = time.monotonic()
-    row = {"pattern": spec, "kv_rows": kv_rows(lm, windows.shape[1] - 1), **heldout_loss(lm, windows, batch_size, edges)}
+    loss = heldout_loss(lm, windows, batch_size, edges, progress=spec if progress else None)
+    row = {"pattern": spec, "kv_rows": kv_rows(lm, windows.shape[1] - 1), **loss}
     row["seconds"] = round(time.monotonic() - start, 2)
     return row
 
@@ -106,12 +127,14 @@ def evaluate(
 
 
 def evaluate_loaded(
-    lm, windows: torch.Tensor, patterns: Sequence[str], batch_size: int, edges: Sequence[int], label=None
+    lm, windows: torch.Tensor, patterns: Sequence[str], batch_size: int, edges: Sequence[int], label=None,
+    progress: bool = False,
 ) -> list[dict]:
-    """:func:`evaluate_pattern` for each pattern; each row printed (prefixed by ``label``) unless ``label`` is None."""
+    """:func:`evaluate_pattern` for each pattern; each row printed (prefixed by ``label``) unless ``label``
+    is None; ``progress``: a progress bar on stderr while a pattern runs."""
     rows = []
     for spec in patterns:
-        rows.append(evaluate_pattern(lm, windows, spec, batch_size, edges))
+        rows.append(evaluate_pattern(lm, windows, spec, batch_size, edges, progress=progress))
         if label is not None:
             print_row(label, rows[-1])
     return rows
@@ -141,16 +164,13 @@ def pattern_rows(pattern, seq_len: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ratplus_titan import cli
-
     parser = cli.ArgumentParser(
         prog="ratplus-perplexity",
         description="Held-out loss / perplexity of an exported RAT+ model under attention patterns.",
     )
     parser.add_argument("model_dir", help="folder written by ratplus-export")
     parser.add_argument("data", help="uint16 .bin token file (python -m ratplus_titan.data.pretokenize)")
-    parser.add_argument("--pattern", action="append", dest="patterns", type=cli.pattern_list(),
-                        help=f"{cli.PATTERN_HELP}; repeat for several (default: dense)")  # fmt: skip
+    cli.add_pattern_argument(parser, repeat=True)
     parser.add_argument("--seq-len", type=cli.positive_int, default=2048, help="window length (default: %(default)s)")
     parser.add_argument("--windows", type=cli.non_negative_int, default=256,
                         help="windows to evaluate, 0 = all (default: %(default)s)")  # fmt: skip
@@ -158,19 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: the exported dtype")
     parser.add_argument("--device", type=cli.device, default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ratplus_titan import cli
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    patterns = [cli.describe_patterns(p) for p in args.patterns] if args.patterns else ["dense"]
+    patterns = [cli.describe_patterns(p) for p in (args.patterns or [None])]
     with cli.user_errors(parser.prog):  # a bad model folder or token file: one line naming it
         lm = load(args.model_dir, args.seq_len, args.dtype, args.device)
         windows = read_windows(args.data, args.seq_len, args.windows, lm.args.vocab_size)
-    rows = evaluate_loaded(lm, windows, patterns, args.batch_size, DEFAULT_BUCKETS, args.model_dir)
+    cli.warn_beyond_model_length(parser.prog, "--seq-len", args.seq_len, lm.model_max_seq_len)
+    rows = evaluate_loaded(lm, windows, patterns, args.batch_size, DEFAULT_BUCKETS, args.model_dir, progress=not args.quiet)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -3,9 +3,11 @@
 Shapes: ``q, k, v`` are ``[B, H, T, hd]`` of one shape (no GQA), ``hd <= 256``, any strides
 with a unit last stride; the output is ``[B, H, T, hd]`` in the input dtype. Softmax statistics
 and accumulators are fp32; ``tl.dot`` takes bf16/fp16 operands as they are and fp32 operands as
-tf32 on GPU. Relative error norms against float64 seen on an H100 (bench/results/attention_H100.json):
-bf16 ~2e-3 (out and grads), fp16 ~3e-4, fp32 (tf32 dots) 1.3e-3 out, 2e-3 grads, 1.5e-4 lse;
-exact fp32 under ``TRITON_INTERPRET=1``.
+IEEE fp32 (``input_precision="ieee"``, never tf32: PyTorch's default for fp32 matmuls, and what the
+top-k selection needs to pick the reference's blocks; bf16 is the fast path). Relative error norms
+against float64 seen on an H100 (bench/results/attention_H100.json): bf16 ~2e-3 (out and grads),
+fp16 ~3e-4; fp32 with the earlier tf32 dots 1.3e-3 out, 2e-3 grads, 1.5e-4 lse; exact fp32 under
+``TRITON_INTERPRET=1``.
 
 Every (query ``t``, key ``j``) pair the pattern allows belongs to exactly one of three
 parts, the same split as ``Pattern.local_allows`` / ``Pattern.compact_allows``:
@@ -69,17 +71,23 @@ from ratplus_titan.pattern import Pattern
 _LOG2E = 1.4426950408889634
 
 
+# Whether this module's kernels are interpreted: triton.jit decides it from TRITON_INTERPRET when the
+# module is imported, so read it once, here (the variable may change later; the kernels do not).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton's interpreter (seen with triton 3.9) multiplies bf16 operands of tl.dot as their raw 16-bit
 # integers: under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (same values, exact products).
 # Compiled kernels take the plain path. (The interpreter also truncates fp32 -> bf16 casts, where the
 # GPU rounds to nearest: bf16 errors there are about twice the GPU's.)
-_UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
 def _dot(a, b, acc):
+    """``acc + a @ b`` in fp32: 16-bit operands on the tensor cores, fp32 operands in IEEE fp32 (not tf32)."""
     if _UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
@@ -425,7 +433,8 @@ def _bwd_near_kernel(
 # launch configuration
 # --------------------------------------------------------------------------------------
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """The kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
+    return _INTERPRET
 
 
 # Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile and BLOCK_N

@@ -50,14 +50,19 @@ Under ``TRITON_INTERPRET=1`` they run on CPU tensors (the tests do this).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ratplus_titan.kernels.pattern_attention_triton import _LOG2E, _UPCAST_DOT, _dot, _load_rows, _unit_last
+from ratplus_titan.kernels.pattern_attention_triton import (
+    _LOG2E,
+    _UPCAST_DOT,
+    _dot,
+    _interpreting,
+    _load_rows,
+    _unit_last,
+)
 from ratplus_titan.topk import SCORES, TopKPattern
 
 _MAX_BISECTIONS = 80  # value bisection steps of the selection (each one count pass over a row of scores)
@@ -425,10 +430,6 @@ def _decode_select_kernel(
 # --------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Query tile (the granularity of the visit lists, shared by every attention kernel) and per kernel
 # (key tile BLOCK_N, num_warps, num_stages). GPU values are untimed first choices (bench/topk.py times them).
 _GPU_TILE_M = {torch.float32: 32, "16bit": 64}

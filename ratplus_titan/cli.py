@@ -19,11 +19,13 @@ import argparse
 import functools
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ratplus_titan.head_groups import LayerPattern, parse_layer_pattern, resolve_layer_patterns
+if TYPE_CHECKING:
+    from ratplus_titan.head_groups import LayerPattern
 
 USAGE_ERROR = 2
 """Exit status of a command given bad input (argparse's)."""
@@ -34,6 +36,9 @@ tensor), missing or unreadable paths (``OSError``)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 """The ``--dtype`` choices of every command."""
+
+DECODE_MODES = ("auto", "eager", "graph", "compile")
+"""How a decode step runs (``inference/generate.py``): ``auto`` is ``graph`` on CUDA, else ``eager``."""
 
 
 # ---- one-line errors -----------------------------------------------------------------------
@@ -54,11 +59,14 @@ def error_message(err: BaseException) -> str:
 
 @contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Inside: a ``USER_ERRORS`` exception is reported by ``fail`` (one line, exit status 2)."""
-    try:
-        yield
-    except USER_ERRORS as err:
-        fail(prog, error_message(err))
+    """Inside: a ``USER_ERRORS`` exception is reported by ``fail`` (one line, exit status 2), and a
+    warning is one line ``prog: warning: message`` (no source line echoed)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: note(prog, f"warning: {message}")
+        try:
+            yield
+        except USER_ERRORS as err:
+            fail(prog, error_message(err))
 
 
 @contextmanager
@@ -217,6 +225,8 @@ def parse_patterns(text: str, separator: str = ",", training: bool = False) -> l
     ``training``: top-k patterns (inference only) are refused. How many patterns a model
     needs is checked when it is loaded (``resolve_layer_patterns``).
     """
+    from ratplus_titan.head_groups import parse_layer_pattern, resolve_layer_patterns
+
     specs = [spec.strip() for spec in text.split(separator)]
     patterns = []
     for i, spec in enumerate(specs):
@@ -247,5 +257,52 @@ def pattern_list(training: bool = False, config: bool = False) -> Callable[[str]
 
 
 def describe_patterns(patterns: Sequence[LayerPattern] | None) -> str:
-    """``--pattern``'s text back: ``config``, one spec, or the per-layer list."""
-    return "config" if patterns is None else ",".join(map(str, patterns))
+    """``--pattern``'s text back: ``config``, one spec (every layer the same), or the per-layer list."""
+    if patterns is None:
+        return RECORDED_PATTERN
+    return str(patterns[0]) if len(set(patterns)) == 1 else ",".join(map(str, patterns))
+
+
+RECORDED_PATTERN = "config"
+"""``--pattern``'s value (and every inference command's default) for the pattern recorded in the export."""
+
+
+def add_pattern_argument(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
+    """``--pattern`` of an inference command: a pattern, or ``config`` (the default) for the one recorded
+    in the export's config.json. Parsed to layer patterns, ``None`` for ``config``; with ``repeat``, a list
+    of those in ``patterns``, itself ``None`` when the option is not given (argparse would append to a
+    default list)."""
+    help = f"attention pattern: {PATTERN_HELP}, or '{RECORDED_PATTERN}' for the pattern recorded in config.json"
+    kind = pattern_list(config=True)
+    if repeat:
+        parser.add_argument("--pattern", action="append", dest="patterns", type=kind, default=None,
+                            help=f"{help}; repeat for several (default: {RECORDED_PATTERN})")  # fmt: skip
+        return
+    parser.add_argument("--pattern", default=RECORDED_PATTERN, type=kind, help=f"{help} (default: {RECORDED_PATTERN})")
+
+
+# ---- notes ---------------------------------------------------------------------------------
+
+
+def note(prog: str, message: object) -> None:
+    """``prog: message`` on one line of stderr: a remark that is not an error."""
+    print(f"{prog}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def progress(prog: str) -> Callable[[str], None]:
+    """A ``note`` per stage of long work, shown on a terminal only (as tqdm does): logs and pipes stay clean."""
+    return lambda message: note(prog, message) if sys.stderr.isatty() else None
+
+
+def warn_beyond_model_length(prog: str, flag: str, value: int, model_max_seq_len: int) -> None:
+    """One line when a length asked for exceeds the ``max_seq_len`` the model was trained/exported for.
+
+    Not an error: RoPE extrapolates and the model runs, but positions past its training length
+    were never trained, so quality there may drop (measuring that is a legitimate experiment).
+    """
+    if value > model_max_seq_len:
+        note(
+            prog,
+            f"warning: {flag} {value} is longer than the model's max_seq_len={model_max_seq_len} (config.json): "
+            "positions past it were never trained, so results there may be worse",
+        )

@@ -10,10 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ratplus_titan import cli
-from ratplus_titan.inference.generate import DECODE_MODES
 
 PROG = "ratplus-generate"
 
@@ -26,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by ratplus-export (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--prompt", action="append", required=True, type=cli.non_empty,
                         help="prompt text; repeat the option for a batch of prompts (they may differ in length)")
-    parser.add_argument("--pattern", default="d16w256s4", type=cli.pattern_list(config=True),
-                        help=f"attention pattern: {cli.PATTERN_HELP}, or 'config' for the pattern recorded in "
-                             "config.json (default: %(default)s)")
+    cli.add_pattern_argument(parser)
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=128,
                         help="tokens to generate per prompt (default: %(default)s)")
     parser.add_argument("--temperature", type=cli.number_in(0.0), default=0.0,
@@ -45,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=cli.DTYPES, default=None, help="weights/activations dtype (default: the exported dtype)")
     parser.add_argument("--max-seq-len", type=cli.token_count, default=None,
                         help="longest prompt + generation the cache is sized for (default: prompt + max-new-tokens)")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+    parser.add_argument("--decode-mode", choices=cli.DECODE_MODES, default="auto",
                         help="decode step: CUDA graph ('graph', the default on CUDA), 'compile' (torch.compile "
                              "reduce-overhead) or 'eager' (default: %(default)s)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token to prompts")
@@ -76,11 +71,15 @@ def load(args: argparse.Namespace):
         max_batch_size=len(args.prompt),
     )
     check_request(lm, args.prompt, args.max_new_tokens, args.stop, args.decode_mode, add_bos=not args.no_bos)
+    flag = "--max-seq-len" if args.max_seq_len is not None else "the longest prompt + --max-new-tokens"
+    cli.warn_beyond_model_length(PROG, flag, lm.max_seq_len, lm.model_max_seq_len)
     return lm
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
     with cli.user_errors(PROG):
         lm = load(args)
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_tokens = max(n_tokens - len(args.prompt), 0)
     per_seq = lm.cache.bytes_per_sequence()
     print(
-        f"# pattern {cli.describe_patterns(args.pattern)}: {n_tokens} tokens in {elapsed:.2f} s "
+        f"# pattern {cli.describe_patterns(lm.patterns)}: {n_tokens} tokens in {elapsed:.2f} s "
         f"({n_tokens / elapsed:.1f} tokens/s overall, "
         f"{decode_tokens / decode_time if decode_time > 0 else float('nan'):.1f} tokens/s decoding); "
         f"cache memory {lm.cache.total_bytes()} bytes ({per_seq} bytes per sequence, "

@@ -22,8 +22,9 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-import ratplus_titan  # noqa: F401  (registers the "ratplus" train spec)
+import ratplus_titan.train_spec  # noqa: F401  (registers the "ratplus" train spec)
 from ratplus_titan.pattern import DENSE, Pattern
+from ratplus_titan.training_record import TrainingRecord, record_in_checkpoints
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,6 +34,8 @@ class NonFiniteLossError(RuntimeError):
 class RATPlusTrainer(Trainer):
     def __init__(self, job_config) -> None:
         super().__init__(job_config)
+        # every DCP checkpoint records the [ratplus] pattern trained with (ratplus-export reads it)
+        record_in_checkpoints(self.checkpointer, TrainingRecord.of_args(self.model_args))
         section = getattr(job_config, "ratplus", None)
         self.joint_train = bool(section and section.joint_train)
         self.phase_pattern: Pattern | None = None

@@ -42,6 +42,7 @@ from ratplus_titan.infra.cpu import (
     patch_torchtitan_for_cpu,
     single_process_env,
 )
+from tests import global_state
 
 __all__ = [
     "LLAMA3_DEBUG_TOML",
@@ -357,14 +358,16 @@ def trainer_session(
     num_threads: int | None = None,
 ) -> Iterator[Any]:
     """:func:`run_trainer` as a context manager: closes the trainer, destroys the
-    process group, re-enables ``gc`` and restores ``os.environ`` (and the intra-op
-    thread count, when ``num_threads`` is given) afterwards.
+    process group, re-enables ``gc`` and restores ``os.environ``, torch's switches that
+    the trainer sets (``--debug.deterministic``: deterministic algorithms, cuDNN flags;
+    ``tests/global_state.py``) and the intra-op thread count afterwards.
 
     ``num_threads=1`` makes a run immune to the OpenMP spin-wait slowdown on a
     shared/oversubscribed machine (see docs/torchtitan_cpu.md); leave it ``None``
     on a dedicated machine.
     """
     saved_env = dict(os.environ)
+    saved_state = global_state.snapshot()
     saved_threads = torch.get_num_threads()
     trainer = None
     try:
@@ -378,6 +381,7 @@ def trainer_session(
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
+            global_state.restore(saved_state)
             torch.set_num_threads(saved_threads)
 
 
@@ -387,8 +391,18 @@ def trainer_session(
 
 
 def _spawn_entry(
-    local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str, env: dict[str, str]
+    local_rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    out_dir: str,
+    env: dict[str, str],
+    threads: int,
 ) -> None:
+    # CPU ranks on gloo, also on a GPU machine: no CUDA device is visible to them (set before anything asks
+    # torch.cuda), so nothing (torchtitan's device choice at import, DCP, our SAC list) takes a CUDA path.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(env)
     os.environ.update(
         {
@@ -401,8 +415,9 @@ def _spawn_entry(
             "HF_DATASETS_OFFLINE": "1",
         }
     )
-    # Two ranks on two cores: one intra-op thread each, or they fight over the cores.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # The ranks share the parent's cores (under pytest-xdist, one worker's share): more intra-op threads
+    # than cores make OpenMP spin-wait (3-15x slower, docs/torchtitan_cpu.md).
+    torch.set_num_threads(threads)
     result: dict[str, Any]
     try:
         patch_torchtitan_for_cpu()
@@ -423,8 +438,9 @@ def spawn_gloo(
     fn: Callable, *args: Any, world_size: int = 2, env: dict[str, str] | None = None, timeout: float = 300
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world_size`` fresh processes (``spawn``) that see
-    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and a patched
-    torchtitan; return the per-rank return values (rank order).
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (a free port), a patched
+    torchtitan and no CUDA device, each with its share of this process's intra-op threads; return the
+    per-rank return values (rank order).
 
     ``fn`` must be importable by the children (a module-level function) and its
     return value picklable.  ``fn`` typically calls :func:`run_trainer` with
@@ -438,7 +454,7 @@ def spawn_gloo(
     with tempfile.TemporaryDirectory(prefix="tt_gloo_") as out_dir:
         ctx = mp.start_processes(
             _spawn_entry,
-            args=(world_size, port, fn, args, out_dir, dict(env or {})),
+            args=(world_size, port, fn, args, out_dir, dict(env or {}), max(1, torch.get_num_threads() // world_size)),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -15,7 +15,7 @@ import torch
 
 from bench.common import REPO, device_slug, environment, plot_or_skip, write_json
 from bench.reproduce import pipeline, report
-from bench.reproduce.scales import SCALES, Scale
+from bench.reproduce.scales import MODELS, SCALES, Scale
 from bench.reproduce.stages import OutOfTime, export_all, log, train
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in OVERRIDABLE:
         kind = {"int": positive_int, "float": positive_float, "str": str}[str(types[name])]
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
+    parser.add_argument("--models", type=models_list, help=f"comma-separated subset of {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--dense-only", action="store_true",
+                        help="no adaptation and fine-tuning under the sparse patterns: fine-tune dense only and evaluate "
+                        "the sparse patterns on the dense-fine-tuned models (a quicker run)")  # fmt: skip
     parser.add_argument("--concurrent", type=positive_int, default=None,
                         help="pretraining runs side by side (default: 3 on a GPU, 1 on a CPU); adaptation and "
                         "fine-tuning runs take up to 3x as many, as GPU memory allows")  # fmt: skip
@@ -61,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     return parser
+
+
+def models_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(MODELS)}, comma-separated")
+    return names
 
 
 def positive_int(text: str) -> int:
@@ -100,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
     if "pretrain_steps" in overrides:
         overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
+    if args.models:
+        overrides["models"] = args.models
+    if args.dense_only:
+        overrides["sparse_runs"] = False
     scale = replace(SCALES[args.scale], **overrides)
     for name in ("micro_batch", "short_micro_batch"):
         if scale.batch % getattr(scale, name):

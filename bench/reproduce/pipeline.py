@@ -139,7 +139,8 @@ def schedule(steps_warmup_lr: tuple[int, int, float]) -> list[str]:
 
 def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
     runs = {}
-    for name, model in MODELS.items():
+    for name in scale.models:
+        model = MODELS[name]
         args = [
             *common_args(scale, scale.pretrain_steps, scale.micro_batch, scale.compile_pretrain),
             *schedule((scale.pretrain_steps, scale.warmup_steps, scale.pretrain_lr)),
@@ -166,8 +167,9 @@ def adapt_runs(
     work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun]
 ) -> dict[tuple[str, str], TrainRun]:
     runs = {}
-    for name, model in MODELS.items():
-        for spec in scale.patterns:
+    for name in scale.models:
+        model = MODELS[name]
+        for spec in scale.patterns if scale.sparse_runs else ():
             args = [
                 *common_args(scale, scale.adapt_steps, scale.short_micro_batch, scale.compile_short),
                 *schedule((scale.adapt_steps, 0, scale.adapt_lr)), "--training.dataset", "bin",
@@ -180,14 +182,21 @@ def adapt_runs(
     return runs
 
 
+def tuned_patterns(scale: Scale) -> tuple[str, ...]:
+    """The patterns each model is fine-tuned (and adapted) under: dense, and each sparse one unless
+    ``sparse_runs`` is off (then the sparse patterns are only evaluated on the dense-fine-tuned models)."""
+    return (DENSE, *scale.patterns) if scale.sparse_runs else (DENSE,)
+
+
 def sft_runs(
     work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun], adapted: dict[tuple[str, str], TrainRun]
 ) -> dict[tuple[str, str], TrainRun]:
     """Each model fine-tuned on the NIAH training split under each pattern: dense from the pretrained
     checkpoint, a sparse pattern from the checkpoint adapted to it (the paper's protocol)."""
     runs = {}
-    for name, model in MODELS.items():
-        for spec in (DENSE, *scale.patterns):
+    for name in scale.models:
+        model = MODELS[name]
+        for spec in tuned_patterns(scale):
             source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
             args = [
                 *common_args(scale, scale.sft_steps, scale.short_micro_batch, scale.compile_short),
@@ -260,8 +269,8 @@ def niah_plan(scale: Scale) -> list[tuple[str, str, str]]:
     """(model, fine-tuned under, evaluated under): each model fine-tuned and evaluated under each pattern;
     the dense-fine-tuned models also under each sparse pattern and top-k block attention, not fine-tuned for it."""
     plan = []
-    for model in MODELS:
-        plan += [(model, spec, spec) for spec in (DENSE, *scale.patterns)]
+    for model in scale.models:
+        plan += [(model, spec, spec) for spec in tuned_patterns(scale)]
         plan += [(model, DENSE, label) for label in ("window", *scale.patterns, *topk_specs(scale))]
     return plan
 
@@ -326,7 +335,8 @@ def model_counts(scale: Scale) -> dict:
     from ratplus_titan.pattern import Pattern
 
     counts: dict = {}
-    for name, model in MODELS.items():
+    for name in scale.models:
+        model = MODELS[name]
         args = dataclasses.replace(ratplus_flavors[scale.flavor], max_seq_len=scale.seq_len, apply_re=model.apply_re)
         with torch.device("meta"):
             module = RATPlusModel(args)
@@ -334,8 +344,9 @@ def model_counts(scale: Scale) -> dict:
         _, sparse = args.get_nparams_and_flops(module, scale.seq_len, [Pattern(scale.joint_dilation)] * args.n_layers)
         counts[name] = {"params": params, "flops_per_token": dense + (sparse if model.joint_train else 0),
                         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}  # fmt: skip
-    for name in MODELS:
-        counts[name]["flops_vs_ratplus"] = counts[name]["flops_per_token"] / counts["ratplus"]["flops_per_token"]
+    for name in scale.models:
+        reference = counts.get("ratplus", counts[scale.models[0]])
+        counts[name]["flops_vs_ratplus"] = counts[name]["flops_per_token"] / reference["flops_per_token"]
     return counts
 
 

@@ -36,12 +36,12 @@ def summarize(result: dict) -> dict:
     """Per model and pattern: held-out loss change vs the model's dense loss, NIAH accuracy (all needles and
     needles beyond the window); and whether each expectation from the paper holds."""
     cfg = result["config"]
-    patterns = cfg["patterns"]
+    patterns, models = cfg["patterns"], cfg.get("models", list(MODELS))
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
     niah = niah_table(result)
     summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}}
     # expectations are judged on needles beyond the window, the ones only the dilated or selected rows reach
-    for model in MODELS:
+    for model in models:
         dense = loss.get((model, "pretrained", DENSE), math.nan)
         summary["loss_gap_pct"][model] = {
             p: {"not_adapted": 100 * (loss.get((model, "pretrained", p), math.nan) - dense) / dense,
@@ -56,15 +56,15 @@ def summarize(result: dict) -> dict:
     first, last = patterns[0], patterns[-1]
 
     def tuned(model: str, p: str) -> float:
-        return far[model].get(f"{p}->{p}", math.nan)
+        return far.get(model, {}).get(f"{p}->{p}", math.nan)
 
-    dense_ok = {m: far[m].get(f"{DENSE}->{DENSE}", math.nan) >= DENSE_OK for m in MODELS}
+    dense_ok = {m: far.get(m, {}).get(f"{DENSE}->{DENSE}", math.nan) >= DENSE_OK for m in MODELS}
 
     def given(condition: bool, value: bool) -> bool | None:
         """None when the comparison says nothing: the dense model it is measured against failed NIAH."""
         return bool(value) if condition else None
 
-    best_attention = max(far[m].get(f"{DENSE}->topk-{s}", math.nan) for m in MODELS if m != "ratplus" for s in ("quest", "moba"))
+    best_attention = max(far.get(m, {}).get(f"{DENSE}->topk-{s}", math.nan) for m in MODELS if m != "ratplus" for s in ("quest", "moba"))
     summary["expected"] = {
         f"dense_at_least_{DENSE_OK:g}_every_model": all(dense_ok.values()),
         f"attention_{first}_far_below_its_dense": given(dense_ok["attention"], tuned("attention", first) <= 0.5 * tuned("attention", DENSE)),
@@ -73,7 +73,7 @@ def summarize(result: dict) -> dict:
         f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}": given(
             dense_ok["ratplus"] and dense_ok["attention"], tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last)),
         "topk_ratplus_score_on_ratplus_at_least_attention_best": given(
-            all(dense_ok.values()), far["ratplus"].get(f"{DENSE}->topk-ratplus", math.nan) >= best_attention),
+            all(dense_ok.values()), far.get("ratplus", {}).get(f"{DENSE}->topk-ratplus", math.nan) >= best_attention),
     }  # fmt: skip
     return summary
 
@@ -112,8 +112,9 @@ def plot(result: dict, path: Path) -> None:
               xlabel="needle depth (% of the haystack)", ylabel="accuracy (%)", ylim=(-3, 103))  # fmt: skip
 
     labels = list(dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah))
-    width = 0.8 / len(MODELS)
-    for i, model in enumerate(MODELS):
+    models = cfg.get("models", list(MODELS))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
         values = [result["summary"]["niah_far"][model].get(label, math.nan) for label in labels]
         bars.bar(
             [x + (i - 1) * width for x in range(len(labels))],
@@ -128,7 +129,7 @@ def plot(result: dict, path: Path) -> None:
 
     gaps = result["summary"]["loss_gap_pct"]
     pairs = [(p, kind) for p in cfg["patterns"] for kind in ("not_adapted", "adapted")]
-    for i, model in enumerate(MODELS):
+    for i, model in enumerate(models):
         values = [gaps[model][p][kind] for p, kind in pairs]
         losses.bar(
             [x + (i - 1) * width for x in range(len(pairs))],
@@ -153,7 +154,7 @@ def plot(result: dict, path: Path) -> None:
 def readme_section(result: dict, json_name: str) -> str:
     cfg, env, counts, timing = result["config"], result["env"], result["models"], result["timing"]
     niah = niah_table(result)
-    window = cfg["local_window"]
+    window, models = cfg["local_window"], cfg.get("models", list(MODELS))
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
         f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor (RAT+ {counts['ratplus']['params'] / 1e6:.0f}M parameters, "
@@ -167,13 +168,13 @@ def readme_section(result: dict, json_name: str) -> str:
         f"NIAH accuracy (%), all needles / needles more than {window} tokens before the question "
         "(what only the dilated or selected rows can reach). *fine-tuned -> evaluated*:",
         "",
-        "| fine-tuned -> evaluated | KV rows | " + " | ".join(MODELS[m].label for m in MODELS) + " |",
-        "|---|---|" + "---|" * len(MODELS),
+        "| fine-tuned -> evaluated | KV rows | " + " | ".join(MODELS[m].label for m in models) + " |",
+        "|---|---|" + "---|" * len(models),
     ]
     for label in dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah):
         tuned, pattern = label.split("->")
         cells = []
-        for model in MODELS:
+        for model in models:
             row = niah.get((model, tuned, pattern))
             cells.append(
                 "-"
@@ -188,8 +189,8 @@ def readme_section(result: dict, json_name: str) -> str:
         lines.append(f"| {tuned} -> `{cfg['specs'].get(pattern, pattern)}` | {kv} | " + " | ".join(cells) + " |")
     lines += ["", "Held-out LM loss (nats, "
               f"{result['heldout'][0].get('tokens', 0):,} tokens); in brackets the change from the model's own dense loss:",
-              "", "| pattern | " + " | ".join(f"{MODELS[m].label} not adapted | adapted" for m in MODELS) + " |",
-              "|---|" + "---|---|" * len(MODELS)]  # fmt: skip
+              "", "| pattern | " + " | ".join(f"{MODELS[m].label} not adapted | adapted" for m in models) + " |",
+              "|---|" + "---|---|" * len(models)]  # fmt: skip
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result["heldout"]}
 
     def cell(model: str, checkpoint: str, label: str) -> str:
@@ -204,7 +205,7 @@ def readme_section(result: dict, json_name: str) -> str:
 
     for label, spec in cfg["specs"].items():
         adapted = f"adapted_{label}" if label in cfg["patterns"] else None
-        cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label) if adapted else '-'}" for m in MODELS]
+        cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label) if adapted else '-'}" for m in models]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
     expected = result["summary"]["expected"]
     verdict = {True: "yes", False: "no", None: f"not testable (dense below {DENSE_OK:g}%)"}

@@ -56,6 +56,8 @@ class Scale:
     compile_short: bool = False  # adaptation and SFT: short runs, where compiling costs more than it saves
     checkpoint_interval: int = 100  # a run cut off resumes from its last checkpoint
     seed: int = 0  # data order and NIAH samples
+    models: tuple[str, ...] = tuple(MODELS)  # which of MODELS to train
+    sparse_runs: bool = True  # adapt to and fine-tune under each sparse pattern (False: dense fine-tuning only)
     extra: tuple[str, ...] = field(default=())  # more torchtitan arguments for every run
 
     @property

@@ -52,6 +52,7 @@ from torchtitan.config.job_config import DataLoader as DataLoaderConfig
 from torchtitan.tools.logging import logger
 
 from ratplus_titan.data.order import ItemOrder, order_config
+from ratplus_titan.data.ordered import OrderedDataset
 from ratplus_titan.data.token_file import open_token_file, token_windows
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
@@ -148,7 +149,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         self.docs.load_state_dict(state_dict["docs"])
 
 
-class TokenWindowDataset(IterableDataset, Stateful):
+class TokenWindowDataset(OrderedDataset):
     """Contiguous ``seq_len + 1`` windows of pre-tokenized uint16 token arrays (memory-mapped ``.bin`` files).
 
     Windows do not overlap and never cross a file boundary. The ``n`` windows of all files are numbered
@@ -182,25 +183,15 @@ class TokenWindowDataset(IterableDataset, Stateful):
         f = int(np.searchsorted(self._first, index, side="right")) - 1
         return self._windows[f][index - int(self._first[f])]
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        epoch = self.order.epoch
-        for index in self.order.items(self.infinite):
-            x = torch.from_numpy(self.window(index).astype(np.int64))
-            yield {"input": x[:-1]}, x[1:]
-            if self.order.epoch != epoch:
-                epoch = self.order.epoch
-                logger.warning(f"Dataset {self.name} is being re-looped (epoch {epoch}, {self.order.order} order)")
-        logger.warning(f"Dataset {self.name} has run out of data")
-
-    def state_dict(self) -> dict[str, Any]:
-        """The layout-free position (:meth:`ItemOrder.state_dict`), the same on every rank."""
-        return self.order.state_dict()
+    def sample(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x = torch.from_numpy(self.window(index).astype(np.int64))
+        return {"input": x[:-1]}, x[1:]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "order" not in state_dict:  # saved before data orders existed: {"windows": n, "epoch": e}, file order
             state_dict = {"order": "file", "seed": 0, "items": None, "epoch": state_dict["epoch"],
                           "position": state_dict["windows"]}  # fmt: skip
-        self.order.load_state_dict(state_dict)
+        super().load_state_dict(state_dict)
 
 
 class ReshardableDataloader(ParallelAwareDataloader):

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
 from ratplus_titan.data.jsonl import read_json_lines
 from ratplus_titan.data.order import ItemOrder
+from ratplus_titan.data.ordered import OrderedDataset
 
 if TYPE_CHECKING:
     from ratplus_titan.data.dataset import DataSection
@@ -114,7 +113,7 @@ def tokenize_records(
     return rows
 
 
-class SFTDataset(IterableDataset, Stateful):
+class SFTDataset(OrderedDataset):
     """Rows of SFT records, one record per row, in ``order`` (this rank's share of the global stream)."""
 
     def __init__(
@@ -128,21 +127,9 @@ class SFTDataset(IterableDataset, Stateful):
         tokens, n_prompt = self.rows[index]
         return sft_row(tokens[:n_prompt].tolist(), tokens[n_prompt:].tolist(), self.eos_id, self.seq_len)
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        epoch = self.order.epoch
-        for index in self.order.items(self.infinite):
-            x, y = self.row(index)
-            yield {"input": x}, y
-            if self.order.epoch != epoch:
-                epoch = self.order.epoch
-                logger.info(f"Dataset {self.name}: epoch {epoch} ({self.order.order} order)")
-        logger.warning(f"Dataset {self.name} has run out of data")
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.order.load_state_dict(state_dict)
+    def sample(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x, y = self.row(index)
+        return {"input": x}, y
 
 
 def build_sft_dataset(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ratplus_titan.cli import DECODE_MODES
 from ratplus_titan.inference.step import decode_one_token
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]]
@@ -76,9 +77,6 @@ class GraphedDecoder:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits.clone()
-
-
-DECODE_MODES = ("auto", "eager", "graph", "compile")
 
 
 def check_decode_mode(lm, mode: str) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratplus_titan.adapters.layout import check_state_dict, load_export
+from ratplus_titan.cli import describe_patterns
 from ratplus_titan.head_groups import HeadGroups, LayerPattern, resolve_layer_patterns
 from ratplus_titan.inference.cache import DecodeCache
 from ratplus_titan.inference.step import decode_one_token, prefill
@@ -51,18 +52,14 @@ def resolve_inference_patterns(pattern: PatternLike | None, n_layers: int, n_hea
     return resolve_layer_patterns(list(pattern), n_layers, n_heads)
 
 
-def _describe(patterns: list[LayerPattern]) -> str:
-    return str(patterns[0]) if len(set(patterns)) == 1 else "[" + ", ".join(map(str, patterns)) + "]"
-
-
 def check_adapted_pattern(recorded: list[LayerPattern], patterns: list[LayerPattern]) -> None:
     """Warn when a sparse pattern differs from the one the checkpoint was trained/adapted for."""
     mismatched = [i for i, (want, have) in enumerate(zip(patterns, recorded)) if not want.is_dense and want != have]
     if mismatched:
         warnings.warn(
-            f"checkpoint was adapted for pattern {_describe(recorded)} but runs with {_describe(patterns)} "
-            f"(layers {mismatched[:8]}{'...' if len(mismatched) > 8 else ''} differ): quality may drop; "
-            f"adapt to this pattern first, or pass pattern={_describe(recorded)!r}",
+            f"checkpoint was adapted for pattern {describe_patterns(recorded)} but runs with "
+            f"{describe_patterns(patterns)} (layers {mismatched[:8]}{'...' if len(mismatched) > 8 else ''} differ): "
+            "quality may drop; adapt to this pattern first, or run the recorded pattern ('config')",
             stacklevel=3,
         )
 
@@ -92,6 +89,7 @@ class RATPlusLM(nn.Module):
             else resolve_inference_patterns(pattern, model_args.n_layers, model_args.n_heads)
         )
         # A private copy of the arguments, sized for inference (RoPE table of max_seq_len rows).
+        self.model_max_seq_len = model_args.max_seq_len  # what the model was trained/exported for
         args = dataclasses.replace(model_args, max_seq_len=max_seq_len)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
@@ -118,7 +116,7 @@ class RATPlusLM(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        pattern: PatternLike | None = DEFAULT_PATTERN,
+        pattern: PatternLike | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         max_seq_len: int | None = None,
@@ -127,7 +125,7 @@ class RATPlusLM(nn.Module):
     ) -> RATPlusLM:
         """Load a ``ratplus-export`` folder (``config.json``, ``model.safetensors``, tokenizer).
 
-        ``pattern=None`` runs the pattern recorded in ``config.json``. ``dtype`` defaults to
+        ``pattern=None`` (the default) runs the pattern recorded in ``config.json``. ``dtype`` defaults to
         the exported dtype, ``device`` to CUDA when available.
         """
         exported = load_export(path)  # shape errors come from check_state_dict

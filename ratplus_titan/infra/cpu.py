@@ -301,6 +301,8 @@ def train(trainer_cls_path: str, args: list[str], prog: str = PROG) -> None:
     patch_torchtitan_for_cpu()
     from ratplus_titan.infra import entry
 
+    import ratplus_titan.train_spec  # noqa: F401  (registers "ratplus" for any trainer: this package was imported first)
+
     trainer_cls = load_class(trainer_cls_path)
     for k, v in single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():
         os.environ.setdefault(k, v)  # torchrun's variables win

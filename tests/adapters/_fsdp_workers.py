@@ -7,13 +7,13 @@ it by name: the tests put this folder on ``sys.path``, which spawn hands to the 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ratplus_titan.infra.cpu import find_free_port
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusModel
 
@@ -38,17 +38,11 @@ def make_model(seed: int) -> RATPlusModel:
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn: Any, *args: Any) -> None:
     """Run ``fn(rank, port, *args)`` on ``WORLD_SIZE`` spawned CPU processes."""
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(fn, args=(find_free_port(), *args), nprocs=WORLD_SIZE, join=True)
 
 
 def _init(rank: int, port: int) -> None:

@@ -20,6 +20,7 @@ from ratplus_titan.model.model import RATPlusModel
 from ratplus_titan.pattern import Pattern
 from tests.adapters.test_official import float64_steps, max_error_to_official, official_state_dict, save_official
 from tests.cli_errors import cli_error
+from tests.corrupt import poison
 
 
 def _workers() -> ModuleType:
@@ -219,7 +220,7 @@ def test_official_import_to_dcp_and_export_stay_exact(tmp_path: Path, monkeypatc
         (["--n-heads", "0"], ["argument --n-heads", "integers >= 1"]),
         (["--step", "-1"], ["argument --step", "integers >= 0"]),
         (["--max-seq-len", "x"], ["argument --max-seq-len", "not a token count"]),
-        (["--flavor", "13B"], ["argument --flavor", "invalid choice", "'1B'"]),
+        (["--flavor", "13B"], ["argument --flavor", "'13B' is unknown: allowed values are debugmodel", "1B"]),
         (["--pattern", "topk64k8s4-quest"], ["argument --pattern", "inference only"]),
         (["--local-window", "-1"], ["argument --local-window", "Pattern.local_window=-1", ">= 0"]),
         (["--dtype", "half"], ["argument --dtype", "'float32', 'bfloat16', 'float16'"]),
@@ -228,6 +229,41 @@ def test_official_import_to_dcp_and_export_stay_exact(tmp_path: Path, monkeypatc
 def test_bad_arguments_fail_before_anything_loads(tmp_path: Path, capsys, options, fragments) -> None:
     line = cli_error(capsys, export_module.main, [str(tmp_path / "missing"), str(tmp_path / "out"), *options], fragments)
     assert line.startswith("ratplus-export: error: ")
+
+
+def test_export_shows_its_stages_on_a_terminal_only(saved_model, tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
+    root, _ = saved_model
+    export_module.main([str(root), str(tmp_path / "a"), "--n-heads", "4", "--no-tokenizer"])
+    assert "reading" not in capsys.readouterr().err  # a log or a pipe: no progress lines
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    export_module.main([str(root), str(tmp_path / "b"), "--n-heads", "4", "--no-tokenizer"])
+    assert capsys.readouterr().err.splitlines() == [
+        f"ratplus-export: reading the model tensors of {root / 'step-2'}",
+        f"ratplus-export: note: {root / 'step-2'} records no training pattern (saved before ratplus-titan recorded "
+        "it): config.json gets dense; pass --pattern to record the pattern it was trained/adapted for",
+        f"ratplus-export: writing {tmp_path / 'b'}",
+    ]
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_shard(saved_model, tmp_path: Path, capsys) -> None:
+    """A shard overwritten in place (same size) so that the embedding holds NaN: nothing is exported."""
+    import shutil
+
+    root, state_dict = saved_model
+    bad = tmp_path / "checkpoint" / "step-2"
+    shutil.copytree(root / "step-2", bad)
+    (shard,) = bad.glob("*.distcp")
+    poison(shard, state_dict["tok_embeddings.weight"], count=3)
+    out = tmp_path / "out"
+    line = cli_error(capsys, export_module.main, [str(bad), str(out), "--n-heads", "4"])
+    assert line == (
+        f"ratplus-export: error: {shard}: tensor 'tok_embeddings.weight' holds 3 NaN/inf values (of "
+        f"{state_dict['tok_embeddings.weight'].numel():,}): the file is corrupted, or training had diverged when it "
+        "was saved; export an earlier step (checkpoint/step-N), or copy this one again"
+    )
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
 def test_broken_checkpoint_folders_name_the_file(saved_model, tmp_path: Path, capsys) -> None:

@@ -447,6 +447,21 @@ def test_unreadable_checkpoints_name_the_file(tmp_path: Path, monkeypatch, capsy
     assert "model.dim=64 is not divisible by n_heads=3" in line
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    sd = official_state_dict(variant="compiled")
+    name = "_orig_mod.backbone.layers.1._orig_mod.seq_layer.out_proj.weight"
+    sd[name] = sd[name].clone()
+    sd[name][3, :2] = torch.tensor([float("inf"), float("nan")])
+    path = save_official(tmp_path / "o.pth", sd, monkeypatch)
+    out = tmp_path / "out"
+    line = cli_error(capsys, official.main, [str(path), str(out), "--n-heads", "4"])
+    assert line == (
+        f"ratplus-import-official: error: {path}: tensor {name!r} holds 2 NaN/inf values (of 4,096): the file is "
+        "corrupted, or training had diverged when it was saved; convert an earlier or intact copy of the checkpoint"
+    )
+    assert not out.exists()
+
+
 def test_export_folder_rejects_bad_tensors(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "export"
     official.main([str(save_official(tmp_path / "o.pth", official_state_dict(), monkeypatch)), str(out), "--n-heads", "4"])

@@ -59,4 +59,19 @@ def test_bad_input_is_one_line_naming_the_file(export_dir: Path, tmp_path: Path,
 
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / "something").write_text("")
-    assert "is not empty (pass --overwrite" in cli_error(capsys, to_dcp.main, [str(bad), out])
+    line = cli_error(capsys, to_dcp.main, [str(bad), out])
+    assert line == f"{PROG}: error: {out} exists and is not empty: pass --overwrite to replace it"
+    line = cli_error(capsys, to_dcp.main, [str(bad), out, "--overwrite"])  # replaces only a DCP checkpoint
+    assert line == (f"{PROG}: error: {out} is not a DCP checkpoint (with a .metadata file): --overwrite replaces "
+                    "only that; give a new or empty folder")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "dcp").iterdir()) == ["something"]
+
+
+def test_overwrite_replaces_the_whole_checkpoint(export_dir: Path, tmp_path: Path, capsys) -> None:
+    """--overwrite replaces a DCP folder as a whole: no shard of the earlier checkpoint stays."""
+    out = tmp_path / "dcp"
+    to_dcp.main([str(export_dir), str(out)])
+    (out / "__7_0.distcp").write_bytes(b"a shard of another checkpoint")
+    to_dcp.main([str(export_dir), str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp"]

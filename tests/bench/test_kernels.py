@@ -1,11 +1,14 @@
-"""``bench/kernels.py``: a CPU smoke run of the attention bench (Triton interpreter) feeds the README table."""
+"""``bench/kernels.py``: a smoke run of the attention bench feeds the README table (on the GPU when there is one,
+else on the CPU in Triton's interpreter: ``tests/device.py``)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from bench import attention_tiles, kernels, readme_tables
+import torch
+
+from bench import attention_tiles, common, kernels, readme_tables
 
 
 def test_speedups_are_over_the_sdpa_rows_of_the_same_length():
@@ -52,11 +55,15 @@ def test_tile_model_makespan_and_split_counts():
     assert rows["far"]["programs"] >= 4 * 132 and rows["far"]["longest"] < rows["compact"]["longest"] / 10
 
 
-def test_cpu_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monkeypatch):
-    argv = ["attention", "--device", "cpu", "--seq-lens", "64", "--heads", "2", "--out", str(tmp_path)]
+def test_small_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monkeypatch, device):
+    argv = ["attention", "--device", device.type, "--seq-lens", "64", "--heads", "2", "--out", str(tmp_path)]
     assert kernels.main(argv) == 0
-    data = json.loads((tmp_path / "kernels_cpu.json").read_text())
-    assert data["env"]["device"] == "cpu" and data["copy_GBps"] is None
+    name = f"kernels_{common.device_slug(device.type)}.json"
+    data = json.loads((tmp_path / name).read_text())
+    if device.type == "cpu":
+        assert data["env"]["device"] == "cpu" and data["copy_GBps"] is None
+    else:
+        assert data["env"]["device"] == torch.cuda.get_device_name() and data["copy_GBps"] > 0
     rows = data["attention"]["rows"]
     assert {(r["method"], r["pattern"]) for r in rows} == {
         ("sdpa_dense", "dense"), ("sdpa_flash", "dense"), ("triton", "d16w256s4"), ("triton", "d64w256s4"),
@@ -69,9 +76,9 @@ def test_cpu_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, monk
             assert check["finite"] and max(check[k] for k in ("out", "dq", "dk", "dv")) < 2e-2, check
 
     monkeypatch.setattr(readme_tables, "RESULTS", tmp_path)
-    monkeypatch.setitem(readme_tables.SOURCES, "attention", "kernels_cpu.json")
+    monkeypatch.setitem(readme_tables.SOURCES, "attention", name)
     table = readme_tables.attention()
-    assert "`kernels_cpu.json`" in table[0]
+    assert f"`{name}`" in table[0]
     dense = next(r for r in rows if r["method"] == "sdpa_dense")
     flash = next(r for r in rows if r["method"] == "sdpa_flash")
     ours = {r["pattern"]: r for r in rows if r["method"] == "triton"}

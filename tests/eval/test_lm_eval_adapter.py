@@ -203,8 +203,8 @@ def test_only_the_adapter_imports_lm_eval():
     roots = [Path(ratplus_titan.__file__).parent, REPO / "kernels", REPO / "adapters", REPO / "eval"]
     offenders = []
     for path in sorted({p.resolve() for root in roots for p in root.rglob("*.py")}):
-        if path.name == "lm_eval_adapter.py" or path.parent.name == "tasks":
-            continue  # the adapter itself, and the lm-eval task helpers (loaded by lm-eval only)
+        if path.name in ("lm_eval_adapter.py", "lm_eval_cli.py") or path.parent.name == "tasks":
+            continue  # the adapter and its command line, and the lm-eval task helpers (loaded by lm-eval only)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -221,7 +221,7 @@ def test_cli_reports_bad_model_args_in_one_line(tiny_export, tmp_path, capsys):
 
     import lm_eval.tasks
 
-    from ratplus_titan.eval.lm_eval_adapter import main
+    from ratplus_titan.eval.lm_eval_cli import main
 
     argv, task_manager = list(sys.argv), lm_eval.tasks.TaskManager
     bad = tmp_path / "bad"
@@ -247,7 +247,7 @@ def test_cli_reports_bad_model_args_in_one_line(tiny_export, tmp_path, capsys):
 
 def test_cli_reports_an_unknown_task_in_one_line(tiny_export, capsys):
     """A task that is not ours: lm-eval indexes its own task YAMLs first (~7 s), then refuses it."""
-    from ratplus_titan.eval.lm_eval_adapter import main
+    from ratplus_titan.eval.lm_eval_cli import main
 
     line = cli_error(capsys, main, ["--model", "ratplus", "--model_args", f"path={tiny_export}", "--tasks",
                                     "ratplus_tiny_mc,no_such_task", "--device", "cpu"], only_line=False)  # fmt: skip

@@ -95,6 +95,7 @@ def test_cli_writes_json_and_rejects_bad_arguments(model_and_data, tmp_path, cap
             "--windows", "2", "--device", "cpu", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert [r["pattern"] for r in json.loads(out.read_text())] == ["dense", "d4w6s1"]
+    capsys.readouterr()  # the rows and the progress bars
     missing = tmp_path / "no_such_model"
     cases = [([str(folder), str(data), "--seq-len", "0"], "--seq-len"), ([str(folder), str(data), "--pattern", "d0w1s1"], "d0w1s1"),
              ([str(folder), str(data), "--windows", "-1"], "--windows"), ([str(missing), str(data)], str(missing)),

@@ -132,3 +132,57 @@ def test_a_failure_while_generating_keeps_its_traceback(export_dir, monkeypatch)
     monkeypatch.setattr(RATPlusLM, "stream", broken)
     with pytest.raises(ValueError, match="a bug in the decode loop"):
         main([str(export_dir), "--prompt", "Hi", "--device", "cpu", "--pattern", "d4w8s2"])
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_file(export_dir, tmp_path, capsys):
+    from ratplus_titan.adapters.layout import load_export
+    from tests.corrupt import poison
+
+    bad = _copy(export_dir, tmp_path)
+    weights = bad / "model.safetensors"
+    tensor = load_export(export_dir).state_dict["layers.1.ffn.fc1.weight"]
+    poison(weights, tensor, count=5)
+    line = cli_error(capsys, main, [str(bad), "--prompt", "Hi", "--device", "cpu"])
+    assert line == (
+        f"ratplus-generate: error: {weights}: tensor 'layers.1.ffn.fc1.weight' holds 5 NaN/inf values (of "
+        f"{tensor.numel():,}): the file is corrupted, or training had diverged when it was saved; export the model "
+        "again from a good checkpoint"
+    )
+
+
+def _generate(export_dir, capsys, *options):
+    code = main([str(export_dir), "--prompt", "Hello", "--max-new-tokens", "2", "--device", "cpu", *options])
+    out, err = capsys.readouterr()
+    assert code == 0
+    return out, err
+
+
+def test_default_is_the_recorded_pattern_and_the_summary_names_it(export_dir, capsys):
+    """export_dir was adapted for d4w8s2: no --pattern, and --pattern config, both run it, and say so."""
+    for options in ([], ["--pattern", "config"]):
+        out, err = _generate(export_dir, capsys, *options)
+        (summary,) = [line for line in out.splitlines() if line.startswith("# pattern ")]
+        assert summary.startswith("# pattern d4w8s2: "), summary
+        assert err == ""
+    out, _ = _generate(export_dir, capsys, "--pattern", "dense,d4w8s2")
+    assert "# pattern dense,d4w8s2: " in out
+
+
+def test_an_unadapted_pattern_is_one_warning_line(export_dir, capsys):
+    _, err = _generate(export_dir, capsys, "--pattern", "d16w256s4")
+    assert err.splitlines() == [
+        "ratplus-generate: warning: checkpoint was adapted for pattern d4w8s2 but runs with d16w256s4 (layers "
+        "[0, 1] differ): quality may drop; adapt to this pattern first, or run the recorded pattern ('config')"
+    ]
+
+
+def test_a_length_beyond_the_model_is_one_warning_line(export_dir, capsys):
+    """max_seq_len of export_dir is 64; RoPE runs past it, so this is a warning, not an error."""
+    out, err = _generate(export_dir, capsys, "--max-seq-len", "100")
+    assert err.splitlines() == [
+        "ratplus-generate: warning: --max-seq-len 100 is longer than the model's max_seq_len=64 (config.json): "
+        "positions past it were never trained, so results there may be worse"
+    ]
+    assert "max_seq_len 100)" in out
+    _, err = _generate(export_dir, capsys, "--max-seq-len", "64")
+    assert err == ""

@@ -19,6 +19,7 @@ def test_from_pretrained_runs_the_requested_pattern(export_dir):
     assert lm.tokenizer is not None and lm.tokenizer.vocab_size == 32000
     recorded = RATPlusLM.from_pretrained(export_dir, pattern=None, device="cpu")
     assert recorded.patterns == lm.patterns and recorded.max_seq_len == 64
+    assert RATPlusLM.from_pretrained(export_dir, device="cpu").patterns == lm.patterns  # the default: recorded
     results = lm.generate(["Hello world", "A"], max_new_tokens=5, stop_on_eos=False)
     assert all(len(r.tokens) == 5 and isinstance(r.text, str) for r in results)
     # text prompts go through the folder's tokenizer, with BOS
@@ -30,7 +31,7 @@ def test_from_pretrained_runs_the_requested_pattern(export_dir):
 def test_unadapted_pattern_warns_naming_the_adapted_one(export_dir):
     with pytest.warns(UserWarning, match="adapted for pattern d4w8s2"):
         RATPlusLM.from_pretrained(export_dir, pattern="d16w256s4", device="cpu")
-    with pytest.warns(UserWarning, match=r"adapted for pattern d4w8s2 but runs with \[dense, d8w4s0\]"):
+    with pytest.warns(UserWarning, match=r"adapted for pattern d4w8s2 but runs with dense,d8w4s0 "):
         RATPlusLM.from_pretrained(export_dir, pattern=["dense", "d8w4s0"], device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

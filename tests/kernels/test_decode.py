@@ -1,15 +1,12 @@
-"""Decode attention: the reference against a float64 loop, and the Triton split-K kernel (TRITON_INTERPRET=1) against the reference."""
-
-import os
-import subprocess
-import sys
-import textwrap
+"""Decode attention: the reference against a float64 loop, and the Triton kernels against the reference
+(compiled on a GPU, in Triton's interpreter on the CPU: ``tests/device.py``)."""
 
 import pytest
 import torch
 
 from ratplus_titan.kernels.decode import decode_attention_reference
 from ratplus_titan.kernels.decode_dispatch import decode_attention
+from tests.device import needs_interpreter
 
 
 def loop_float64(q, k_cache, v_cache, valid, k_new, v_new):
@@ -57,61 +54,6 @@ def test_reference_bfloat16_close():
     torch.testing.assert_close(decode_attention_reference(*case).double(), expected, rtol=0.05, atol=0.05)
 
 
-TRITON_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import os
-
-    import torch
-    from ratplus_titan.kernels import decode_triton
-    from ratplus_titan.kernels.decode import decode_attention_reference
-    from ratplus_titan.kernels.decode_triton import decode_attention_triton, flat_plan, split_plan
-    from tests_decode_cases import CASES, random_case
-
-    decode_triton.CONFIG = decode_triton.DecodeConfig(**json.loads(os.environ.get("DECODE_CONFIG", "{}")))
-    for batch, heads, rows, head_dim in CASES:
-        case = random_case(batch, heads, rows, head_dim, seed=rows + 1)
-        expected = decode_attention_reference(*case)
-        got = decode_attention_triton(*case)
-        err = (got - expected).abs().max().item()
-        cpu = torch.device("cpu")
-        print(batch, heads, rows, head_dim, split_plan(batch, heads, rows, cpu), flat_plan(batch, heads, rows, cpu), err)
-        assert err < 1e-5, (batch, heads, rows, head_dim, err)
-        # non-contiguous cache (a [B, R, H, hd] buffer seen as [B, H, R, hd])
-        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in case[1:3])
-        got = decode_attention_triton(case[0], k_cache, v_cache, *case[3:])
-        assert (got - expected).abs().max().item() < 1e-5
-        # counts instead of a mask: rows [0, count) valid, one count per sequence (ragged, 0 and R included)
-        counts = torch.randint(0, rows + 1, (batch,))
-        counts[0] = rows
-        prefix = torch.arange(rows)[None, :] < counts[:, None]
-        expected = decode_attention_reference(case[0], case[1], case[2], prefix, *case[4:])
-        got = decode_attention_triton(case[0], case[1], case[2], counts, *case[4:])
-        assert (got - expected).abs().max().item() < 1e-5, ("counts", batch, heads, rows)
-
-    # cache update: the moved row is read before the new row overwrites its slot (move_src == slot)
-    from ratplus_titan.kernels.decode import cache_update_reference
-    from ratplus_titan.kernels.decode_triton import cache_update_triton
-
-    gen = torch.Generator().manual_seed(0)
-    for move_from_new in (False, True):
-        batch, heads, rows, head_dim = 6, 3, 20, 12
-        k_cache, v_cache = (torch.randn(batch, heads, rows, head_dim, generator=gen) for _ in range(2))
-        k_new, v_new = (torch.randn(batch, heads, head_dim, generator=gen) for _ in range(2))
-        slot = torch.randint(0, rows, (batch,), generator=gen)
-        move_src = slot.clone()
-        move_dst = (slot + 1 + torch.randint(0, rows - 1, (batch,), generator=gen)) % rows
-        move, write = (torch.rand(batch, generator=gen) < 0.5 for _ in range(2))
-        expected = [k_cache.clone(), v_cache.clone()]
-        cache_update_reference(*expected, k_new, v_new, move_src, move_dst, move, slot, write, move_from_new)
-        cache_update_triton(k_cache, v_cache, k_new, v_new, move_src, move_dst, move, slot, write, move_from_new)
-        assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1]), move_from_new
-        assert not torch.equal(expected[0], k_cache.clone().zero_())
-    print("ok")
-    """
-)
-
-
 # Kernel paths (DecodeConfig fields): the split path; the flat path with whole heads per program (no merge),
 # with heads cut between programs (stream-K: partials merged by the last-arriving program), one program
 # for everything, one tile per program (every head merged from many partials), register prefetch.
@@ -129,62 +71,74 @@ KERNEL_CONFIGS = {
 }
 
 
+TRITON_CASES = [(1, 1, 1, 4), (3, 2, 37, 16), (2, 2, 700, 8), (4, 3, 300, 24), (2, 1, 0, 8), (5, 2, 1030, 32)]
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual - expected).abs().max().item()
+
+
+@needs_interpreter
 @pytest.mark.parametrize("config", list(KERNEL_CONFIGS))
-def test_triton_kernel_matches_reference_interpreted(tmp_path, config):
-    """Small sizes, several splits (rows > 256), ragged masks, rows not a multiple of the block, empty caches."""
-    import json
+def test_triton_kernel_matches_reference(config, monkeypatch, device):
+    """Small sizes, several splits (rows > 256), ragged masks, rows not a multiple of the block, empty caches;
+    then the cache update kernel. Compiled on a GPU, interpreted on the CPU (``tests/device.py``)."""
+    from ratplus_titan.kernels import decode_triton
+    from ratplus_titan.kernels.decode import cache_update_reference
 
-    cases = [(1, 1, 1, 4), (3, 2, 37, 16), (2, 2, 700, 8), (4, 3, 300, 24), (2, 1, 0, 8), (5, 2, 1030, 32)]
-    (tmp_path / "tests_decode_cases.py").write_text(
-        f"CASES = {cases!r}\n" + textwrap.dedent(
-            """
-            import torch
-            """
-        ) + _source_of(random_case)
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               DECODE_CONFIG=json.dumps(KERNEL_CONFIGS[config]))
-    result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok")
+    monkeypatch.setattr(decode_triton, "CONFIG", decode_triton.DecodeConfig(**KERNEL_CONFIGS[config]))
+    gen = torch.Generator().manual_seed(0)
+    for batch, heads, rows, head_dim in TRITON_CASES:
+        case = [x.to(device) for x in random_case(batch, heads, rows, head_dim, seed=rows + 1)]
+        expected = decode_attention_reference(*case)
+        err = max_err(decode_triton.decode_attention_triton(*case), expected)
+        assert err < 1e-5, (batch, heads, rows, head_dim, err)
+        # non-contiguous cache (a [B, R, H, hd] buffer seen as [B, H, R, hd])
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in case[1:3])
+        assert max_err(decode_triton.decode_attention_triton(case[0], k_cache, v_cache, *case[3:]), expected) < 1e-5
+        # counts instead of a mask: rows [0, count) valid, one count per sequence (ragged, 0 and R included)
+        counts = torch.randint(0, rows + 1, (batch,), generator=gen)
+        counts[0] = rows
+        prefix = (torch.arange(rows)[None, :] < counts[:, None]).to(device)
+        expected = decode_attention_reference(case[0], case[1], case[2], prefix, *case[4:])
+        got = decode_triton.decode_attention_triton(case[0], case[1], case[2], counts.to(device), *case[4:])
+        assert max_err(got, expected) < 1e-5, ("counts", batch, heads, rows)
+
+    # cache update: the moved row is read before the new row overwrites its slot (move_src == slot)
+    for move_from_new in (False, True):
+        batch, heads, rows, head_dim = 6, 3, 20, 12
+        k_cache, v_cache = (torch.randn(batch, heads, rows, head_dim, generator=gen).to(device) for _ in range(2))
+        k_new, v_new = (torch.randn(batch, heads, head_dim, generator=gen).to(device) for _ in range(2))
+        slot = torch.randint(0, rows, (batch,), generator=gen)
+        move_src = slot.clone()
+        move_dst = (slot + 1 + torch.randint(0, rows - 1, (batch,), generator=gen)) % rows
+        move, write = (torch.rand(batch, generator=gen) < 0.5 for _ in range(2))
+        index = [x.to(device) for x in (move_src, move_dst, move, slot, write)]
+        expected = [k_cache.clone(), v_cache.clone()]
+        cache_update_reference(*expected, k_new, v_new, *index, move_from_new)
+        decode_triton.cache_update_triton(k_cache, v_cache, k_new, v_new, *index, move_from_new)
+        assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1]), move_from_new
+        assert not torch.equal(expected[0], k_cache.clone().zero_())
 
 
-def _source_of(function) -> str:
-    import inspect
-
-    return inspect.getsource(function)
-
-
-LM_SCRIPT = textwrap.dedent(
-    """
-    import torch
+@needs_interpreter
+def test_lm_decode_with_triton_kernels(device):
+    """The whole decode path on the Triton kernels (attention and cache update) equals the full forward."""
     from ratplus_titan.inference import RATPlusLM
     from ratplus_titan.model.args import RATPlusModelArgs
 
     torch.manual_seed(0)
     args = RATPlusModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, max_seq_len=64, init_std=0.1)
-    lm = RATPlusLM(args, pattern=["d4w6s3", "d3w0s1"], max_seq_len=40, max_batch_size=2, decode_backend="triton")
-    tokens = torch.randint(0, 50, (2, 40))
+    lm = RATPlusLM(args, pattern=["d4w6s3", "d3w0s1"], max_seq_len=40, max_batch_size=2, decode_backend="triton",
+                   device=device)  # fmt: skip
+    tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
     full = lm(tokens)
-    lengths = [3, 11]
     lm.prefill([tokens[0, :3].tolist(), tokens[1, :11].tolist()])
     err = 0.0
     for i in range(29):
         step = lm.decode_step(torch.stack([tokens[0, 3 + i], tokens[1, 11 + i]]))
-        err = max(err, (step[0] - full[0, 3 + i]).abs().max().item(), (step[1] - full[1, 11 + i]).abs().max().item())
-    print(err)
+        err = max(err, max_err(step[0], full[0, 3 + i]), max_err(step[1], full[1, 11 + i]))
     assert err < 1e-4, err
-    print("ok")
-    """
-)
-
-
-def test_lm_decode_with_triton_kernels_interpreted():
-    """The whole decode path on the Triton kernels (attention and cache update) equals the full forward."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", LM_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok")
 
 
 @pytest.mark.parametrize("batch,heads,rows", [(1, 1, 0), (1, 16, 1000), (64, 16, 516), (3, 4, 70000), (7, 3, 129), (2, 16, 16384)])

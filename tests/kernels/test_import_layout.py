@@ -26,7 +26,8 @@ def kernel_modules(kind: str) -> list[str]:
 
 
 # Run in a fresh interpreter: map ``ratplus_titan`` and its kernels by path, as an install does,
-# without running the package's __init__ (which imports the model and so the dispatch modules).
+# without running the package's __init__ (which, under torchtitan, registers the train spec and so
+# imports the model and the dispatch modules).
 _IMPORT_BARE = """
 import importlib, json, sys, types
 for name, folder in (("ratplus_titan", "ratplus_titan"), ("ratplus_titan.kernels", "kernels")):
@@ -81,7 +82,8 @@ def test_reference_has_no_deferred_import_of_a_fast_path(module):
 
 
 def test_importing_the_package_imports_no_fast_path():
-    loaded = imported_after("import json, sys, ratplus_titan; print(json.dumps(sorted(sys.modules)))")
+    """As torchtitan's trainer imports it (``custom_import``, torchtitan loaded): the train spec and the model."""
+    loaded = imported_after("import json, sys, torchtitan, ratplus_titan; print(json.dumps(sorted(sys.modules)))")
     fast = {f"ratplus_titan.kernels.{m}" for m in kernel_modules("fast")}
     assert "ratplus_titan.kernels.pattern_attention_dispatch" in loaded  # the model was imported
     assert not loaded & fast, sorted(loaded & fast)

@@ -1,9 +1,10 @@
 """The Triton pattern-attention kernels (forward and backward) against the float64 masked reference.
 
-Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before the
-kernel module is imported), on small sizes; tile sizes of 16 make every part of the kernels (masked
-and unmasked compact, sink and local blocks) run at these sizes. Errors are relative norms
-``||out - ref|| / ||ref||`` (METHOD.md) plus an element-wise bound, on fresh random inputs.
+One test body for both devices (``tests/device.py``): on a GPU the kernels compile and the tensors live on
+``cuda``; without one they run in Triton's interpreter on the CPU. Small sizes; tile sizes of 16 in the
+interpreter make every part of the kernels (masked and unmasked compact, sink and local blocks) run at
+these sizes. Errors are relative norms ``||out - ref|| / ||ref||`` (METHOD.md) plus an element-wise bound,
+on fresh random inputs.
 
 The interpreter works only if ``triton`` itself was first imported with ``TRITON_INTERPRET=1`` (its
 ``tl.zeros``, ``tl.max`` ... are built at import). When an earlier test module imported it first,
@@ -15,32 +16,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ratplus_titan.kernels import pattern_attention_triton as pat
+from ratplus_titan.kernels.pattern_attention import pattern_attention_reference
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
+from ratplus_titan.pattern import Pattern
+from tests.device import IN_PROCESS, needs_interpreter
 
-import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from ratplus_titan.kernels import pattern_attention_triton as pat  # noqa: E402
-from ratplus_titan.kernels.pattern_attention import pattern_attention_reference  # noqa: E402
-from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
-from ratplus_titan.pattern import Pattern  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IN_PROCESS = DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction)
-needs_interpreter = pytest.mark.skipif(
-    not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1: test_whole_file_in_fresh_process runs these"
-)
-# Relative-norm bounds: fp32 is exact fp32 in the interpreter but tf32 dots on GPU (~3e-4);
-# bf16 operands land between 1e-3 and 1e-2 (seen: 4e-3 out, 7e-3 grads in the interpreter, which
-# truncates fp32 -> bf16 where the GPU rounds; torch's own bf16 path gives about half that).
-NORM_TOL = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.bfloat16: 1.5e-2}
+# Relative-norm bounds. fp32: the kernels' dots are IEEE fp32 (never tf32) on the GPU and exact fp32 in the
+# interpreter, so fp32 is held to fp32 rounding on both (seen: ~1e-7). bf16 operands land between 1e-3 and
+# 1e-2 (seen: 4e-3 out, 7e-3 grads in the interpreter, which truncates fp32 -> bf16 where the GPU rounds;
+# torch's own bf16 path gives about half that).
+NORM_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
 # Element-wise bound, as a fraction of the largest reference magnitude: catches unwritten or
 # misplaced elements (off by O(1)) without failing on bf16 cancellation in single gradient entries.
-ELEM_TOL = {torch.float32: 1e-2 if DEVICE == "cuda" else 1e-5, torch.bfloat16: 8e-2}
+ELEM_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-2}
 
 CASES = [
     # (T, dilation, window, sinks)
@@ -84,8 +76,9 @@ def check_attention(tag: str, actual: tuple, expected: tuple, dtype: torch.dtype
         check(f"{name} {tag}", g, r, dtype)
 
 
-def random_qkv(batch, heads, seq_len, head_dim, dtype, gen):
-    return [torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=torch.float32).to(DEVICE, dtype)
+def random_qkv(batch, heads, seq_len, head_dim, dtype, gen, device):
+    """Three ``[B, H, T, hd]`` tensors on ``device``, drawn on the CPU from ``gen`` (the same values on any device)."""
+    return [torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=torch.float32).to(device, dtype)
             for _ in range(3)]
 
 
@@ -107,15 +100,15 @@ def reference_with_grads(q, k, v, pattern, grad_out, grad_lse=None):
     return out.detach(), lse.detach(), grads
 
 
-def run_case(seq_len, dilation, window, sinks, dtype, seed, batch=1, heads=1, head_dim=16, grad_lse=False):
+def run_case(seq_len, dilation, window, sinks, dtype, seed, device, batch=1, heads=1, head_dim=16, grad_lse=False):
     gen = torch.Generator().manual_seed(seed)
     pattern = Pattern(dilation, window, sinks)
-    q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen)
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen, device)
     for x in (q, k, v):
         x.requires_grad_(True)
     out, lse = torch.ops.ratplus.pattern_attention(q, k, v, dilation, window, sinks, head_dim ** -0.5)
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
-    g_lse = torch.randn(lse.shape, generator=gen).to(DEVICE) if grad_lse else None
+    grad_out = torch.randn(out.shape, generator=gen).to(device, dtype)
+    g_lse = torch.randn(lse.shape, generator=gen).to(device) if grad_lse else None
     loss = (out.float() * grad_out.float()).sum() + ((lse * g_lse).sum() if grad_lse else 0)
     grads = torch.autograd.grad(loss, (q, k, v))
     ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, pattern, grad_out, g_lse)
@@ -126,17 +119,17 @@ def run_case(seq_len, dilation, window, sinks, dtype, seed, batch=1, heads=1, he
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("seq_len,dilation,window,sinks", CASES)
-def test_forward_backward_match_float64_reference(seq_len, dilation, window, sinks, dtype):
-    run_case(seq_len, dilation, window, sinks, dtype, seed=seq_len * 131 + dilation * 7 + window + sinks)
+def test_forward_backward_match_float64_reference(seq_len, dilation, window, sinks, dtype, device):
+    run_case(seq_len, dilation, window, sinks, dtype, seed=seq_len * 131 + dilation * 7 + window + sinks, device=device)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("tiles", [(32, 16, 1, 1), (16, 32, 1, 1)], ids=["bm32bn16", "bm16bn32"])
-def test_unequal_query_and_key_tiles(tiles, monkeypatch):
+def test_unequal_query_and_key_tiles(tiles, monkeypatch, device):
     for kind in ("fwd", "dq", "dkdv"):
         monkeypatch.setitem(pat.CONFIG_OVERRIDE, kind, tiles)
-    run_case(83, 4, 9, 3, torch.float32, seed=5)
-    run_case(70, -1, 20, 2, torch.float32, seed=6)
+    run_case(83, 4, 9, 3, torch.float32, seed=5, device=device)
+    run_case(70, -1, 20, 2, torch.float32, seed=6, device=device)
 
 
 SPLIT_CASES = [
@@ -155,18 +148,18 @@ SPLIT_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("split_tiles", [1, 2])
 @pytest.mark.parametrize("seq_len,dilation,window,sinks", SPLIT_CASES)
-def test_far_splits_match_float64_reference(seq_len, dilation, window, sinks, split_tiles, monkeypatch):
+def test_far_splits_match_float64_reference(seq_len, dilation, window, sinks, split_tiles, monkeypatch, device):
     monkeypatch.setattr(pat, "FAR_SPLIT_TILES", split_tiles)
-    run_case(seq_len, dilation, window, sinks, torch.float32, seed=seq_len * 17 + window + split_tiles)
+    run_case(seq_len, dilation, window, sinks, torch.float32, seed=seq_len * 17 + window + split_tiles, device=device)
 
 
 @needs_interpreter
-def test_far_splits_bf16_unequal_tiles_and_batches(monkeypatch):
+def test_far_splits_bf16_unequal_tiles_and_batches(monkeypatch, device):
     monkeypatch.setattr(pat, "FAR_SPLIT_TILES", 3)
-    run_case(90, 2, 3, 1, torch.bfloat16, seed=21)
+    run_case(90, 2, 3, 1, torch.bfloat16, seed=21, device=device)
     for kind in ("fwd", "dq", "dkdv"):
         monkeypatch.setitem(pat.CONFIG_OVERRIDE, kind, (16, 32, 1, 1))
-    run_case(77, 3, 4, 2, torch.float32, seed=22, batch=2, heads=2, grad_lse=True)
+    run_case(77, 3, 4, 2, torch.float32, seed=22, device=device, batch=2, heads=2, grad_lse=True)
 
 
 @pytest.mark.parametrize("seq_len,dilation,window,sinks", CASES + SPLIT_CASES)
@@ -197,21 +190,21 @@ def test_far_split_len_fills_the_gpu():
 
 
 @needs_interpreter
-def test_lse_gradient_and_odd_head_dim():
-    run_case(41, 3, 4, 2, torch.float32, seed=11, head_dim=24, grad_lse=True)  # hd padded to 32 in the kernel
+def test_lse_gradient_and_odd_head_dim(device):
+    run_case(41, 3, 4, 2, torch.float32, seed=11, device=device, head_dim=24, grad_lse=True)  # hd padded to 32 in the kernel
 
 
 @needs_interpreter
-def test_strided_inputs_and_batches():
+def test_strided_inputs_and_batches(device):
     """q, k, v as views of one [B, T, 3, H, hd] projection, as the model makes them."""
     gen = torch.Generator().manual_seed(3)
     batch, seq_len, heads, head_dim = 2, 40, 2, 16
     pattern = Pattern(4, 5, 1)
-    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(DEVICE).requires_grad_(True)
+    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device).requires_grad_(True)
     q, k, v = (x.transpose(1, 2) for x in fused.unbind(2))
     assert not q.is_contiguous()
     out = pat.pattern_attention_triton(q, k, v, pattern)
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grad_out = torch.randn(out.shape, generator=gen).to(device)
     (grad,) = torch.autograd.grad((out * grad_out).sum(), fused)
     ref_out, _, ref_grads = reference_with_grads(q, k, v, pattern, grad_out)
     check("out", out, ref_out, torch.float32)
@@ -219,9 +212,9 @@ def test_strided_inputs_and_batches():
 
 
 @needs_interpreter
-def test_dense_patterns_go_to_sdpa_and_dispatch():
+def test_dense_patterns_go_to_sdpa_and_dispatch(device):
     gen = torch.Generator().manual_seed(4)
-    q, k, v = random_qkv(1, 2, 30, 16, torch.float32, gen)
+    q, k, v = random_qkv(1, 2, 30, 16, torch.float32, gen, device)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     for pattern in (Pattern(1, 0, 0), Pattern(8, 29, 0), Pattern(-1, 0, 30)):
         torch.testing.assert_close(pat.pattern_attention_triton(q, k, v, pattern), expected)
@@ -231,9 +224,9 @@ def test_dense_patterns_go_to_sdpa_and_dispatch():
 
 
 @needs_interpreter
-def test_custom_op_registration_and_compile():
+def test_custom_op_registration_and_compile(device):
     gen = torch.Generator().manual_seed(8)
-    q, k, v = random_qkv(1, 1, 24, 16, torch.float32, gen)
+    q, k, v = random_qkv(1, 1, 24, 16, torch.float32, gen, device)
     q.requires_grad_(True)
     torch.library.opcheck(torch.ops.ratplus.pattern_attention, (q, k, v, 4, 2, 1, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -1,7 +1,7 @@
 """The Triton top-k block attention kernels (selection, forward, backward, decode) against the reference.
 
-Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), on small sizes with
-tiles of 16. The expected values: the block picks of ``TopKPattern`` (the reference's selection, run
+One test body for both devices (``tests/device.py``): compiled on a GPU; without one the kernels run in
+Triton's interpreter (``TRITON_INTERPRET=1``), on small sizes with tiles of 16. The expected values: the block picks of ``TopKPattern`` (the reference's selection, run
 on the same inputs and dtype), then a float64 softmax under the explicit mask ``TopKPattern.allows``
 builds from them, differentiated by autograd (the selection is a boolean mask: no gradient goes
 through it). Every element is compared (relative norm plus an element-wise bound: ``check`` of the pattern kernels' tests).
@@ -17,26 +17,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from ratplus_titan.inference.topk_cache import TopKLayerCache  # noqa: E402
-from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
-from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention  # noqa: E402
-from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention  # noqa: E402
-from ratplus_titan.topk import SCORES, TopKPattern  # noqa: E402
-from tests.kernels.test_pattern_attention_triton import (  # noqa: E402  (same bounds, same device set-up)
-    DEVICE,
-    IN_PROCESS,
-    check,
-    check_attention,
-    needs_interpreter,
-    random_qkv,
-)
+from ratplus_titan.inference.topk_cache import TopKLayerCache
+from ratplus_titan.kernels import topk_attention_triton as tat
+from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
+from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention
+from ratplus_titan.topk import SCORES, TopKPattern
+from tests.device import IN_PROCESS, needs_interpreter
+from tests.kernels.test_pattern_attention_triton import check, check_attention, random_qkv  # the same bounds
 
 CASES = [
     # (T, block_size, top_k, sinks, batch, heads)
@@ -86,11 +76,11 @@ def run_triton(q, k, v, pattern):
                                             tile_m), bits, visits
 
 
-def run_case(case, score, dtype, seed, head_dim=16):
+def run_case(case, score, dtype, seed, device, head_dim=16):
     seq_len, block_size, top_k, sinks, batch, heads = case
     gen = torch.Generator().manual_seed(seed)
     pattern = TopKPattern(block_size, top_k, score, sinks)
-    q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen)
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen, device)
     for x in (q, k, v):
         x.requires_grad_(True)
     (out, lse), bits, visits = run_triton(q, k, v, pattern)
@@ -111,8 +101,8 @@ def run_case(case, score, dtype, seed, head_dim=16):
     expected_visits = picked.view(batch * heads, n_tiles, tile_m, nbt).any(2) | own | sink
     assert torch.equal(visits.bool(), expected_visits), "visited blocks differ"
 
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
-    grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    grad_out = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(device)
     grads = torch.autograd.grad((out.float() * grad_out.float()).sum() + (lse * grad_lse).sum(), (q, k, v))
     ref_out, ref_lse, ref_grads = float64_reference(q, k, v, pattern, picks, grad_out, grad_lse)
     tag = f"{score} T={seq_len} bs={block_size} K={top_k} S={sinks} {dtype}"
@@ -122,27 +112,27 @@ def run_case(case, score, dtype, seed, head_dim=16):
 @needs_interpreter
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}bs{}k{}s{}".format(*c[:4]))
-def test_forward_backward_match_reference_fp32(case, score):
-    run_case(case, score, torch.float32, seed=case[0] * 7 + case[1] + SCORES.index(score))
+def test_forward_backward_match_reference_fp32(case, score, device):
+    run_case(case, score, torch.float32, seed=case[0] * 7 + case[1] + SCORES.index(score), device=device)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("score", SCORES)
-def test_forward_backward_match_reference_bf16(score):
-    run_case((50, 4, 2, 3, 2, 2), score, torch.bfloat16, seed=3)
+def test_forward_backward_match_reference_bf16(score, device):
+    run_case((50, 4, 2, 3, 2, 2), score, torch.bfloat16, seed=3, device=device)
 
 
 @needs_interpreter
-def test_larger_tiles_and_several_selection_chunks(monkeypatch):
+def test_larger_tiles_and_several_selection_chunks(monkeypatch, device):
     """Query tiles of 32 picked 16 rows at a time; key tiles of 16 against blocks of 40 (three sub-tiles)."""
     monkeypatch.setitem(tat.CONFIG_OVERRIDE, "tile_m", 32)
     monkeypatch.setitem(tat.CONFIG_OVERRIDE, "sel_m", 16)
-    run_case((83, 5, 4, 2, 1, 2), "quest", torch.float32, seed=1)
-    run_case((130, 40, 1, 3, 1, 1), "ratplus", torch.float32, seed=2)
+    run_case((83, 5, 4, 2, 1, 2), "quest", torch.float32, seed=1, device=device)
+    run_case((130, 40, 1, 3, 1, 1), "ratplus", torch.float32, seed=2, device=device)
 
 
 @needs_interpreter
-def test_every_output_element_is_written(monkeypatch):
+def test_every_output_element_is_written(monkeypatch, device):
     """Outputs allocated full of NaN (and int buffers of garbage): the results still match."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
@@ -151,33 +141,34 @@ def test_every_output_element_is_written(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    run_case((50, 4, 2, 1, 2, 2), "moba", torch.float32, seed=4)
-    run_decode(TopKPattern(4, 2, "quest", 3), torch.float32, seed=5, positions=((7, 28, 0),))
+    run_case((50, 4, 2, 1, 2, 2), "moba", torch.float32, seed=4, device=device)
+    run_decode(TopKPattern(4, 2, "quest", 3), torch.float32, seed=5, device=device, positions=((7, 28, 0),))
 
 
 @needs_interpreter
-def test_tied_scores_pick_the_lowest_blocks():
+def test_tied_scores_pick_the_lowest_blocks(device):
     """Blocks with equal summaries score equally: the lowest block indices win (torch.topk leaves it open).
 
     Small integers make every score exact whatever the summation order, so the ties are exact.
     """
     seq_len, block_size, top_k = 40, 4, 3
     gen = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randint(-3, 4, (1, 1, seq_len, 16), generator=gen).float().to(DEVICE) for _ in range(3))
+    q, k, v = (torch.randint(-3, 4, (1, 1, seq_len, 16), generator=gen).float().to(device) for _ in range(3))
     k.view(1, 1, seq_len // block_size, block_size, 16)[:, :, :, -1] = k[:, :, 3]  # every block closes on one key
     pattern = TopKPattern(block_size, top_k, "ratplus")
     (out, _), bits, _ = run_triton(q, k, v, pattern)
     picks = unpack_bits(bits, seq_len // block_size)[0]  # [T, NB]
     for t in range(seq_len):
         assert picks[t].nonzero().flatten().tolist() == list(range(min(top_k, t // block_size))), t
-    expected = float64_reference(q, k, v, pattern, picks[None, None], torch.zeros_like(q), torch.zeros(1, 1, seq_len))
+    no_grad_lse = torch.zeros(1, 1, seq_len, device=device)
+    expected = float64_reference(q, k, v, pattern, picks[None, None], torch.zeros_like(q), no_grad_lse)
     check("out with ties", out, expected[0], torch.float32)
 
 
 @needs_interpreter
-def test_public_function_dispatch_and_sdpa_shortcut():
+def test_public_function_dispatch_and_sdpa_shortcut(device):
     gen = torch.Generator().manual_seed(7)
-    q, k, v = random_qkv(1, 2, 45, 16, torch.float32, gen)
+    q, k, v = random_qkv(1, 2, 45, 16, torch.float32, gen, device)
     pattern = TopKPattern(4, 2, "quest", 1)
     expected = topk_attention_reference(q.double(), k.double(), v.double(), pattern)
     check("public", tat.topk_attention_triton(q, k, v, pattern), expected, torch.float32)
@@ -189,28 +180,28 @@ def test_public_function_dispatch_and_sdpa_shortcut():
 
 
 @needs_interpreter
-def test_strided_inputs():
+def test_strided_inputs(device):
     """q, k, v as views of one [B, T, 3, H, hd] projection, as the model makes them."""
     gen = torch.Generator().manual_seed(8)
     batch, seq_len, heads, head_dim = 2, 40, 2, 16
     pattern = TopKPattern(4, 2, "moba", 2)
-    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(DEVICE).requires_grad_(True)
+    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device).requires_grad_(True)
     q, k, v = (x.transpose(1, 2) for x in fused.unbind(2))
     assert not q.is_contiguous()
     out = tat.topk_attention_triton(q, k, v, pattern)
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grad_out = torch.randn(out.shape, generator=gen).to(device)
     (grad,) = torch.autograd.grad((out * grad_out).sum(), fused)
     picks = reference_picks(q.detach(), k.detach(), pattern)
-    zero_lse = torch.zeros(out.shape[:-1])
+    zero_lse = torch.zeros(out.shape[:-1], device=device)
     ref_out, _, ref_grads = float64_reference(q, k, v, pattern, picks, grad_out, zero_lse)
     check("out", out, ref_out, torch.float32)
     check("grad", grad, torch.stack([g.transpose(1, 2) for g in ref_grads], 2), torch.float32)
 
 
 @needs_interpreter
-def test_custom_op_registration_and_compile():
+def test_custom_op_registration_and_compile(device):
     gen = torch.Generator().manual_seed(9)
-    q, k, v = random_qkv(1, 1, 24, 16, torch.float32, gen)
+    q, k, v = random_qkv(1, 1, 24, 16, torch.float32, gen, device)
     q.requires_grad_(True)
     pattern = TopKPattern(4, 1, "ratplus", 1)
     tile_m = tat._tile_m(q.dtype)
@@ -229,8 +220,8 @@ def test_custom_op_registration_and_compile():
     torch.testing.assert_close(grad, expected)
 
 
-def test_bad_input_names_the_field():
-    q = torch.zeros(1, 1, 8, 16)
+def test_bad_input_names_the_field(device):
+    q = torch.zeros(1, 1, 8, 16, device=device)
     with pytest.raises(ValueError, match="score='max'"):
         torch.ops.ratplus.topk_select(q, q, 4, 1, 0, "max", 16)
     with pytest.raises(ValueError, match="one shape"):
@@ -240,16 +231,16 @@ def test_bad_input_names_the_field():
 # --------------------------------------------------------------------------------------
 # decode
 # --------------------------------------------------------------------------------------
-def run_decode(pattern, dtype, seed, positions=((0, 9, 28), (4, 20, 13)), seq_len=29, heads=2, head_dim=16):
+def run_decode(pattern, dtype, seed, device, positions=((0, 9, 28), (4, 20, 13)), seq_len=29, heads=2, head_dim=16):
     """One step per sequence at ragged positions (each call a batch), after a prefill up to each position."""
     gen = torch.Generator().manual_seed(seed)
     for pos in positions:
         batch = len(pos)
-        q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen)
-        cache = TopKLayerCache(pattern, batch, seq_len, heads, head_dim, dtype, device=DEVICE, recurrent=False)
-        t = torch.tensor(pos, device=DEVICE)
+        q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen, device)
+        cache = TopKLayerCache(pattern, batch, seq_len, heads, head_dim, dtype, device=device, recurrent=False)
+        t = torch.tensor(pos, device=device)
         cache.fill(k.transpose(1, 2), v.transpose(1, 2), t)  # rows [0, t) and the summaries of complete blocks
-        rows = torch.arange(batch, device=DEVICE)
+        rows = torch.arange(batch, device=device)
         q_t, k_t, v_t = q[rows, :, t], k[rows, :, t], v[rows, :, t]  # [B, H, hd]
         expected = topk_decode_attention(pattern, q_t.double(), cache.k.double(), cache.v.double(),
                                          cache.summaries, t, k_t.double(), v_t.double())
@@ -260,21 +251,21 @@ def run_decode(pattern, dtype, seed, positions=((0, 9, 28), (4, 20, 13)), seq_le
 @needs_interpreter
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("block_size,top_k,sinks", [(4, 2, 0), (5, 1, 7), (3, 3, 2), (4, 20, 1), (40, 1, 2)])
-def test_decode_matches_reference(score, block_size, top_k, sinks):
-    run_decode(TopKPattern(block_size, top_k, score, sinks), torch.float32, seed=block_size * 10 + top_k)
+def test_decode_matches_reference(score, block_size, top_k, sinks, device):
+    run_decode(TopKPattern(block_size, top_k, score, sinks), torch.float32, seed=block_size * 10 + top_k, device=device)
 
 
 @needs_interpreter
-def test_decode_bf16_step_by_step_through_the_layer_cache():
+def test_decode_bf16_step_by_step_through_the_layer_cache(device):
     """The layer cache on the Triton backend, one step at a time (it files each row and closes blocks)."""
     pattern, seq_len, heads, head_dim = TopKPattern(4, 2, "ratplus", 2), 14, 2, 16
     gen = torch.Generator().manual_seed(11)
-    q, k, v = random_qkv(2, heads, seq_len, head_dim, torch.bfloat16, gen)
-    cache = TopKLayerCache(pattern, 2, seq_len, heads, head_dim, torch.bfloat16, device=DEVICE, recurrent=False)
+    q, k, v = random_qkv(2, heads, seq_len, head_dim, torch.bfloat16, gen, device)
+    cache = TopKLayerCache(pattern, 2, seq_len, heads, head_dim, torch.bfloat16, device=device, recurrent=False)
     full = topk_attention_reference(q.double(), k.double(), v.double(), pattern)  # [B, H, T, hd]
-    pos = torch.tensor([0, 5], device=DEVICE)
+    pos = torch.tensor([0, 5], device=device)
     cache.fill(k.transpose(1, 2), v.transpose(1, 2), pos)
-    rows = torch.arange(2, device=DEVICE)
+    rows = torch.arange(2, device=device)
     while int(pos.min()) < seq_len:
         t = pos.clamp(max=seq_len - 1)
         got = cache.attend(q[rows, :, t], k[rows, :, t], v[rows, :, t], t, {}, backend="triton")  # files the row
@@ -285,7 +276,7 @@ def test_decode_bf16_step_by_step_through_the_layer_cache():
 
 
 @needs_interpreter
-def test_language_model_on_the_triton_paths_equals_the_reference():
+def test_language_model_on_the_triton_paths_equals_the_reference(device):
     """A tiny RAT+ LM under two top-k layers: the Triton prefill equals the reference forward, and Triton decode
     steps after ragged prompts equal the full forward (the whole path: model, cache, kernels)."""
     from ratplus_titan.inference import RATPlusLM
@@ -293,7 +284,7 @@ def test_language_model_on_the_triton_paths_equals_the_reference():
 
     torch.manual_seed(0)
     pattern, total, prompts = ["topk4k1s1-quest", "topk3k2s0-ratplus"], 24, [3, 10]
-    make = dict(max_seq_len=total, max_batch_size=2)
+    make = dict(max_seq_len=total, max_batch_size=2, device=device)
     args = RATPlusModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, max_seq_len=64, init_std=0.1,
                             attention_backend="triton")
     lm = RATPlusLM(args, pattern=pattern, decode_backend="triton", **make)
@@ -333,13 +324,15 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from ratplus_titan.kernels import pattern_attention_triton as pat
 from ratplus_titan.kernels import topk_attention_triton as tat
 
 def compile_for_sm90(fn, pointers, consts, floats=(), num_warps=4):
     sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": 2})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": 2})
     print(fn.__name__, "compiled")
+    return kernel.asm["ptx"]
 
 bf16 = "*bf16"
 compile_for_sm90(tat._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": "*i32", "VISITS": "*u8"},
@@ -349,6 +342,14 @@ compile_for_sm90(tat._fwd_kernel, {"Q": bf16, "K": bf16, "V": bf16, "Out": bf16,
                  dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, N_SUB=1), ("qk_scale",))
 compile_for_sm90(tat._decode_select_kernel, {"Q": bf16, "SUMM": bf16, "POS": "*i64", "SPANS": "*i32"},
                  dict(HEAD_DIM=128, BLOCK_D=128, NB_PAD=2048, DK=16, PICK_PAD=64, NSB_PAD=1, MAX_IT=80), (), 16)
+# fp32 inputs: the attention dots are IEEE fp32 (pattern_attention_triton._dot), no tf32 instruction anywhere
+fp32 = {n: "*fp32" for n in ("Q", "K", "V", "Out", "LSE")}
+ptx = compile_for_sm90(tat._fwd_kernel, {**fp32, "BITS": "*i32", "LIST": "*i32", "COUNT": "*i32"},
+                       dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=32, BLOCK_N=64, N_SUB=1), ("qk_scale",))
+assert ".tf32" not in ptx, "tf32 in the fp32 top-k forward"
+ptx = compile_for_sm90(pat._fwd_kernel, fp32, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=32, BLOCK_S=16,
+                                                   HAS_DIL=True), ("qk_scale",))
+assert ".tf32" not in ptx, "tf32 in the fp32 pattern forward"
 print("ok")
 """
 
@@ -356,7 +357,7 @@ print("ok")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter runs code the compiler rejects: compile the selection and forward kernels for an H100/H200
-    (Triton's own ptxas; no GPU needed), in a process without TRITON_INTERPRET."""
+    (Triton's own ptxas; no GPU needed), in a process without TRITON_INTERPRET; fp32 forwards have no tf32 dot."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,

@@ -299,9 +299,8 @@ def train(trainer_cls_path: str, args: list[str], prog: str = PROG) -> None:
     """torchtitan's ``train.main(trainer_cls)`` on CPU, parsing ``args`` (not ``sys.argv``); a config
     error ends the process with one line (``entry.train``)."""
     patch_torchtitan_for_cpu()
-    from ratplus_titan.infra import entry
-
     import ratplus_titan.train_spec  # noqa: F401  (registers "ratplus" for any trainer: this package was imported first)
+    from ratplus_titan.infra import entry
 
     trainer_cls = load_class(trainer_cls_path)
     for k, v in single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():

@@ -22,6 +22,7 @@ import pytest
 
 from ratplus_titan.config import RATPlus
 from ratplus_titan.infra import cpu
+from tests import global_state
 from tests.cli_errors import cli_error
 from tests.trainer_utils import DEBUG_TOML, REPO, register_test_flavor, trainer_args
 
@@ -35,9 +36,10 @@ CPU_PROG = "python -m ratplus_titan.infra.cpu"
 
 @contextmanager
 def entry_point_in_this_process():
-    """torchtitan's ``main`` resets the root logger and ``infra.cpu`` sets the launcher variables: put both back."""
+    """torchtitan's ``main`` resets the root logger, ``infra.cpu`` sets the launcher variables and
+    ``--debug.deterministic`` torch's switches (``tests/global_state.py``): put them all back."""
     root = logging.getLogger()
-    handlers, level, env = list(root.handlers), root.level, dict(os.environ)
+    handlers, level, env, state = list(root.handlers), root.level, dict(os.environ), global_state.snapshot()
     try:
         yield
     finally:
@@ -45,6 +47,7 @@ def entry_point_in_this_process():
         root.setLevel(level)
         os.environ.clear()
         os.environ.update(env)
+        global_state.restore(state)
 
 
 def run_cpu_main(argv: list[str]) -> None:

@@ -6,5 +6,5 @@
 # with gloo (ratplus_titan/infra/cpu.py): torchtitan 0.2.2 assumes CUDA when no accelerator is present.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+source scripts/find_python.sh  # PYTHON: as given, else .venv/bin/python, else python
 exec "$PYTHON" -m ratplus_titan.infra.launch --config "${CONFIG_FILE:-train_configs/debug_model.toml}" "$@"

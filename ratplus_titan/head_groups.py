@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ratplus_titan.pattern import Pattern
+from ratplus_titan.pattern import Pattern, check_count
 from ratplus_titan.topk import TopKPattern
 
 GroupPattern = Pattern | TopKPattern
@@ -36,8 +36,9 @@ class HeadGroups:
         if not groups:
             raise ValueError("HeadGroups.groups is empty: give at least one (n_heads, pattern) group")
         for i, (count, pattern) in enumerate(groups):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            if isinstance(count, bool) or not isinstance(count, int):
                 raise ValueError(f"HeadGroups.groups[{i}]: n_heads={count!r} is invalid: allowed values are ints >= 1")
+            check_count(f"HeadGroups.groups[{i}]: n_heads", count, 1)
             if not isinstance(pattern, (Pattern, TopKPattern)):
                 raise TypeError(f"HeadGroups.groups[{i}]: {pattern!r} is not a Pattern or TopKPattern")
 

@@ -21,6 +21,25 @@ import torch
 
 _SPEC = re.compile(r"^d(-?\d+)w(\d+)s(\d+)$")
 
+MAX_PATTERN_INT = 2**31 - 1
+"""The largest dilation, window, sink count, block size or head count a pattern takes: positions are
+32-bit in the kernels, and a larger value would mean nothing for any sequence that fits in memory."""
+
+
+def check_count(field: str, value: int, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``minimum <= value <= MAX_PATTERN_INT``."""
+    if not minimum <= value <= MAX_PATTERN_INT:
+        raise ValueError(f"{field}={value} is invalid: allowed values are >= {minimum} (at most {MAX_PATTERN_INT})")
+
+
+def check_dilation(field: str, value: int) -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``value`` is -1 or in ``[1, MAX_PATTERN_INT]``."""
+    if value != -1 and not 1 <= value <= MAX_PATTERN_INT:
+        raise ValueError(
+            f"{field}={value} is invalid: allowed values are -1 (no dilated keys) or an integer >= 1 (1 = dense), "
+            f"at most {MAX_PATTERN_INT}"
+        )
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -33,15 +52,9 @@ class Pattern:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Pattern.{name} must be an int, got {value!r}")
-        if self.dilation == 0 or self.dilation < -1:
-            raise ValueError(
-                f"Pattern.dilation={self.dilation} is invalid: allowed values are -1 "
-                "(no dilated keys) or an integer >= 1 (1 = dense)"
-            )
-        if self.local_window < 0:
-            raise ValueError(f"Pattern.local_window={self.local_window} is invalid: allowed values are >= 0")
-        if self.sinks < 0:
-            raise ValueError(f"Pattern.sinks={self.sinks} is invalid: allowed values are >= 0")
+        check_dilation("Pattern.dilation", self.dilation)
+        check_count("Pattern.local_window", self.local_window, 0)
+        check_count("Pattern.sinks", self.sinks, 0)
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -126,7 +139,10 @@ def resolve_patterns(
     sinks: int | list[int],
     field_prefix: str = "",
 ) -> list[Pattern]:
-    """One ``Pattern`` per layer from scalars or per-layer lists (hybrids), validated."""
+    """One ``Pattern`` per layer from scalars or per-layer lists (hybrids), validated.
+
+    Errors name the field as ``{field_prefix}dilation`` (one value) or ``{field_prefix}dilation[i]`` (a list).
+    """
     columns = {}
     for name, value in (("dilation", dilation), ("local_window", local_window), ("sinks", sinks)):
         if isinstance(value, (list, tuple)):
@@ -135,13 +151,15 @@ def resolve_patterns(
                     f"{field_prefix}{name} has {len(value)} values but the model has {n_layers} layers: "
                     f"give one int, or a list of exactly {n_layers} ints"
                 )
-            columns[name] = list(value)
+            named = [(f"{field_prefix}{name}[{layer}]", v) for layer, v in enumerate(value)]
         else:
-            columns[name] = [value] * n_layers
-    patterns = []
-    for layer in range(n_layers):
-        try:
-            patterns.append(Pattern(columns["dilation"][layer], columns["local_window"][layer], columns["sinks"][layer]))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{field_prefix}pattern of layer {layer}: {err}") from None
-    return patterns
+            named = [(f"{field_prefix}{name}", value)] * n_layers
+        for field, v in named:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{field}={v!r} is invalid: allowed values are integers")
+            if name == "dilation":
+                check_dilation(field, v)
+            else:
+                check_count(field, v, 0)
+        columns[name] = [v for _, v in named]
+    return [Pattern(*row) for row in zip(columns["dilation"], columns["local_window"], columns["sinks"])]

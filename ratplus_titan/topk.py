@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ratplus_titan.pattern import check_count
+
 SCORES = ("quest", "moba", "ratplus")
 
 _SPEC = re.compile(r"^topk(\d+)k(\d+)s(\d+)(?:-(\w+))?$")
@@ -46,12 +48,9 @@ class TopKPattern:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"TopKPattern.{name} must be an int, got {value!r}")
-        if self.block_size < 1:
-            raise ValueError(f"TopKPattern.block_size={self.block_size} is invalid: allowed values are >= 1")
-        if self.top_k < 0:
-            raise ValueError(f"TopKPattern.top_k={self.top_k} is invalid: allowed values are >= 0")
-        if self.sinks < 0:
-            raise ValueError(f"TopKPattern.sinks={self.sinks} is invalid: allowed values are >= 0")
+        check_count("TopKPattern.block_size", self.block_size, 1)
+        check_count("TopKPattern.top_k", self.top_k, 0)
+        check_count("TopKPattern.sinks", self.sinks, 0)
         if self.score not in SCORES:
             raise ValueError(f"TopKPattern.score={self.score!r} is invalid: allowed values are {', '.join(SCORES)}")
 

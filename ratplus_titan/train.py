@@ -1,7 +1,9 @@
 """The RAT+ trainer: torchtitan's ``Trainer`` plus joint training and a non-finite-loss stop.
 
-Run: ``python -m ratplus_titan.train --job.config_file train_configs/debug_model.toml``
-(or ``TRAIN_FILE=ratplus_titan.train ./run_train.sh`` from a torchtitan checkout).
+Run: ``ratplus-train --config debug_model`` (``./run_train.sh`` in a checkout): torchrun of ``python -m
+ratplus_titan.train`` on a GPU machine, ``python -m ratplus_titan.infra.cpu`` without a GPU; or
+``TRAIN_FILE=ratplus_titan.train ./run_train.sh`` from a torchtitan checkout. Without torchrun's
+variables ``python -m ratplus_titan.train`` says what to run instead (``infra/entry.py``).
 
 Joint training (DESIGN §3, "active recurrence learning"): for every batch, a
 forward/backward under the dilated pattern ``D = joint_dilation`` (no window, no
@@ -18,7 +20,7 @@ import torch
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
-from torchtitan.train import Trainer, main
+from torchtitan.train import Trainer
 
 import ratplus_titan.train_spec  # noqa: F401  (registers the "ratplus" train spec)
 from ratplus_titan.pattern import DENSE, Pattern
@@ -135,4 +137,6 @@ class RATPlusTrainer(Trainer):
 
 
 if __name__ == "__main__":
-    main(RATPlusTrainer)
+    from ratplus_titan.infra.entry import torchrun_main
+
+    torchrun_main(RATPlusTrainer)

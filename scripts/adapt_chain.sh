@@ -11,10 +11,11 @@
 #   scripts/adapt_chain.sh [OUT_DIR]          # default OUT_DIR: outputs/adapt_chain
 #
 # Training goes through ./run_train.sh (torchrun on a GPU machine, python -m ratplus_titan.infra.cpu otherwise).
-# Knobs (environment): PYTHON, CONFIG_FILE (train_configs/debug_model.toml), PRETRAIN_STEPS (40),
-# ADAPT_STEPS (20), SEQ_LEN (256), BATCH (4), ADAPT_LR (2e-4), DILATION/LOCAL_WINDOW/SINKS (4/8/2),
-# TASKS (ratplus_tiny_mc,ratplus_tiny_ppl), EVAL_BATCH (8), LIMIT (empty = all documents),
-# EVALS (which of "pretrained_dense pretrained_sparse adapted" to evaluate; default all three).
+# Knobs (environment): PYTHON (.venv/bin/python if it exists, else python), CONFIG_FILE
+# (train_configs/debug_model.toml), PRETRAIN_STEPS (40), ADAPT_STEPS (20), SEQ_LEN (256), BATCH (4),
+# ADAPT_LR (2e-4), DILATION/LOCAL_WINDOW/SINKS (4/8/2), TASKS (ratplus_tiny_mc,ratplus_tiny_ppl),
+# EVAL_BATCH (8), LIMIT (empty = all documents), EVALS (which of "pretrained_dense pretrained_sparse
+# adapted" to evaluate; default all three).
 # For a real model the same steps apply with train_configs/adapt_1b_d16_w256_s4.toml (see README.md).
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
@@ -25,7 +26,7 @@ OUT=""
 if [ -n "${1:-}" ]; then mkdir -p "$1" && OUT=$(cd "$1" && pwd); fi  # relative to where it was called from
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/outputs/adapt_chain}
-PYTHON=${PYTHON:-python}
+source scripts/find_python.sh  # PYTHON: as given, else .venv/bin/python, else python
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-40}
 ADAPT_STEPS=${ADAPT_STEPS:-20}

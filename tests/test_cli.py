@@ -134,3 +134,42 @@ def test_parse_patterns_with_another_separator() -> None:
 def test_argument_type_errors_are_argparse_errors() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="integers >= 1"):
         cli.positive_int("-3")
+
+
+BIG = "99999999999999999999"  # > int64: once an OverflowError traceback from torch
+
+
+@pytest.mark.parametrize(
+    "prog, positional",
+    [("ratplus_titan.generate", ["MODEL", "--prompt", "Hi"]), ("ratplus_titan.eval.perplexity", ["MODEL", "DATA"])],
+)
+@pytest.mark.parametrize(
+    "pattern, field, minimum",
+    [
+        (f"d{BIG}w1s1", "Pattern.dilation", "-1 (no dilated keys) or an integer >= 1"),
+        (f"d4w{BIG}s1", "Pattern.local_window", ">= 0"),
+        (f"d4w1s{BIG}", "Pattern.sinks", ">= 0"),
+        (f"topk{BIG}k1s0", "TopKPattern.block_size", ">= 1"),
+        (f"topk64k{BIG}s0", "TopKPattern.top_k", ">= 0"),
+        (f"{BIG}:dense", "n_heads", ">= 1"),
+    ],
+)
+def test_huge_pattern_values_are_one_line_with_the_allowed_range(
+    capsys, prog, positional, pattern, field, minimum
+) -> None:
+    """The CLIs' --pattern: a value past MAX_PATTERN_INT is refused by argparse, naming the range."""
+    import importlib
+
+    from ratplus_titan.pattern import MAX_PATTERN_INT
+
+    main = importlib.import_module(prog).main
+    line = cli_error(capsys, main, [*positional, "--pattern", pattern], [pattern, f"{field}={BIG} is invalid", minimum])
+    assert f"at most {MAX_PATTERN_INT}" in line and MAX_PATTERN_INT == 2**31 - 1
+
+
+def test_largest_pattern_values_still_parse() -> None:
+    top = str(2**31 - 1)
+    assert cli.parse_patterns(f"d{top}w{top}s{top}") == [Pattern(2**31 - 1, 2**31 - 1, 2**31 - 1)]
+    assert cli.parse_patterns(f"topk{top}k{top}s{top}") == [TopKPattern(2**31 - 1, 2**31 - 1, "ratplus", 2**31 - 1)]
+    with pytest.raises(ValueError, match=f"Pattern.sinks={2**31} is invalid"):
+        cli.parse_patterns(f"d4w1s{2**31}")

@@ -24,8 +24,10 @@ def test_per_layer_lists():
     assert patterns == [Pattern(1, 256, 0), Pattern(16, 256, 4), Pattern(16, 256, 4)]
     with pytest.raises(ValueError, match="dilation has 2 values but the model has 3 layers"):
         resolve_patterns(3, [1, 16], 0, 0)
-    with pytest.raises(ValueError, match="layer 1"):
+    with pytest.raises(ValueError, match=r"^dilation\[1\]=0 is invalid: allowed values are -1"):
         resolve_patterns(2, [1, 0], 0, 0)
+    with pytest.raises(ValueError, match=r"^ratplus.sinks=-1 is invalid: allowed values are >= 0"):
+        resolve_patterns(2, 1, 0, -1, "ratplus.")
 
 
 def test_cache_rows_formula():

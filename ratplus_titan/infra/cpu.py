@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 DEFAULT_TRAINER = "ratplus_titan.train:RATPlusTrainer"
+PROG = "python -m ratplus_titan.infra.cpu"
 
 
 class CpuDeviceModule:
@@ -294,30 +295,23 @@ def load_class(path: str) -> type:
     return getattr(importlib.import_module(mod_name), attr)
 
 
-def train(trainer_cls_path: str, args: list[str]) -> None:
-    """torchtitan's ``train.main(trainer_cls)`` on CPU, parsing ``args`` (not ``sys.argv``)."""
+def train(trainer_cls_path: str, args: list[str], prog: str = PROG) -> None:
+    """torchtitan's ``train.main(trainer_cls)`` on CPU, parsing ``args`` (not ``sys.argv``); a config
+    error ends the process with one line (``entry.train``)."""
     patch_torchtitan_for_cpu()
-    import torchtitan.train as tt_train
-    from torchtitan.config import ConfigManager
-
     import ratplus_titan.train_spec  # noqa: F401  (registers "ratplus" for any trainer: this package was imported first)
+    from ratplus_titan.infra import entry
 
     trainer_cls = load_class(trainer_cls_path)
     for k, v in single_process_env({k: v for k, v in os.environ.items() if k == "MASTER_PORT"}).items():
         os.environ.setdefault(k, v)  # torchrun's variables win
-    # torchtitan.train.main parses sys.argv[1:] (bound at import of ConfigManager.parse_args'
-    # default); pass the arguments explicitly instead.
-    orig_parse = ConfigManager.parse_args
-    ConfigManager.parse_args = lambda self, a=None: orig_parse(self, args if a is None else a)
-    try:
-        tt_train.main(trainer_cls)
-    finally:
-        ConfigManager.parse_args = orig_parse
+    entry.train(trainer_cls, args, prog)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> None:
+    """``python -m ratplus_titan.infra.cpu``; ``prog`` names the command in error lines (``ratplus-train``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m ratplus_titan.infra.cpu",
+        prog=PROG,
         description="Train with torchtitan on a machine without a GPU (one CPU process, gloo). "
         "Arguments after '--' go to torchtitan (e.g. --job.config_file train_configs/debug_model.toml).",
     )
@@ -329,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and rest[0] == "--":
         rest = rest[1:]
     # CPU_FAST_ARGS come first so anything given on the command line wins (tyro: last wins).
-    train(ns.trainer, ([] if ns.no_fast else list(CPU_FAST_ARGS)) + rest)
+    train(ns.trainer, ([] if ns.no_fast else list(CPU_FAST_ARGS)) + rest, prog)
 
 
 if __name__ == "__main__":

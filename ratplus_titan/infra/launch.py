@@ -10,7 +10,9 @@
 when not given). With GPUs, it runs ``torchrun --nproc_per_node=NGPU -m ratplus_titan.train``
 (torchtitan's own ``run_train.sh`` line); with none, one CPU process with gloo
 (``infra/cpu.py``: torchtitan 0.2.2 assumes CUDA when no accelerator is present). The
-checkout's ``run_train.sh`` is this command with ``CONFIG_FILE`` for ``--config``.
+checkout's ``run_train.sh`` is this command with ``CONFIG_FILE`` for ``--config``. Before torchrun
+starts, the job config is checked here (``infra/entry.py``): a bad value is one line, not one per
+rank buried in torchrun's failure report.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = resolve_config(options.config)
         ngpu = gpu_count(options.ngpu)
     if ngpu > 0:
+        from ratplus_titan.infra.entry import parse_job_config
+
+        with cli.user_errors(PROG):
+            parse_job_config(["--job.config_file", str(config), *torchtitan_args], warn=False)
         train_module, log_rank = os.environ.get("TRAIN_FILE", "ratplus_titan.train"), os.environ.get("LOG_RANK", "0")
         command = torchrun_command(ngpu, config, torchtitan_args, train_module, log_rank)
         sys.stdout.flush()
@@ -128,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{PROG}: {reason}; training on CPU (one process, gloo)", file=sys.stderr)
     from ratplus_titan.infra import cpu
 
-    cpu.main(["--trainer", CPU_TRAINER, "--", "--job.config_file", str(config), *torchtitan_args])
+    cpu.main(["--trainer", CPU_TRAINER, "--", "--job.config_file", str(config), *torchtitan_args], prog=PROG)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
+from torchtitan.tools import utils as tt_utils
 
-from ratplus_titan.config import per_layer
+from ratplus_titan.config import ConfigError, per_layer
 from ratplus_titan.head_groups import HeadGroups, LayerPattern, group_members, resolve_layer_patterns
-from ratplus_titan.pattern import DENSE, Pattern, resolve_patterns
+from ratplus_titan.pattern import DENSE, Pattern, check_dilation, resolve_patterns
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference", "compact", "flex", "triton")
+
+
+def training_backends(on_gpu: bool) -> tuple[str, ...]:
+    """The attention backends that can train here: ``triton`` needs a CUDA GPU (or Triton's
+    interpreter, ``TRITON_INTERPRET=1``, as the tests run it); ``flex`` has no backward on CPU."""
+    if on_gpu:
+        return ATTENTION_BACKENDS
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return tuple(b for b in ATTENTION_BACKENDS if b != "flex" and (b != "triton" or interpreted))
 
 
 @dataclass
@@ -47,7 +59,8 @@ class RATPlusModelArgs(BaseModelArgs):
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention_backend={self.attention_backend!r} is invalid: allowed values are {', '.join(ATTENTION_BACKENDS)}"
+                f"ratplus.attention_backend={self.attention_backend!r} is invalid: "
+                f"allowed values are {', '.join(ATTENTION_BACKENDS)}"
             )
         self.patterns = self._resolve_patterns()
 
@@ -91,21 +104,44 @@ class RATPlusModelArgs(BaseModelArgs):
                 )
 
     def update_from_config(self, job_config, **kwargs) -> None:
-        """Take seq_len and the ``[ratplus]`` section of a torchtitan job config."""
+        """Take seq_len and the ``[ratplus]`` section of a torchtitan job config.
+
+        A value the model cannot take raises ``ConfigError`` naming the ``[ratplus]`` (or ``training``) field.
+        """
         section = getattr(job_config, "ratplus", None)
-        if section is not None:
-            if section.apply_re is not None:
-                self.apply_re = section.apply_re
-            if section.attention_backend:
-                self.attention_backend = section.attention_backend
-            self.__post_init__()
-            self.set_pattern(
-                per_layer(section.dilation), per_layer(section.local_window), per_layer(section.sinks), section.head_groups
+        try:
+            if section is not None:
+                if section.apply_re is not None:
+                    self.apply_re = section.apply_re
+                if section.attention_backend:
+                    self.attention_backend = section.attention_backend
+                self.__post_init__()
+                self._check_backend_trains_here()
+                columns = (per_layer(section.dilation), per_layer(section.local_window), per_layer(section.sinks))
+                self.set_pattern(*columns, section.head_groups)
+            joint = ()
+            if section is not None and section.joint_train:
+                check_dilation("ratplus.joint_dilation", section.joint_dilation)
+                joint = (Pattern(section.joint_dilation),)
+            self.check_seq_len(job_config.training.seq_len, joint)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.max_seq_len = job_config.training.seq_len
+
+    def _check_backend_trains_here(self) -> None:
+        """Raise unless ``attention_backend`` can train on the trainer's device (torchtitan's ``device_type``)."""
+        allowed = training_backends(tt_utils.device_type == "cuda" and torch.cuda.is_available())
+        if self.attention_backend not in allowed:
+            raise ValueError(
+                f"ratplus.attention_backend={self.attention_backend!r} cannot train on this machine (no CUDA GPU): "
+                f"allowed values here are {', '.join(allowed)}"
             )
-        seq_len = job_config.training.seq_len
-        joint = (Pattern(section.joint_dilation),) if section is not None and section.joint_train else ()
-        self.check_seq_len(seq_len, joint)
-        self.max_seq_len = seq_len
+
+    def dense_patterns(self, seq_len: int) -> list[Pattern]:
+        """The sparse patterns configured (per layer, per head group) that are dense attention at ``seq_len``:
+        their local window (``>= seq_len - 1``) or sinks (``>= seq_len``) cover every earlier key."""
+        members = {m for p in self.patterns for m in group_members(p) if isinstance(m, Pattern)}
+        return sorted((m for m in members if not m.is_dense and m.covers_all(seq_len)), key=str)
 
     # ---- counts -------------------------------------------------------------
     def attention_pairs(self, seq_len: int, pattern: LayerPattern) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ratplus_titan.infra import cpu, launch
+from ratplus_titan.infra import cpu, entry, launch
 from tests.cli_errors import cli_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,8 @@ def _capture_exec(monkeypatch) -> list:
         raise SystemExit(0)  # execv does not return
 
     monkeypatch.setattr(os, "execv", fake_exec)
-    monkeypatch.setattr(cpu, "main", lambda argv: calls.append(("cpu", list(argv))))
+    monkeypatch.setattr(cpu, "main", lambda argv, prog=None: calls.append(("cpu", list(argv))))
+    monkeypatch.setattr(entry, "parse_job_config", lambda args, warn=True: None)  # tests/infra/test_entry.py
     return calls
 
 

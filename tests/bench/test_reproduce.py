@@ -157,7 +157,8 @@ def test_niah_rows_and_summary(result):
         assert "error" not in row, row
         assert 0 <= row["accuracy"] <= 100 and (math.isnan(row["far_accuracy"]) or 0 <= row["far_accuracy"] <= 100)
         assert row["samples"] == TINY.niah_eval_samples * len(TINY.niah_tasks)
-        assert set(row["by_task"]) == set(TINY.niah_tasks)
+        assert set(row["by_task"]) == {"all", *TINY.niah_tasks}
+        assert row["by_task"]["all"] == pytest.approx(row["accuracy"])
     summary = result["summary"]
     for model in reproduce.MODELS:
         assert summary["niah"][model]["dense->dense"] == got[(model, "dense", "dense")]["accuracy"]

@@ -113,31 +113,15 @@ def plot(result: dict, path: Path) -> None:
 
     labels = list(dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah))
     models = cfg.get("models", list(MODELS))
-    width = 0.8 / len(models)
-    for i, model in enumerate(models):
-        values = [result["summary"]["niah_far"][model].get(label, math.nan) for label in labels]
-        bars.bar(
-            [x + (i - 1) * width for x in range(len(labels))],
-            values,
-            width,
-            color=COLORS[model],
-            label=MODELS[model].label,
-        )
+    far = result["summary"]["niah_far"]
+    grouped_bars(bars, {m: [far[m].get(label, math.nan) for label in labels] for m in models})
     bars.set_xticks(range(len(labels)), [label.replace("->", "\n-> ") for label in labels], fontsize=7)
     bars.set(title=f"NIAH accuracy, needles beyond the {cfg['local_window']}-token window (fine-tuned -> evaluated)",
              ylabel="accuracy (%)", ylim=(0, 103))  # fmt: skip
 
     gaps = result["summary"]["loss_gap_pct"]
     pairs = [(p, kind) for p in cfg["patterns"] for kind in ("not_adapted", "adapted")]
-    for i, model in enumerate(models):
-        values = [gaps[model][p][kind] for p, kind in pairs]
-        losses.bar(
-            [x + (i - 1) * width for x in range(len(pairs))],
-            values,
-            width,
-            color=COLORS[model],
-            label=MODELS[model].label,
-        )
+    grouped_bars(losses, {m: [gaps[m][p][kind] for p, kind in pairs] for m in models})
     losses.set_xticks(range(len(pairs)), [f"{p}\n{kind.replace('_', ' ')}" for p, kind in pairs], fontsize=8)
     losses.axhline(0, color="black", lw=0.8)
     losses.set(title="held-out LM loss vs the model's own dense loss", ylabel="change (%)")
@@ -149,6 +133,14 @@ def plot(result: dict, path: Path) -> None:
         f"RAT+ vs attention, {cfg['flavor']} flavor, T={cfg['seq_len']}, {env['device']}, torch {env['torch']}, {env['date'][:10]}"
     )
     save_figure(fig, path, dpi=100)
+
+
+def grouped_bars(ax, values: dict[str, list[float]]) -> None:
+    """One bar per model (its color and label) in each group; ``values[model][group]``."""
+    width = 0.8 / len(values)
+    for i, (model, heights) in enumerate(values.items()):
+        offsets = [x + (i - (len(values) - 1) / 2) * width for x in range(len(heights))]
+        ax.bar(offsets, heights, width, color=COLORS[model], label=MODELS[model].label)
 
 
 def readme_section(result: dict, json_name: str) -> str:

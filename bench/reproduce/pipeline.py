@@ -132,8 +132,7 @@ def common_args(scale: Scale, steps: int, micro_batch: int, compile_: bool) -> l
     ]  # fmt: skip
 
 
-def schedule(steps_warmup_lr: tuple[int, int, float]) -> list[str]:
-    _, warmup, lr = steps_warmup_lr
+def schedule(warmup: int, lr: float) -> list[str]:
     return ["--lr_scheduler.warmup_steps", str(warmup), "--optimizer.lr", str(lr)]
 
 
@@ -143,7 +142,7 @@ def pretrain_runs(work: Path, scale: Scale, data: dict) -> dict[str, TrainRun]:
         model = MODELS[name]
         args = [
             *common_args(scale, scale.pretrain_steps, scale.micro_batch, scale.compile_pretrain),
-            *schedule((scale.pretrain_steps, scale.warmup_steps, scale.pretrain_lr)),
+            *schedule(scale.warmup_steps, scale.pretrain_lr),
             "--training.dataset", "bin", "--training.dataset_path", data["files"]["pretrain"], *model_args(model),
             *(["--ratplus.joint-train", "--ratplus.joint_dilation", str(scale.joint_dilation)] if model.joint_train
               else ["--ratplus.no-joint-train"]),
@@ -172,7 +171,7 @@ def adapt_runs(
         for spec in scale.patterns if scale.sparse_runs else ():
             args = [
                 *common_args(scale, scale.adapt_steps, scale.short_micro_batch, scale.compile_short),
-                *schedule((scale.adapt_steps, 0, scale.adapt_lr)), "--training.dataset", "bin",
+                *schedule(0, scale.adapt_lr), "--training.dataset", "bin",
                 "--training.dataset_path", data["files"]["adapt"], *model_args(model), *pattern_args(spec),
                 *start_from(pretrained[name].checkpoint),
             ]  # fmt: skip
@@ -200,7 +199,7 @@ def sft_runs(
             source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
             args = [
                 *common_args(scale, scale.sft_steps, scale.short_micro_batch, scale.compile_short),
-                *schedule((scale.sft_steps, scale.sft_warmup_steps, scale.sft_lr)), "--training.dataset", "sft",
+                *schedule(scale.sft_warmup_steps, scale.sft_lr), "--training.dataset", "sft",
                 "--training.dataset_path", data["files"]["niah_train"], *model_args(model),
                 *pattern_args("d1w0s0" if spec == DENSE else spec), *start_from(source.checkpoint),
             ]  # fmt: skip

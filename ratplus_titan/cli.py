@@ -134,7 +134,7 @@ non_negative_int = int_at_least(0)
 
 def number_in(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
     """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    interval = f">= {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    interval = f"{'>' if low_open else '>='} {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
 
     def parse(text: str) -> float:
         try:

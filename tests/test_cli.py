@@ -20,6 +20,7 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--offset", type=cli.non_negative_int)
     parser.add_argument("--mass", type=cli.number_in(0.0, 1.0, low_open=True))
     parser.add_argument("--temperature", type=cli.number_in(0.0))
+    parser.add_argument("--rate", type=cli.number_in(0.0, low_open=True))
     parser.add_argument("--lengths", type=cli.comma_list(cli.token_count))
     parser.add_argument("--names", type=cli.comma_list(cli.one_of(("a", "b"))))
     parser.add_argument("--pattern", type=cli.pattern_list(config=True))
@@ -53,6 +54,7 @@ def test_types_accept_good_values() -> None:
         (["--mass", "nan"], ["argument --mass", "numbers in (0, 1]"]),
         (["--temperature", "-0.5"], ["argument --temperature", "numbers >= 0"]),
         (["--temperature", "inf"], ["argument --temperature", "numbers >= 0"]),
+        (["--rate", "0"], ["argument --rate", "numbers > 0"]),
         (["--lengths", "4096,0"], ["argument --lengths", "'0' is not a token count", "4k = 4096"]),
         (["--lengths", ","], ["argument --lengths", "is empty"]),
         (["--names", "a,c"], ["argument --names", "'c' is unknown", "allowed values are a, b"]),

@@ -17,10 +17,15 @@ from bench.common import REPO, device_slug, environment, plot_or_skip, write_jso
 from bench.reproduce import pipeline, report
 from bench.reproduce.scales import MODELS, SCALES, Scale
 from bench.reproduce.stages import OutOfTime, export_all, log, train
+from ratplus_titan import cli
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
                "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
+
+
+POSITIVE = cli.number_in(0, low_open=True)
+"""The type of every float flag (learning rates, minutes, seconds)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,26 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     types = {f.name: f.type for f in fields(Scale)}
     for name in OVERRIDABLE:
-        kind = {"int": positive_int, "float": positive_float, "str": str}[str(types[name])]
+        kind = {"int": cli.positive_int, "float": POSITIVE, "str": str}[str(types[name])]
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
-    parser.add_argument("--models", type=models_list, help=f"comma-separated subset of {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--models", type=cli.comma_list(cli.one_of(tuple(MODELS))), help=f"comma-separated subset of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--dense-only", action="store_true",
                         help="no adaptation and fine-tuning under the sparse patterns: fine-tune dense only and evaluate "
                         "the sparse patterns on the dense-fine-tuned models (a quicker run)")  # fmt: skip
-    parser.add_argument("--concurrent", type=positive_int, default=None,
+    parser.add_argument("--concurrent", type=cli.positive_int, default=None,
                         help="pretraining runs side by side (default: 3 on a GPU, 1 on a CPU); adaptation and "
                         "fine-tuning runs take up to 3x as many, as GPU memory allows")  # fmt: skip
     parser.add_argument(
         "--deadline-min",
-        type=positive_float,
+        type=POSITIVE,
         default=None,
         help="start no training run after this many minutes; exit 3 (rerun to continue)",
     )
     parser.add_argument(
-        "--workers", type=positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes"
+        "--workers", type=cli.positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes"
     )
     parser.add_argument(
-        "--progress-s", type=positive_float, default=20.0, help="seconds between progress lines (default: %(default)s)"
+        "--progress-s", type=POSITIVE, default=20.0, help="seconds between progress lines (default: %(default)s)"
     )
     parser.add_argument("--readme", action="store_true", help="also rewrite the README section from the result")
     parser.add_argument(
@@ -65,28 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     return parser
-
-
-def models_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in MODELS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(MODELS)}, comma-separated")
-    return names
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def concurrency(requested: int | None) -> tuple[int, int]:
@@ -113,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pretrain_steps" in overrides:
         overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
     if args.models:
-        overrides["models"] = args.models
+        overrides["models"] = tuple(args.models)
     if args.dense_only:
         overrides["sparse_runs"] = False
     scale = replace(SCALES[args.scale], **overrides)

@@ -278,7 +278,7 @@ def niah_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str]
     """NIAH accuracy on the held-out split, by task, depth and needle distance, for every row of ``niah_plan``;
     ``far_accuracy``: on the samples whose answer needle lies beyond the local window from the question."""
     from ratplus_titan.cli import parse_patterns
-    from ratplus_titan.eval.niah import evaluate_file
+    from ratplus_titan.eval.niah import accuracy_by, evaluate_file
     from ratplus_titan.eval.perplexity import pattern_rows
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -303,17 +303,18 @@ def niah_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str]
             cache.write_text(json.dumps(report))
         report = json.loads(cache.read_text())
         samples = report["samples"]
-        far = [s["score"] for s in samples if s["answer_distance"] > window]
+        by_far = accuracy_by(samples, lambda s: "far" if s["answer_distance"] > window else None, ("far",))
+        far = by_far.get("all", {"far": {"accuracy": None, "n": 0}})["far"]  # no "all" row when no needle is far
         row.update(
-            samples=len(samples), accuracy=100 * fraction([s["score"] for s in samples]), far_samples=len(far),
-            far_accuracy=100 * fraction(far), by_task={t: v["accuracy"] for t, v in report["by_task"].items()},
+            samples=len(samples), accuracy=report["by_task"]["all"]["accuracy"], far_samples=far["n"],
+            far_accuracy=math.nan if far["accuracy"] is None else far["accuracy"], by_task={t: v["accuracy"] for t, v in report["by_task"].items()},
             by_depth={b: v["accuracy"] for b, v in report["by_depth"]["all"].items()},
             by_distance={b: v["accuracy"] for b, v in report["by_distance"]["all"].items()},
             seconds=report.get("seconds"), examples=[(s.get("prediction"), s.get("outputs")) for s in samples[:2]],
         )  # fmt: skip
         rows.append(row)
         log(f"NIAH {model:16s} fine-tuned {tuned:10s} under {specs[label]:26s}: {row['accuracy']:5.1f}  "
-            f"beyond the window {row['far_accuracy']:5.1f} ({len(far)} samples)")  # fmt: skip
+            f"beyond the window {row['far_accuracy']:5.1f} ({far['n']} samples)")  # fmt: skip
     return rows
 
 
@@ -347,7 +348,3 @@ def model_counts(scale: Scale) -> dict:
         reference = counts.get("ratplus", counts[scale.models[0]])
         counts[name]["flops_vs_ratplus"] = counts[name]["flops_per_token"] / reference["flops_per_token"]
     return counts
-
-
-def fraction(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

@@ -24,8 +24,15 @@ OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
+STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout")
+"""The stages in the order they run (the package docstring)."""
+
 POSITIVE = cli.number_in(0, low_open=True)
 """The type of every float flag (learning rates, minutes, seconds)."""
+
+
+class StopAfter(Exception):
+    """The stage named by ``--stop-after`` is done."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in OVERRIDABLE:
         kind = {"int": cli.positive_int, "float": POSITIVE, "str": str}[str(types[name])]
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
-    parser.add_argument("--models", type=cli.comma_list(cli.one_of(tuple(MODELS))), help=f"comma-separated subset of {', '.join(MODELS)} (default: all)")
+    parser.add_argument(
+        "--models",
+        type=cli.comma_list(cli.one_of(tuple(MODELS))),
+        help=f"comma-separated subset of {', '.join(MODELS)} (default: all)",
+    )
     parser.add_argument("--dense-only", action="store_true",
                         help="no adaptation and fine-tuning under the sparse patterns: fine-tune dense only and evaluate "
                         "the sparse patterns on the dense-fine-tuned models (a quicker run)")  # fmt: skip
@@ -64,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--progress-s", type=POSITIVE, default=20.0, help="seconds between progress lines (default: %(default)s)"
     )
+    parser.add_argument(
+        "--stop-after", choices=STAGES[:-1], default=None,
+        help="stop once this stage is done (exit 0); a later run with the same settings reuses it, e.g. to "
+        "fine-tune one pretrained model several ways in copies of the work folder",
+    )  # fmt: skip
     parser.add_argument("--readme", action="store_true", help="also rewrite the README section from the result")
     parser.add_argument(
         "--readme-only", type=Path, metavar="JSON", help="only rewrite the README section (and the PNG) from this JSON"
@@ -102,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = replace(SCALES[args.scale], **overrides)
     for name in ("micro_batch", "short_micro_batch"):
         if scale.batch % getattr(scale, name):
-            parser.error(f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}")
+            parser.error(
+                f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}"
+            )
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
     long, short = concurrency(args.concurrent)
     started = time.monotonic()
@@ -118,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         result["timing"] = timing
         write_json(out_json, result)  # every stage leaves a readable file
         log(f"{stage} done ({timing[f'{stage}_s']:.0f} s, {timing['total_s']:.0f} s in all); wrote {out_json}")
+        if stage == args.stop_after:
+            raise StopAfter(stage)
 
     log(f"scale {args.scale}: {scale}; work {work}; runs side by side: {long} long, {short} short")
     try:
@@ -166,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         lm_exports = {k: v for k, v in exports.items() if not k[1].startswith("sft_")}
         result["heldout"] = pipeline.heldout_all(work, scale, data, lm_exports)
         save("heldout", t0)
+    except StopAfter as e:
+        log(f"stopped after the {e} stage (--stop-after); rerun without it to continue")
+        return 0
     except OutOfTime as e:
         log(f"stopped: {e}. Rerun the same command to continue from the finished stages.")
         return 3

@@ -180,3 +180,15 @@ def test_readme_section(result, tmp_path):
     assert "old" not in text and text.endswith(f"{reproduce.README_END}\ntail\n")
     assert "| dense -> `dense` |" in text and f"| `{TINY.patterns[0]}` |" in text
     assert "NIAH accuracy" in text and "Held-out LM loss" in text
+
+
+def test_stop_after_ends_the_run_at_that_stage(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--scale", "tiny", "--out", str(out), "--work", str(work), "--workers", "1", "--stop-after", "data"]
+    assert reproduce.main(argv) == 0
+    (path,) = out.glob("reproduce_*.json")
+    timing = json.loads(path.read_text())["timing"]
+    assert "data_s" in timing and "pretrain_s" not in timing
+    assert (work / "data").is_dir() and not (work / "runs").exists()
+    with pytest.raises(SystemExit):  # the last stage is not a stopping point: the run ends there anyway
+        reproduce.main([*argv[:-1], "heldout"])

@@ -18,7 +18,9 @@
 6. evaluate  NIAH accuracy on the held-out split by task, depth and needle distance (fine-tuned and evaluated
              under each pattern; the dense-fine-tuned models also under the sparse patterns and top-k block
              attention at the first pattern's KV budget: RAT+, Quest and MoBA block scores); held-out LM loss
-             by position of every (model, pattern);
+             by position of every (model, pattern); exact recall beyond the window of every (model, pattern):
+             the loss on random tokens that repeat every T/2 positions (``ratplus_titan.eval.repeated_tokens``),
+             which needs no fine-tuning;
 7. report    ``reproduce_<device>.json``, a PNG, and the README section (``--readme``; from a JSON file alone
              with ``--readme-only``).
 

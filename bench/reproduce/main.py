@@ -20,11 +20,11 @@ from bench.reproduce.stages import OutOfTime, export_all, log, train
 from ratplus_titan import cli
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
-               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "seed")  # fmt: skip
+               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows", "seed")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
-STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout")
+STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout", "recall")
 """The stages in the order they run (the package docstring)."""
 
 POSITIVE = cli.number_in(0, low_open=True)
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dense-only", action="store_true",
                         help="no adaptation and fine-tuning under the sparse patterns: fine-tune dense only and evaluate "
                         "the sparse patterns on the dense-fine-tuned models (a quicker run)")  # fmt: skip
+    parser.add_argument("--no-niah", action="store_true",
+                        help="no NIAH fine-tuning and evaluation: pretraining, adaptation, held-out loss and recall "
+                        "alone (a quicker run)")  # fmt: skip
     parser.add_argument("--concurrent", type=cli.positive_int, default=None,
                         help="pretraining runs side by side (default: 3 on a GPU, 1 on a CPU); adaptation and "
                         "fine-tuning runs take up to 3x as many, as GPU memory allows")  # fmt: skip
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["models"] = tuple(args.models)
     if args.dense_only:
         overrides["sparse_runs"] = False
+    if args.no_niah:
+        overrides["niah"] = False
     scale = replace(SCALES[args.scale], **overrides)
     for name in ("micro_batch", "short_micro_batch"):
         if scale.batch % getattr(scale, name):
@@ -146,16 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         manifest = REPO / Path(scale.corpus[0]).parent / "manifest.json"
         books = len(json.loads(manifest.read_text())["books"]["validation"]) if manifest.is_file() else None
         result["config"] = {**asdict(scale), "tokens_per_step": scale.tokens_per_step, "specs": pipeline.sparse_specs(scale),
-                            "local_window": pipeline.local_window(scale), "validation_books": books, **data}  # fmt: skip
+                            "local_window": pipeline.local_window(scale), "recall_distance": pipeline.recall_distance(scale), "validation_books": books, **data}  # fmt: skip
         result["models"] = pipeline.model_counts(scale)
         save("data", t0)
 
         t0 = time.monotonic()
         with ProcessPoolExecutor(1) as pool:  # the NIAH samples are written while the models pretrain
-            niah_data = pool.submit(pipeline.niah_splits, work, scale)
+            niah_data = pool.submit(pipeline.niah_splits, work, scale) if scale.niah else None
             pretrained = pipeline.pretrain_runs(work, scale, data)
             result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
-            data["files"].update(niah_data.result())
+            data["files"].update(niah_data.result() if niah_data else {})
             result["config"]["files"] = data["files"]
         save("pretrain", t0)
 
@@ -186,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         lm_exports = {k: v for k, v in exports.items() if not k[1].startswith("sft_")}
         result["heldout"] = pipeline.heldout_all(work, scale, data, lm_exports)
         save("heldout", t0)
+
+        t0 = time.monotonic()
+        result["recall"] = pipeline.recall_all(work, scale, lm_exports)
+        save("recall", t0)
     except StopAfter as e:
         log(f"stopped after the {e} stage (--stop-after); rerun without it to continue")
         return 0

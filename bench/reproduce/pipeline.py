@@ -191,9 +191,10 @@ def sft_runs(
     work: Path, scale: Scale, data: dict, pretrained: dict[str, TrainRun], adapted: dict[tuple[str, str], TrainRun]
 ) -> dict[tuple[str, str], TrainRun]:
     """Each model fine-tuned on the NIAH training split under each pattern: dense from the pretrained
-    checkpoint, a sparse pattern from the checkpoint adapted to it (the paper's protocol)."""
+    checkpoint, a sparse pattern from the checkpoint adapted to it (the paper's protocol). None without
+    ``scale.niah``."""
     runs = {}
-    for name in scale.models:
+    for name in scale.models if scale.niah else ():
         model = MODELS[name]
         for spec in tuned_patterns(scale):
             source = pretrained[name] if spec == DENSE else adapted[(name, spec)]
@@ -234,28 +235,55 @@ def topk_specs(scale: Scale) -> dict[str, str]:
 
 
 def heldout_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str], Path]) -> list[dict]:
-    """Held-out LM loss by position: each pretrained model under every pattern, each adapted one under its
-    pattern and dense. A failed row is recorded and the rest go on."""
-    from ratplus_titan.eval.perplexity import evaluate_pattern, load, print_row, read_windows
+    """Held-out LM loss by position (held-out books' windows)."""
+    from ratplus_titan.eval.perplexity import DEFAULT_BUCKETS, read_windows
+
+    windows = read_windows(data["files"]["validation"], scale.seq_len, scale.eval_windows)
+    source = {"validation": file_digest(Path(data["files"]["validation"])), "windows": scale.eval_windows}
+    return loss_all(work, scale, exports, windows, "loss", source, edges=DEFAULT_BUCKETS)
+
+
+def recall_distance(scale: Scale) -> int:
+    """The period of the repeated-token windows: half the sequence, 4x the local window at the 50m scale."""
+    return scale.seq_len // 2
+
+
+def recall_all(work: Path, scale: Scale, exports: dict[tuple[str, str], Path]) -> list[dict]:
+    """Exact recall beyond the local window: loss on random-token windows repeating with period
+    ``recall_distance`` (``eval/repeated_tokens.py``); bucket ``distance-seq_len`` is the repeats."""
+    from ratplus_titan.eval.repeated_tokens import repeated_windows
+    from ratplus_titan.model import ratplus_flavors
+
+    distance, vocab = recall_distance(scale), ratplus_flavors[scale.flavor].vocab_size
+    windows = repeated_windows(scale.recall_windows, scale.seq_len, distance, vocab, scale.seed)
+    source = {"repeated": [scale.recall_windows, distance, vocab, scale.seed]}
+    return loss_all(work, scale, exports, windows, "recall", source, edges=(distance,))
+
+
+def loss_all(
+    work: Path, scale: Scale, exports: dict[tuple[str, str], Path], windows: torch.Tensor, name: str,
+    source: dict, edges: tuple[int, ...],
+) -> list[dict]:  # fmt: skip
+    """Loss by position on ``windows [N, T + 1]`` (keyed by ``source``): each pretrained model under every
+    pattern, each adapted one under its pattern and dense. A failed row is recorded and the rest go on."""
+    from ratplus_titan.eval.perplexity import evaluate_pattern, load, print_row
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     specs = sparse_specs(scale)
-    windows = read_windows(data["files"]["validation"], scale.seq_len, scale.eval_windows)
     rows = []
     for (model, checkpoint), path in exports.items():
         labels = list(specs) if checkpoint == "pretrained" else [checkpoint.removeprefix("adapted_"), DENSE]
         lm = None
         for label in labels:
-            settings = {"export": path.name, "spec": specs[label], "windows": scale.eval_windows, "dtype": dtype,
-                        "validation": file_digest(Path(data["files"]["validation"]))}  # fmt: skip
-            cache = stage_dir(work, "eval", f"loss_{model}_{checkpoint}_{label}", settings) / "row.json"
+            settings = {"export": path.name, "spec": specs[label], "dtype": dtype, "edges": edges, **source}
+            cache = stage_dir(work, "eval", f"{name}_{model}_{checkpoint}_{label}", settings) / "row.json"
             if not cache.is_file():
                 try:
                     lm = lm or load(path, scale.seq_len, dtype)
-                    found = evaluate_pattern(lm, windows, specs[label], scale.eval_batch)
+                    found = evaluate_pattern(lm, windows, specs[label], scale.eval_batch, edges)
                     print_row(path.name, found)
                 except Exception as e:  # one failed pattern must not cost the other rows
-                    log(f"held-out loss of {model} {checkpoint} under {specs[label]} failed: {e!r}")
+                    log(f"{name} of {model} {checkpoint} under {specs[label]} failed: {e!r}")
                     found = {"pattern": specs[label], "error": repr(e)[:2000]}
                 cache.write_text(json.dumps(found))
             row = json.loads(cache.read_text())
@@ -285,7 +313,7 @@ def niah_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str]
     specs = sparse_specs(scale)
     window = local_window(scale)
     rows = []
-    for model, tuned, label in niah_plan(scale):
+    for model, tuned, label in niah_plan(scale) if scale.niah else ():
         path = exports[(model, f"sft_{tuned}")]
         settings = {"export": path.name, "spec": specs[label], "samples": file_digest(Path(data["files"]["niah_eval"])),
                     "dtype": dtype, "window": window}  # fmt: skip

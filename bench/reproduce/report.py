@@ -39,7 +39,7 @@ def summarize(result: dict) -> dict:
     patterns, models = cfg["patterns"], cfg.get("models", list(MODELS))
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
     niah = niah_table(result)
-    summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}}
+    summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}, "recall_loss": recall_losses(result)}
     # expectations are judged on needles beyond the window, the ones only the dilated or selected rows reach
     for model in models:
         dense = loss.get((model, "pretrained", DENSE), math.nan)
@@ -64,24 +64,63 @@ def summarize(result: dict) -> dict:
         """None when the comparison says nothing: the dense model it is measured against failed NIAH."""
         return bool(value) if condition else None
 
-    best_attention = max(far.get(m, {}).get(f"{DENSE}->topk-{s}", math.nan) for m in MODELS if m != "ratplus" for s in ("quest", "moba"))
-    summary["expected"] = {
-        f"dense_at_least_{DENSE_OK:g}_every_model": all(dense_ok.values()),
-        f"attention_{first}_far_below_its_dense": given(dense_ok["attention"], tuned("attention", first) <= 0.5 * tuned("attention", DENSE)),
-        f"ratplus_{first}_within_{CLOSE_POINTS:g}_points_of_its_dense": given(
-            dense_ok["ratplus"], tuned("ratplus", first) >= tuned("ratplus", DENSE) - CLOSE_POINTS),
-        f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}": given(
-            dense_ok["ratplus"] and dense_ok["attention"], tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last)),
-        "topk_ratplus_score_on_ratplus_at_least_attention_best": given(
-            all(dense_ok.values()), far.get("ratplus", {}).get(f"{DENSE}->topk-ratplus", math.nan) >= best_attention),
-    }  # fmt: skip
+    best_attention = max(
+        far.get(m, {}).get(f"{DENSE}->topk-{s}", math.nan) for m in MODELS if m != "ratplus" for s in ("quest", "moba")
+    )
+    recall = summary["recall_loss"]
+    recall_ok = {m: recall_works(recall.get(m, {})) for m in MODELS}
+
+    def recall_after(model: str, p: str) -> float:
+        return recall.get(model, {}).get(f"adapted_{p}:{p}", math.nan)
+
+    summary["expected"] = {}
+    if niah:  # a run with --no-niah has none
+        summary["expected"] = {
+            f"dense_at_least_{DENSE_OK:g}_every_model": all(dense_ok.values()),
+            f"attention_{first}_far_below_its_dense": given(dense_ok["attention"], tuned("attention", first) <= 0.5 * tuned("attention", DENSE)),
+            f"ratplus_{first}_within_{CLOSE_POINTS:g}_points_of_its_dense": given(
+                dense_ok["ratplus"], tuned("ratplus", first) >= tuned("ratplus", DENSE) - CLOSE_POINTS),
+            f"ratplus_{last}_between_ratplus_{first}_and_attention_{last}": given(
+                dense_ok["ratplus"] and dense_ok["attention"], tuned("ratplus", first) >= tuned("ratplus", last) >= tuned("attention", last)),
+            "topk_ratplus_score_on_ratplus_at_least_attention_best": given(
+                all(dense_ok.values()), far.get("ratplus", {}).get(f"{DENSE}->topk-ratplus", math.nan) >= best_attention),
+        }  # fmt: skip
+    if recall:  # JSON files from before the recall stage have none
+        summary["expected"][f"recall_ratplus_{first}_adapted_below_attention_{first}_adapted"] = given(
+            recall_ok.get("ratplus", False) and recall_ok.get("attention", False),
+            recall_after("ratplus", first) < recall_after("attention", first))  # fmt: skip
     return summary
+
+
+def recall_losses(result: dict) -> dict[str, dict[str, float]]:
+    """``{model: {"checkpoint:pattern": loss on the repeats}}``, plus ``"guess"``: the dense pretrained
+    model's loss on the first period (random tokens: nothing to recall)."""
+    cfg = result["config"]
+    distance, seq_len = cfg.get("recall_distance"), cfg["seq_len"]
+    out: dict[str, dict[str, float]] = {}
+    for row in result.get("recall", []):
+        by_position = row.get("by_position", {})
+        out.setdefault(row["model"], {})[f"{row['checkpoint']}:{row['pattern']}"] = by_position.get(
+            f"{distance}-{seq_len}", math.nan
+        )
+        if (row["checkpoint"], row["pattern"]) == ("pretrained", DENSE):
+            out[row["model"]]["guess"] = by_position.get(f"0-{distance}", math.nan)
+    return out
+
+
+RECALL_WORKS = 0.5
+"""Dense recall "works" when its loss on the repeats is below this share of its loss on the first period."""
+
+
+def recall_works(losses: dict[str, float]) -> bool:
+    return losses.get(f"pretrained:{DENSE}", math.nan) <= RECALL_WORKS * losses.get("guess", math.nan)
 
 
 def plot(result: dict, path: Path) -> None:
     cfg = result["config"]
-    fig, axes = figure(2, 2, figsize=(16, 10))
-    (curves, depth), (bars, losses) = axes
+    fig, axes = figure(2, 3, figsize=(24, 10))
+    (curves, depth, recall_bars), (bars, losses, unused) = axes
+    unused.axis("off")
     for model, color in COLORS.items():
         curve = result["training"].get(f"pretrain_{model}")
         if not curve:
@@ -125,7 +164,23 @@ def plot(result: dict, path: Path) -> None:
     losses.set_xticks(range(len(pairs)), [f"{p}\n{kind.replace('_', ' ')}" for p, kind in pairs], fontsize=8)
     losses.axhline(0, color="black", lw=0.8)
     losses.set(title="held-out LM loss vs the model's own dense loss", ylabel="change (%)")
-    for ax in (curves, depth, bars, losses):
+
+    recall = result["summary"].get("recall_loss", {})
+    keys = [
+        f"pretrained:{DENSE}",
+        "pretrained:window",
+        *(f"{c}:{p}" for p in cfg["patterns"] for c in ("pretrained", f"adapted_{p}")),
+    ]
+    grouped_bars(recall_bars, {m: [recall.get(m, {}).get(k, math.nan) for k in keys] for m in models})
+    recall_bars.set_xticks(
+        range(len(keys)), [k.split(":")[1] + ("\nadapted" if k.startswith("adapted") else "") for k in keys], fontsize=8
+    )
+    guess = [recall[m]["guess"] for m in models if "guess" in recall.get(m, {})]
+    if guess:
+        recall_bars.axhline(sum(guess) / len(guess), color="black", lw=0.8, ls="--", label="first period (guessing)")
+    recall_bars.set(title=f"exact recall {cfg.get('recall_distance')} tokens back: loss on repeated random tokens",
+                    ylabel="loss on the repeats (nats)")  # fmt: skip
+    for ax in (curves, depth, bars, losses, recall_bars):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     env = result["env"]
@@ -147,22 +202,30 @@ def readme_section(result: dict, json_name: str) -> str:
     cfg, env, counts, timing = result["config"], result["env"], result["models"], result["timing"]
     niah = niah_table(result)
     window, models = cfg["local_window"], cfg.get("models", list(MODELS))
+    params = ", ".join(f"{MODELS[m].label} {counts[m]['params'] / 1e6:.0f}M" for m in models)
+    niah_settings = (
+        f"NIAH fine-tuning: {cfg['sft_steps']} steps of {cfg['batch']} samples ({cfg['niah_train_samples']} samples "
+        f"from training books, lr {cfg['sft_lr']:g}, prompt masked); NIAH evaluation: {cfg['niah_eval_samples']} samples "
+        f"per task ({', '.join(cfg['niah_tasks'])}) from {cfg.get('validation_books') or 'held-out'} held-out books, "
+        "needle depths 0-100%."
+        if cfg.get("niah", True) else "no NIAH fine-tuning or evaluation (`--no-niah`)."
+    )  # fmt: skip
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
-        f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor (RAT+ {counts['ratplus']['params'] / 1e6:.0f}M parameters, "
-        f"attention {counts['attention']['params'] / 1e6:.0f}M), T={cfg['seq_len']}. Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens "
-        f"({cfg['pretrain_steps']} steps of {cfg['batch']} windows in a seeded random order); adaptation: "
-        f"{cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} steps, lr {cfg['adapt_lr']:g}); NIAH fine-tuning: "
-        f"{cfg['sft_steps']} steps of {cfg['batch']} samples ({cfg['niah_train_samples']} samples from training books, lr "
-        f"{cfg['sft_lr']:g}, prompt masked); NIAH evaluation: {cfg['niah_eval_samples']} samples per task "
-        f"({', '.join(cfg['niah_tasks'])}) from {cfg.get('validation_books') or 'held-out'} held-out books, needle depths 0-100%.",
-        "",
-        f"NIAH accuracy (%), all needles / needles more than {window} tokens before the question "
-        "(what only the dilated or selected rows can reach). *fine-tuned -> evaluated*:",
-        "",
-        "| fine-tuned -> evaluated | KV rows | " + " | ".join(MODELS[m].label for m in models) + " |",
-        "|---|---|" + "---|" * len(models),
+        f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor ({params} parameters), T={cfg['seq_len']}. "
+        f"Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens ({cfg['pretrain_steps']} steps of {cfg['batch']} windows "
+        f"in a seeded random order); adaptation: {cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} "
+        f"steps, lr {cfg['adapt_lr']:g}); {niah_settings}",
     ]
+    if niah:
+        lines += [
+            "",
+            f"NIAH accuracy (%), all needles / needles more than {window} tokens before the question "
+            "(what only the dilated or selected rows can reach). *fine-tuned -> evaluated*:",
+            "",
+            "| fine-tuned -> evaluated | KV rows | " + " | ".join(MODELS[m].label for m in models) + " |",
+            "|---|---|" + "---|" * len(models),
+        ]
     for label in dict.fromkeys(f"{t}->{p}" for (_, t, p) in niah):
         tuned, pattern = label.split("->")
         cells = []
@@ -181,29 +244,48 @@ def readme_section(result: dict, json_name: str) -> str:
         lines.append(f"| {tuned} -> `{cfg['specs'].get(pattern, pattern)}` | {kv} | " + " | ".join(cells) + " |")
     lines += ["", "Held-out LM loss (nats, "
               f"{result['heldout'][0].get('tokens', 0):,} tokens); in brackets the change from the model's own dense loss:",
-              "", "| pattern | " + " | ".join(f"{MODELS[m].label} not adapted | adapted" for m in models) + " |",
-              "|---|" + "---|---|" * len(models)]  # fmt: skip
-    loss = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result["heldout"]}
+              "", *loss_table(result, result["heldout"], lambda row: row.get("loss"))]  # fmt: skip
+    if result.get("recall"):
+        distance = cfg["recall_distance"]
+        guess = " / ".join(f"{v['guess']:.2f}" for m, v in result["summary"]["recall_loss"].items() if "guess" in v)
+        lines += ["", f"Exact recall {distance} tokens back, no fine-tuning: loss (nats) on the repeated half of "
+                  f"{cfg['recall_windows']} windows of random tokens that repeat every {distance} positions "
+                  f"(`eval/repeated_tokens.py`; guessing, the first half: {guess}). Low means the pattern still "
+                  "delivers the exact past beyond its window:", "",
+                  *loss_table(result, result["recall"], lambda row: row.get("by_position", {}).get(f"{distance}-{cfg['seq_len']}"))]  # fmt: skip
+    expected = result["summary"]["expected"]
+    verdict = {True: "yes", False: "no", None: "not testable"}
+    lines += ["", "The paper's expectations, beyond the local window: " + "; ".join(
+        f"{name.replace('_', ' ')}: **{verdict[ok]}**" for name, ok in expected.items()) + "."]  # fmt: skip
+    if None in expected.values():
+        lines[-1] += (f" (*not testable*: the dense model it is judged against fails, NIAH below {DENSE_OK:g}% or "
+                      f"its loss on the repeats above {RECALL_WORKS:g}x guessing.)")  # fmt: skip
+    return "\n".join(lines)
 
-    def cell(model: str, checkpoint: str, label: str) -> str:
-        row, dense = loss.get((model, checkpoint, label)), loss.get((model, "pretrained", DENSE))
-        if row is None:
+
+def loss_table(result: dict, rows: list[dict], value) -> list[str]:
+    """Markdown rows: a loss per pattern (``value(row)``) for each model, not adapted and adapted, and its
+    change from the model's own dense value."""
+    cfg, models = result["config"], result["config"].get("models", list(MODELS))
+    lines = ["| pattern | " + " | ".join(f"{MODELS[m].label} not adapted | adapted" for m in models) + " |",
+             "|---|" + "---|---|" * len(models)]  # fmt: skip
+    by_key = {(r["model"], r["checkpoint"], r["pattern"]): value(r) for r in rows}
+
+    def cell(model: str, checkpoint: str | None, label: str) -> str:
+        if checkpoint is None or (model, checkpoint, label) not in by_key:
             return "-"
-        if "loss" not in row or not dense or "loss" not in dense:
+        found, dense = by_key[(model, checkpoint, label)], by_key.get((model, "pretrained", DENSE))
+        if found is None or dense is None:
             return "failed"
         if (checkpoint, label) == ("pretrained", DENSE):
-            return f"{row['loss']:.4f}"
-        return f"{row['loss']:.4f} ({100 * (row['loss'] - dense['loss']) / dense['loss']:+.2f}%)"
+            return f"{found:.4f}"
+        return f"{found:.4f} ({100 * (found - dense) / dense:+.2f}%)"
 
     for label, spec in cfg["specs"].items():
         adapted = f"adapted_{label}" if label in cfg["patterns"] else None
-        cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label) if adapted else '-'}" for m in models]
+        cells = [f"{cell(m, 'pretrained', label)} | {cell(m, adapted, label)}" for m in models]
         lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
-    expected = result["summary"]["expected"]
-    verdict = {True: "yes", False: "no", None: f"not testable (dense below {DENSE_OK:g}%)"}
-    lines += ["", "The paper's expectations, on needles beyond the window: " + "; ".join(
-        f"{name.replace('_', ' ')}: **{verdict[ok]}**" for name, ok in expected.items()) + "."]  # fmt: skip
-    return "\n".join(lines)
+    return lines
 
 
 def write_readme(result: dict, json_name: str, readme: Path = REPO / "README.md") -> None:

@@ -43,6 +43,7 @@ class Scale:
     corpus: tuple[str, str]  # (train, validation) text files, relative to the repository
     eval_windows: int  # held-out windows for the LM loss
     eval_batch: int
+    recall_windows: int  # repeated-random-token windows (exact recall at distance seq_len / 2)
     niah_tasks: tuple[str, ...]
     niah_train_samples: int  # SFT samples from training books, all tasks together (sft_steps x batch: epochs)
     niah_eval_samples: int  # evaluation samples per task, from held-out books
@@ -58,6 +59,7 @@ class Scale:
     seed: int = 0  # data order and NIAH samples
     models: tuple[str, ...] = tuple(MODELS)  # which of MODELS to train
     sparse_runs: bool = True  # adapt to and fine-tune under each sparse pattern (False: dense fine-tuning only)
+    niah: bool = True  # NIAH fine-tuning and evaluation (False: the language-model stages alone)
     extra: tuple[str, ...] = field(default=())  # more torchtitan arguments for every run
 
     @property
@@ -71,7 +73,7 @@ SCALES = {
         flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=320, warmup_steps=16,
         adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
-        eval_windows=128, eval_batch=16, niah_tasks=("single", "multikey"), niah_train_samples=1920,
+        eval_windows=128, eval_batch=16, recall_windows=32, niah_tasks=("single", "multikey"), niah_train_samples=1920,
         niah_eval_samples=200, log_freq=10,
     ),
     "tiny": Scale(
@@ -79,7 +81,7 @@ SCALES = {
         adapt_steps=2, sft_steps=2, patterns=("d4w16s2", "d16w16s2"),
         corpus=("ratplus_titan/assets/corpus/en_pd_ccby.train.jsonl.gz",
                 "ratplus_titan/assets/corpus/en_pd_ccby.validation.jsonl.gz"),
-        eval_windows=4, eval_batch=4, niah_tasks=("single", "multikey"), niah_train_samples=8, niah_eval_samples=2,
+        eval_windows=4, eval_batch=4, recall_windows=2, niah_tasks=("single", "multikey"), niah_train_samples=8, niah_eval_samples=2,
         log_freq=1, compile_pretrain=False, checkpoint_interval=2,
         extra=("--training.mixed_precision_param", "float32"),
     ),

@@ -97,14 +97,22 @@ slow = pytest.mark.slow
 
 @slow
 def test_every_stage_is_recorded(result):
-    assert {"env", "config", "models", "training", "heldout", "summary", "niah", "timing"} <= result.keys()
+    assert {"env", "config", "models", "training", "heldout", "recall", "summary", "niah", "timing"} <= result.keys()
     assert {"device", "torch", "date", "triton"} <= result["env"].keys()
     window = TINY.seq_len + 1
     assert result["config"]["pretrain_tokens"] == TINY.pretrain_steps * TINY.batch * window
     assert result["config"]["adapt_tokens"] == TINY.adapt_steps * TINY.batch * window
-    assert {"data_s", "pretrain_s", "adapt_s", "sft_s", "export_s", "niah_s", "heldout_s", "total_s"} <= result[
-        "timing"
-    ].keys()
+    assert {
+        "data_s",
+        "pretrain_s",
+        "adapt_s",
+        "sft_s",
+        "export_s",
+        "niah_s",
+        "heldout_s",
+        "recall_s",
+        "total_s",
+    } <= result["timing"].keys()
     for model in reproduce.MODELS:
         assert result["models"][model]["params"] > 0 and result["models"][model]["flops_per_token"] > 0
     # joint training doubles the passes; the attention baselines differ only there
@@ -149,6 +157,26 @@ def test_every_model_pattern_pair_is_evaluated(result):
 
 
 @slow
+def test_recall_rows_cover_every_pair_and_score_the_repeats(result):
+    distance, T = pipeline.recall_distance(TINY), TINY.seq_len
+    assert result["config"]["recall_distance"] == distance
+    keys = {(r["model"], r["checkpoint"], r["pattern"]) for r in result["heldout"]}
+    rows = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result["recall"]}
+    assert rows.keys() == keys and len(result["recall"]) == len(keys)
+    for key, row in rows.items():
+        assert "error" not in row, row
+        assert row["tokens"] == TINY.recall_windows * T
+        first, repeats = row["by_position"][f"0-{distance}"], row["by_position"][f"{distance}-{T}"]
+        # the two buckets split the positions: their weighted mean is the overall loss
+        assert row["loss"] == pytest.approx((first * distance + repeats * (T - distance)) / T)
+        model, checkpoint, label = key
+        assert result["summary"]["recall_loss"][model][f"{checkpoint}:{label}"] == repeats
+    for model in reproduce.MODELS:
+        guess = rows[(model, "pretrained", "dense")]["by_position"][f"0-{distance}"]
+        assert result["summary"]["recall_loss"][model]["guess"] == guess
+
+
+@slow
 def test_niah_rows_and_summary(result):
     plan_rows = pipeline.niah_plan(TINY)
     got = {(r["model"], r["tuned"], r["pattern"]): r for r in result["niah"]}
@@ -168,7 +196,7 @@ def test_niah_rows_and_summary(result):
             assert gap == pytest.approx(
                 100 * (rows[(f"adapted_{p}", p)] - rows[("pretrained", "dense")]) / rows[("pretrained", "dense")]
             )
-    assert len(summary["expected"]) == 5 and all(v is None or isinstance(v, bool) for v in summary["expected"].values())
+    assert len(summary["expected"]) == 6 and all(v is None or isinstance(v, bool) for v in summary["expected"].values())
 
 
 @slow
@@ -179,7 +207,28 @@ def test_readme_section(result, tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{reproduce.README_END}\ntail\n")
     assert "| dense -> `dense` |" in text and f"| `{TINY.patterns[0]}` |" in text
-    assert "NIAH accuracy" in text and "Held-out LM loss" in text
+    assert "NIAH accuracy" in text and "Held-out LM loss" in text and "Exact recall" in text
+
+
+def test_no_niah_drops_fine_tuning_and_its_report(tmp_path):
+    scale = replace(TINY, niah=False)
+    data = fake_data(tmp_path)
+    pretrained = pipeline.pretrain_runs(tmp_path, scale, data)
+    adapted = pipeline.adapt_runs(tmp_path, scale, data, pretrained)
+    assert len(adapted) == len(TINY.models) * len(TINY.patterns)
+    assert pipeline.sft_runs(tmp_path, scale, data, pretrained, adapted) == {}
+    assert pipeline.niah_all(tmp_path, scale, data, {}) == []
+
+
+@slow
+def test_report_without_niah(result):
+    bare = {**result, "niah": [], "config": {**result["config"], "niah": False}}
+    summary = reproduce.summarize(bare)
+    assert list(summary["expected"]) == [
+        f"recall_ratplus_{TINY.patterns[0]}_adapted_below_attention_{TINY.patterns[0]}_adapted"
+    ]
+    text = reproduce.readme_section({**bare, "summary": summary}, "x.json")
+    assert "NIAH accuracy" not in text and "--no-niah" in text and "Exact recall" in text
 
 
 def test_stop_after_ends_the_run_at_that_stage(tmp_path):
@@ -191,4 +240,4 @@ def test_stop_after_ends_the_run_at_that_stage(tmp_path):
     assert "data_s" in timing and "pretrain_s" not in timing
     assert (work / "data").is_dir() and not (work / "runs").exists()
     with pytest.raises(SystemExit):  # the last stage is not a stopping point: the run ends there anyway
-        reproduce.main([*argv[:-1], "heldout"])
+        reproduce.main([*argv[:-1], "recall"])

@@ -2,6 +2,10 @@
 
     python -m bench.train_throughput --flavor 1B --steps 20 --batch 8 --variants ratplus,llama3
 
+    # the memory option [ratplus] recompute, off and on, joint training off and on, against llama3:
+    python -m bench.train_throughput --flavor 1B --steps 20 --batch 8 --tag _recompute \
+        --variants llama3,ratplus,ratplus_fc1_recompute,ratplus_joint,ratplus_joint_fc1_recompute
+
 Each variant is a fresh ``torchrun`` of the real training entry point (``ratplus_titan.train``
 for RAT+, torchtitan's stock ``torchtitan.train`` for llama3 at the same width, depth, heads
 and FFN size: ``bench/llama3_same_shape.py``), bf16, compile, selective AC, on the bundled corpus.
@@ -46,12 +50,10 @@ VARIANTS = {
     "ratplus_joint": ("ratplus_titan.train", ["--ratplus.joint-train"]),
     "ratplus_float8": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--model.converters", "quantize.linear.float8"]),
     "attention": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--ratplus.apply-re", "False"]),
-    # memory at llama3's level: selective AC recomputes fc1 instead of keeping it (4 bf16 rows a token fewer, +8 d^2
-    # FLOPs a token: ~9 % more matmul work); tests/model/test_saved_memory.py
-    "ratplus_fc1_recompute": (
-        "ratplus_titan.train",
-        ["--ratplus.no-joint-train", "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "ffn.fc1"],
-    ),
+    # [ratplus] recompute = "fc1": backward recomputes fc1's output instead of keeping it (4 bf16 rows a token a layer
+    # fewer, one more d x 4d matmul a token a layer in backward); DESIGN §3.5, tests/model/test_saved_memory.py
+    "ratplus_fc1_recompute": ("ratplus_titan.train", ["--ratplus.no-joint-train", "--ratplus.recompute", "fc1"]),
+    "ratplus_joint_fc1_recompute": ("ratplus_titan.train", ["--ratplus.joint-train", "--ratplus.recompute", "fc1"]),
     # torchtitan's own Llama 3 8B next to the 7B flavor (issue: 7B on 4 x H200)
     "llama3_8b": ("torchtitan.train", ["--model.name", "llama3_same_shape", "--model.flavor", "llama3_8B",
                                        "--experimental.custom_import", "bench.llama3_same_shape"]),
@@ -315,15 +317,15 @@ def main(argv: list[str] | None = None) -> None:
     common.write_json(out / f"{stem}.json", results)
     common.plot_or_skip(plot, results, out / f"{stem}.png")
     base = results["variants"].get("llama3", {}).get("summary")
-    print(f"\n{'variant':22s} {'batch':>5s} {'tok/s/GPU':>10s} {'vs llama3':>9s} {'MFU%':>6s} {'mem GiB':>8s} {'vs llama3':>9s}")
+    print(f"\n{'variant':28s} {'batch':>5s} {'tok/s/GPU':>10s} {'vs llama3':>9s} {'MFU%':>6s} {'mem GiB':>8s} {'vs llama3':>9s}")
     for name, r in results["variants"].items():
         s = r.get("summary")
         if s:
             ratio = f"{s['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f}" if base else "-"
             mem = f"{s['peak_memory_gib'] / base['peak_memory_gib']:.3f}" if base else "-"
-            print(f"{name:22s} {r['batch']:5d} {s['tokens_per_s_per_gpu']:10.0f} {ratio:>9s} {s['mfu']:6.1f} {s['peak_memory_gib']:8.1f} {mem:>9s}")
+            print(f"{name:28s} {r['batch']:5d} {s['tokens_per_s_per_gpu']:10.0f} {ratio:>9s} {s['mfu']:6.1f} {s['peak_memory_gib']:8.1f} {mem:>9s}")
         else:
-            print(f"{name:22s} failed: {str(r.get('error'))[:200]}")
+            print(f"{name:28s} failed: {str(r.get('error'))[:200]}")
     for name, r in results["variants"].items():
         snap = r.get("memory_snapshot")
         if snap:

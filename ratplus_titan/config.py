@@ -54,8 +54,17 @@ class RATPlus:
     data_seed: int = 0
     """Seed (>= 0) of the "shuffled" data order: epoch e's permutation depends only on (data_seed, e)."""
 
+    recompute: str = "none"
+    """Activations backward recomputes instead of keeping, on top of [activation_checkpoint]: "none", or "fc1"
+    (the FFN's 4d-wide hidden, fc1's output and its GELU: 4 bf16 rows a token a layer less memory for one more
+    d x 4d matmul in backward). Any AC mode but memory_budget (DESIGN §3.5)."""
+
     def __post_init__(self) -> None:
         check_types(self, "ratplus")
+
+
+RECOMPUTE = ("none", "fc1")
+"""The values of ``[ratplus] recompute``."""
 
 
 @dataclass

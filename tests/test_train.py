@@ -77,10 +77,14 @@ def test_joint_training_steps_twice_per_batch_in_order(tmp_path, monkeypatch):
             lambda module, args, kwargs: events.append(f"forward {kwargs.get('pattern')}"), with_kwargs=True
         )
         optimizer_step, scheduler_step = trainer.optimizers.step, trainer.lr_schedulers.step
-        monkeypatch.setattr(trainer.optimizers, "step", lambda *a, **k: (events.append("optimizer"), optimizer_step(*a, **k)))
+        monkeypatch.setattr(
+            trainer.optimizers, "step", lambda *a, **k: (events.append("optimizer"), optimizer_step(*a, **k))
+        )
         monkeypatch.setattr(trainer.lr_schedulers, "step", lambda: (events.append("scheduler"), scheduler_step()))
         lrs = []
-        trainer.metrics_processor.log = lambda step, loss, peak, norm, extra_metrics=None: lrs.append(extra_metrics["lr"])
+        trainer.metrics_processor.log = lambda step, loss, peak, norm, extra_metrics=None: lrs.append(
+            extra_metrics["lr"]
+        )
         trainer.train()
         history = trainer.phase_losses
     sparse, dense = f"forward {Pattern(8)}", f"forward {DENSE}"
@@ -147,13 +151,18 @@ def test_fsdp_and_tp_match_one_process_and_resume_across_layouts(tmp_path, token
     single = train(trainer_args(tmp_path / "one", 4, *common, data=token_bin, batch=2))
     runs = {}
     for layout, (flags, batch) in LAYOUTS.items():
-        runs[layout] = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / layout, 4, *common, *flags, data=token_bin, batch=batch))
+        runs[layout] = spawn_gloo(
+            train_in_this_rank, trainer_args(tmp_path / layout, 4, *common, *flags, data=token_bin, batch=batch)
+        )
         assert_same_losses(single, runs[layout])
     for source, target in (("fsdp", "tp"), ("tp", "fsdp")):
         folder = tmp_path / f"{source}_as_{target}"
         shutil.copytree(tmp_path / source / "checkpoint" / "step-2", folder / "checkpoint" / "step-2")
         flags, batch = LAYOUTS[target]
-        resumed = spawn_gloo(train_in_this_rank, trainer_args(folder, 4, "--checkpoint.interval", "1000", *flags, data=token_bin, batch=batch))
+        resumed = spawn_gloo(
+            train_in_this_rank,
+            trainer_args(folder, 4, "--checkpoint.interval", "1000", *flags, data=token_bin, batch=batch),
+        )
         assert_same_losses(single[2:], resumed)
 
 
@@ -168,13 +177,18 @@ def test_bin_data_order_comes_from_the_ratplus_section(tmp_path, token_bin):
     register_test_flavor()
     windows = torch.from_numpy(token_windows(open_token_file(token_bin), 64).astype("int64"))
     shuffled = reference_stream(len(windows), "shuffled", 3, 1)[:2]
-    for name, flags, expected in (("seed3", ["--ratplus.data_seed", "3"], shuffled), ("file", ["--ratplus.data_order", "file"], [0, 1])):
+    for name, flags, expected in (
+        ("seed3", ["--ratplus.data_seed", "3"], shuffled),
+        ("file", ["--ratplus.data_order", "file"], [0, 1]),
+    ):
         args = trainer_args(tmp_path / name, 1, "--checkpoint.no-enable", *flags, data=token_bin)
         with trainer_session(RATPlusTrainer, args) as trainer:
             x, y = next(iter(trainer.dataloader))
             assert torch.equal(torch.cat([x["input"], y[:, -1:]], dim=1), windows[expected])
     args = trainer_args(tmp_path / "bad", 1, "--checkpoint.no-enable", "--ratplus.data_order", "random", data=token_bin)
-    with pytest.raises(ValueError, match=r"ratplus\.data_order = 'random' is not supported; use one of 'shuffled', 'file'"):
+    with pytest.raises(
+        ValueError, match=r"ratplus\.data_order = 'random' is not supported; use one of 'shuffled', 'file'"
+    ):
         with trainer_session(RATPlusTrainer, args):
             pass
 
@@ -200,8 +214,50 @@ def test_head_groups_from_the_config_train_and_split_under_tensor_parallel(tmp_p
     seed = seed_checkpoint(tmp_path / "seed", token_bin)
     groups = ["--ratplus.no-joint-train", "--ratplus.head_groups", "1:dense+3:d4w2s1,2:d8w0s0+2:d-1w4s1"]
     single = train(trainer_args(tmp_path / "one", 3, *seed, *groups, data=token_bin))
-    tp = spawn_gloo(train_in_this_rank, trainer_args(tmp_path / "tp", 3, *seed, *groups, "--parallelism.tensor_parallel_degree", "2", data=token_bin))
+    tp = spawn_gloo(
+        train_in_this_rank,
+        trainer_args(tmp_path / "tp", 3, *seed, *groups, "--parallelism.tensor_parallel_degree", "2", data=token_bin),
+    )
     for losses in tp:
         assert [row["loss"] for row in losses] == pytest.approx([row["loss"] for row in single], abs=1e-5)
     dense = train(trainer_args(tmp_path / "dense", 3, *seed, "--ratplus.no-joint-train", data=token_bin))
     assert abs(dense[-1]["loss"] - single[-1]["loss"]) > 1e-4
+
+
+RECOMPUTE_RUN = ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op")
+# Compiled under FSDP only: TP + op-level selective AC + compile fails on the CPU, with or without the option
+# (torch 2.13, backend aot_eager: "expected all tensors_saved_with_vc_check to be Tensors", a DeviceMesh).
+COMPILED = {"fsdp": ("--compile.enable", "--compile.backend", "aot_eager"), "tp": ()}
+
+
+def test_recompute_fc1_reaches_the_blocks_and_trains_the_same(tmp_path):
+    """``[ratplus] recompute = "fc1"`` without AC: parallelize checkpoints every block's FFN, and two joint-training
+    steps give the losses of ``"none"`` bit for bit."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from ratplus_titan.train import RATPlusTrainer
+
+    register_test_flavor()
+    losses = {}
+    for recompute in ("none", "fc1"):
+        args = trainer_args(tmp_path / recompute, 2, "--checkpoint.no-enable", "--ratplus.recompute", recompute)
+        with trainer_session(RATPlusTrainer, args) as trainer:
+            blocks = list(trainer.model_parts[0].layers.values())
+            assert [isinstance(b.ffn, CheckpointWrapper) for b in blocks] == [recompute == "fc1"] * len(blocks)
+            trainer.train()
+            losses[recompute] = trainer.phase_losses
+    assert losses["fc1"] == losses["none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_recompute_fc1_under_selective_ac_and_each_layout_trains_the_same(tmp_path, token_bin, layout):
+    """FSDP2 (with per-block compile) or TP over 2 gloo ranks, op-level selective AC, joint training:
+    ``recompute = "fc1"`` gives the losses of ``"none"``."""
+    flags, batch = LAYOUTS[layout]
+    runs = {
+        recompute: spawn_gloo(train_in_this_rank, trainer_args(tmp_path / recompute, 2, "--checkpoint.no-enable",
+                              *RECOMPUTE_RUN, *COMPILED[layout], *flags, "--ratplus.recompute", recompute, data=token_bin, batch=batch))
+        for recompute in ("none", "fc1")
+    }  # fmt: skip
+    assert runs["fc1"] == runs["none"]

@@ -7,8 +7,8 @@ ratplus_titan.infra.cpu`` (the same without a GPU). It runs torchtitan 0.2.2's `
 - ``check_job_config`` right after the config is parsed: the ``[ratplus]`` types were checked
   when the section was built (``RATPlus.__post_init__``); here a copy of the flavor's model args
   takes the config as the trainer will (``update_from_config``: values, patterns, ``seq_len``, the
-  attention backend on this machine), and a pattern that is dense attention at ``training.seq_len``
-  gets a one-line warning;
+  attention backend on this machine), ``recompute`` is checked against the AC mode, and a pattern
+  that is dense attention at ``training.seq_len`` gets a one-line warning;
 - the checkpoint checks of ``resume.py`` (another flavor's checkpoint, a run already at its last step);
 - a ``ConfigError`` from any of these, from torchtitan's parsing of the TOML file, or from building
   the trainer, printed as ``PROG: error: MESSAGE`` with exit status 2. Anything else is a bug and
@@ -45,11 +45,15 @@ def check_job_config(config: JobConfig, warn: bool = True) -> None:
     the configured patterns that are dense attention at ``training.seq_len``."""
     from torchtitan.tools.logging import logger
 
+    from ratplus_titan.infra.activation_checkpoint import check_recompute
     from ratplus_titan.model import ratplus_flavors
     from ratplus_titan.train_spec import NAME
 
     if config.model.name != NAME:
         return
+    section = getattr(config, "ratplus", None)
+    if section is not None:
+        check_recompute(section.recompute, config.activation_checkpoint.mode)
     try:
         args = copy.deepcopy(ratplus_flavors[config.model.flavor])
     except KeyError as err:

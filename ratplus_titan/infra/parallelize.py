@@ -19,41 +19,17 @@ from torch.distributed.tensor.parallel import (
 )
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import apply_compile, disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
+from ratplus_titan.config import RATPlus
 from ratplus_titan.head_groups import HeadGroups
-
-# Selective AC keeps the outputs of these ops instead of recomputing them.
-_SAC_SAVE_LIST = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops._c10d_functional.reduce_scatter_tensor.default,
-    torch.ops.aten.max.default,
-    torch._higher_order_ops.flex_attention,
-    torch._higher_order_ops.inductor_compiled_code,
-}
-# Our kernels whose outputs selective AC keeps: the pattern attention (recomputing it is a second
-# attention forward). The recurrence scan is left out on purpose: it is memory-bound (one pass reads
-# f, k, x and writes K, V), and its inputs are slices of the in_proj output that AC keeps anyway, so
-# backward reruns it instead of holding K, V (2 x d bf16 a token) and its fp32 chunk states for
-# every layer. The byte accounting is in tests/model/test_saved_memory.py.
-_SAVED_RATPLUS_OPS = ("pattern_attention",)
-
-
-def _sac_save_list() -> set:
-    """Also keep the outputs of our own kernels (registered once their modules load on CUDA)."""
-    if torch.cuda.is_available():
-        from ratplus_titan.kernels import pattern_attention_triton  # noqa: F401  (registers the op)
-    ours = [getattr(torch.ops.ratplus, name, None) for name in _SAVED_RATPLUS_OPS]
-    return _SAC_SAVE_LIST | {op.default for op in ours if op is not None}
+from ratplus_titan.infra.activation_checkpoint import apply_ratplus_ac
 
 
 def parallelize_ratplus(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
-    """TP -> AC -> per-block compile -> FSDP2, the order torchtitan's models use."""
+    """TP -> AC (``infra/activation_checkpoint.py``, with ``[ratplus] recompute``) -> per-block compile -> FSDP2,
+    the order torchtitan's models use."""
     if parallel_dims.cp_enabled or parallel_dims.pp_enabled:
         raise ValueError(
             "parallelism.context_parallel_degree and pipeline_parallel_degree must be 1 for ratplus "
@@ -62,7 +38,9 @@ def parallelize_ratplus(model: nn.Module, parallel_dims: ParallelDims, job_confi
     if parallel_dims.tp_enabled:
         tp = parallel_dims.tp
         if job_config.training.seq_len % tp:
-            raise ValueError(f"training.seq_len={job_config.training.seq_len} must be divisible by tensor_parallel_degree={tp}")
+            raise ValueError(
+                f"training.seq_len={job_config.training.seq_len} must be divisible by tensor_parallel_degree={tp}"
+            )
         if model.args.n_heads % tp:
             raise ValueError(f"model n_heads={model.args.n_heads} must be divisible by tensor_parallel_degree={tp}")
         float8 = "quantize.linear.float8" in job_config.model.converters or "float8" in job_config.model.converters
@@ -74,14 +52,14 @@ def parallelize_ratplus(model: nn.Module, parallel_dims: ParallelDims, job_confi
             float8_tensorwise=float8 and not rowwise,
         )
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=compile_model,
-            op_sac_save_list=_sac_save_list(),
-            base_folder=job_config.job.dump_folder,
-        )
+    section = getattr(job_config, "ratplus", None) or RATPlus()
+    apply_ratplus_ac(
+        model,
+        job_config.activation_checkpoint,
+        section.recompute,
+        model_compile_enabled=compile_model,
+        base_folder=job_config.job.dump_folder,
+    )
     if compile_model:
         apply_compile(model, job_config.compile)
     if parallel_dims.fsdp_enabled:

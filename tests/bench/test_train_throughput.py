@@ -144,3 +144,17 @@ def test_recorded_steps_are_left_out_of_the_averages():
     assert result["summary"]["peak_memory_gib"] == 18.0
     plain = bench_train.summarize({"steps": steps}, skip=5)
     assert plain["summary"]["steps_averaged"] == 5
+
+
+def test_ratplus_variants_parse_and_the_recompute_ones_set_the_option():
+    """Every RAT+ variant's flags are a job config the trainer takes (1B config); the ``*_fc1_recompute``
+    variants turn ``[ratplus] recompute`` on, the others leave it off."""
+    from ratplus_titan.infra.entry import parse_job_config
+
+    config_file = str(bench_train.REPO / "train_configs" / "ratplus_1b.toml")
+    for name, (module, args) in bench_train.VARIANTS.items():
+        if module != "ratplus_titan.train":
+            continue
+        config = parse_job_config(["--job.config_file", config_file, *args], warn=False)
+        assert config.ratplus.recompute == ("fc1" if name.endswith("_fc1_recompute") else "none"), name
+        assert config.ratplus.joint_train == ("_joint" in name), name

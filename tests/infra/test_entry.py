@@ -161,6 +161,12 @@ def test_quoted_booleans_through_run_train_sh(tmp_path):
         ({"attention_backend": "cuda"}, [], ["ratplus.attention_backend='cuda' is invalid", "auto, sdpa"]),
         ({"joint_dilation": 128}, [], ["training.seq_len=64 cannot serve pattern d128w0s0"]),
         ({"aply_re": False}, [], ["Invalid field names", "aply_re"]),
+        ({"recompute": "ffn"}, [], ["ratplus.recompute='ffn' is invalid: allowed values are none, fc1"]),
+        (
+            {"recompute": "fc1"},
+            ["--activation_checkpoint.mode", "memory_budget"],
+            ["ratplus.recompute='fc1' cannot run with activation_checkpoint.mode='memory_budget'"],
+        ),
         ({}, ["--model.flavor", "2B"], ["model.flavor='2B' is unknown", "debugmodel"]),
     ],
 )

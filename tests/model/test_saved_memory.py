@@ -4,7 +4,8 @@ The GPU path, on the GPU when there is one (``tests/device.py``) and emulated on
 recurrence runs as the Triton custom op (interpreted on the CPU), the sparse pattern as the Triton
 attention op, dense attention as one of SDPA's fused ops (on the GPU whichever SDPA or torchtitan's llama3
 picks, all in the save lists; on the CPU the flash op's ``_for_cpu`` twin, added to the save lists in its
-place); torchtitan's ``apply_ac`` with our save list (``parallelize._sac_save_list``), then
+place); RAT+'s activation checkpointing (``infra/activation_checkpoint.py``, torchtitan's ``apply_ac`` for
+llama3) with our save list (``sac_save_list``), then
 ``torch.compile`` with the min-cut partitioner inductor uses (backend ``aot_eager_decomp_partition``).
 The saved tensors are those the compiled forward hands to autograd, caught with ``saved_tensors_hooks``;
 each storage counts once and whole (a view keeps its whole base alive); parameters and the RoPE table
@@ -38,12 +39,16 @@ costs a recomputed d x d matmul slice (2 d^2 FLOPs a token); the scan costs one 
 from __future__ import annotations
 
 import functools
+import gc
 import math
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan.config.job_config import ActivationCheckpoint
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3 import TransformerModelArgs
@@ -52,7 +57,7 @@ from torchtitan.models.llama3.model.model import FeedForward, TransformerBlock, 
 from triton.runtime import interpreter
 
 import ratplus_titan.model.model as model_module
-from ratplus_titan.infra.parallelize import _sac_save_list
+from ratplus_titan.infra.activation_checkpoint import apply_ratplus_ac, sac_save_list
 from ratplus_titan.kernels import pattern_attention_triton, recurrence_triton  # noqa: F401  (registers their ops)
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusBlock, rope_cache
@@ -135,6 +140,33 @@ def saved_storages(fn: Callable, left_out: list[torch.Tensor], *inputs) -> tuple
     return out, seen
 
 
+def kept_storages(fn: Callable, left_out: list[torch.Tensor], *inputs) -> tuple[torch.Tensor, dict[tuple, tuple]]:
+    """Like ``saved_storages`` for eager checkpointing, whose region keeps its tensors away from
+    ``saved_tensors_hooks``: every storage an op created in ``fn(*inputs)`` that is still alive when it
+    returns, other than the output's, is held for backward (by autograd or by the checkpoint)."""
+    skip = {(t.device, t.untyped_storage().data_ptr()) for t in left_out}
+    created: dict[tuple, tuple] = {}
+
+    class Created(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                    storage = tensor.untyped_storage()
+                    key = (tensor.device, storage.data_ptr())
+                    if key not in created or created[key][0].expired():  # a freed storage's address reused
+                        created[key] = (StorageWeakRef(storage), storage.nbytes(), tuple(tensor.shape), tensor.dtype)
+            return out
+
+    with Created():
+        out = fn(*inputs)
+    gc.collect()
+    skip.add((out.device, out.untyped_storage().data_ptr()))
+    seen = {key: (nbytes, shape, dtype) for key, (ref, nbytes, shape, dtype) in created.items()
+            if not ref.expired() and key not in skip and nbytes >= MIN_ACTIVATION_BYTES}  # fmt: skip
+    return out, seen
+
+
 class _Layers(nn.Module):
     """The ``layers`` dict ``apply_ac`` walks, holding one block."""
 
@@ -143,25 +175,37 @@ class _Layers(nn.Module):
         self.layers = nn.ModuleDict({"0": block})
 
 
-def training_block(block: nn.Module, save_list: set, ac: bool = True, recompute: tuple[str, ...] = ()) -> nn.Module:
-    """``block`` as training wraps it: selective AC ``op`` (torchtitan's policy, ``save_list``; matmuls of the
-    ``recompute`` modules always recomputed), then compile."""
-    if ac:
-        holder = _Layers(block)
-        ac_config = ActivationCheckpoint(
-            mode="selective", selective_ac_option="op", per_op_sac_force_recompute_mm_shapes_by_fqns=list(recompute)
+def training_block(
+    block: nn.Module, save_list: set, mode: str = "op", recompute: str = "none", compiled: bool = True
+) -> nn.Module:
+    """``block`` as training wraps it: activation checkpointing ``mode`` (``op``: selective AC with ``save_list``;
+    ``full``; a number: selective every N-th block; ``none``), the ``[ratplus] recompute`` option for RAT+
+    blocks (``apply_ratplus_ac``; torchtitan's ``apply_ac`` for llama3), then compile unless not ``compiled``."""
+    holder = _Layers(block)
+    ac_config = ActivationCheckpoint(
+        mode="selective" if mode == "op" or mode.isdigit() else mode,
+        selective_ac_option=mode if mode != "full" else "op",
+    )
+    if isinstance(block, RATPlusBlock):
+        apply_ratplus_ac(
+            holder, ac_config, recompute, model_compile_enabled=compiled, save_list=save_list | {CPU_FLASH}
         )
-        apply_ac(holder, ac_config, model_compile_enabled=True, op_sac_save_list=save_list | {CPU_FLASH})
-        block = holder.layers["0"]
+    elif mode != "none":
+        apply_ac(holder, ac_config, model_compile_enabled=compiled, op_sac_save_list=save_list | {CPU_FLASH})
+    block = holder.layers["0"]
+    if not compiled:
+        return block
     torch._dynamo.reset()  # blocks of one class and shape would reuse a graph traced under another AC policy
     return torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=True)
 
 
 @functools.cache
 def measure(
-    kind: str, device: torch.device, pattern: Pattern | None = None, ac: bool = True, recompute: tuple[str, ...] = ()
-) -> dict:
-    """Saved storages and gradients of one training step of one bf16 block (RAT+, attention, llama3) on ``device``."""
+    kind: str, device: torch.device, pattern: Pattern | None = None, mode: str = "op", recompute: str = "none",
+    compiled: bool = True,
+) -> dict:  # fmt: skip
+    """Saved storages and gradients of one training step of one bf16 block (RAT+, attention, llama3) on ``device``,
+    wrapped by ``training_block``."""
     torch.manual_seed(0)
     if kind == "llama3":
         args = TransformerModelArgs(dim=DIM, n_layers=1, n_heads=HEADS, n_kv_heads=HEADS, vocab_size=64,
@@ -173,16 +217,17 @@ def measure(
         args = RATPlusModelArgs(dim=DIM, n_layers=1, n_heads=HEADS, vocab_size=64, max_seq_len=SEQ,
                                 apply_re=kind == "ratplus", attention_backend="triton")  # fmt: skip
         block = RATPlusBlock(args, 0).to(device, torch.bfloat16)
-        table, extra, save_list = rope_cache(HEAD_DIM, SEQ, args.rope_theta), (pattern,), _sac_save_list()
+        table, extra, save_list = rope_cache(HEAD_DIM, SEQ, args.rope_theta), (pattern,), sac_save_list()
         hidden = block.ffn.fc1.out_features
     table = table.to(device)
     params = list(block.parameters())
-    step = training_block(block, save_list, ac, recompute)
+    step = training_block(block, save_list, mode, recompute, compiled)
     u = torch.randn(BATCH, SEQ, DIM, dtype=torch.bfloat16).to(device).requires_grad_(True)
-    out, seen = saved_storages(step, [*params, table], u, table, *extra)
+    out, seen = (saved_storages if compiled else kept_storages)(step, [*params, table], u, table, *extra)
     out.float().square().sum().backward()
     grads = [u.grad, *(p.grad for p in params)]
-    return {"seen": seen, "grads": grads, "expected": expected_saved(kind, BATCH, SEQ, DIM, HEADS, hidden)}
+    return {"seen": seen, "grads": grads, "expected": expected_saved(kind, BATCH, SEQ, DIM, HEADS, hidden),
+            "hidden": hidden}  # fmt: skip
 
 
 def describe(seen: dict[tuple, tuple]) -> str:
@@ -237,8 +282,8 @@ def test_ratplus_over_llama3_within_the_accounted_ratio(device):
 
 
 def test_recomputing_fc1_keeps_llama3s_footprint(device):
-    """The memory-parity knob (bench variant ``ratplus_fc1_recompute``): fc1 recomputed, 4 rows fewer."""
-    result = measure("ratplus", device, recompute=("ffn.fc1",))
+    """``[ratplus] recompute = "fc1"`` (bench variant ``ratplus_fc1_recompute``): fc1 recomputed, 4 rows fewer."""
+    result = measure("ratplus", device, recompute="fc1")
     expected = {name: n for name, n in result["expected"].items() if name != "fc1 output"}
     sizes = sorted(nbytes for nbytes, _, _ in result["seen"].values())
     assert sizes == sorted(expected.values()), describe(result["seen"])
@@ -251,7 +296,7 @@ def test_recomputing_the_scan_gives_the_gradients_of_keeping_everything(device):
     published when it looks) sums in a run-dependent order: the bf16 gradients then agree to a bf16 ulp
     or two (2^-6 of each value, or 2^-8 of the largest where a value is near 0).
     """
-    with_ac, without_ac = measure("ratplus", device), measure("ratplus", device, ac=False)
+    with_ac, without_ac = measure("ratplus", device), measure("ratplus", device, mode="none")
     for a, b in zip(with_ac["grads"], without_ac["grads"], strict=True):
         if device.type == "cpu":
             assert torch.equal(a, b)

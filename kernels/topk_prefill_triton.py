@@ -1,0 +1,454 @@
+"""Triton prefill of top-k block attention: forward and backward, each key block computed only for the
+queries that picked it.
+
+The pairs (query ``t``, key ``j``) the reference allows fall into three disjoint parts:
+
+- **own**: ``j`` in ``t``'s block, ``j <= t``;
+- **sinks**: ``j < S``, ``j <= t``, ``j`` outside ``t``'s block;
+- **picked**: ``j`` in a block ``t`` picked, ``j >= S`` (sinks there are the sink part's).
+
+Own + sinks is a local window every query needs: it runs query-major (a tile of ``BLOCK_M`` queries over
+its sink blocks, then its own blocks). The picked part runs key-block-major over the pair lists of
+``topk_select_triton.select_prefill``: the program of key block ``b`` gathers, ``BLOCK_G`` at a time, the
+queries that picked ``b`` and computes them against ``b``'s keys with tensor-core dots. No program
+computes a (query, key block) pair outside the mask, apart from the padding of the last gathered tile
+of each block and the causal triangle of the own blocks (``bench/topk.py`` reports the work ratio).
+
+**Forward** (exact, two passes over the picked pairs, fp32 statistics):
+
+1. ``_pair_lse_kernel``: the log-sum-exp of each (query, picked block) pair, into ``[B*H, T, top_k * N_SUB]``
+   (``-inf`` where a query has fewer picks); ``torch.logsumexp`` reduces it per query.
+2. ``_local_fwd_kernel``: own + sinks by an online softmax, merged with the picked part's log-sum-exp into the
+   final ``lse``; writes ``out32 = O_local * exp(lse_local - lse)`` (fp32).
+3. ``_pair_out_kernel``: recomputes the scores of each pair with ``p = exp(s - lse)`` (final probabilities)
+   and adds ``p @ V`` into ``out32`` with fp32 atomic adds. The order of the adds varies from run to run:
+   the forward output is exact to fp32 rounding but **not bitwise deterministic**.
+
+Deterministic alternative considered: per-(query, pick) partial outputs ``[T, top_k, hd]`` merged
+query-major. At T=64K, top_k=64, hd=128: 2 GiB fp32 per (batch, head), 32 GiB for 16 heads; writing and
+reading it moves 8 bytes per (pair, channel) against 256 flops per (pair, channel) of dots (64 keys x 2
+matmuls x 2), about 1.5x the 209 flops/byte an H100 sustains at its bf16 peak: memory-bound even in
+bf16, so not used.
+
+**Backward** (gradients of softmax attention under the fixed mask; ``delta = rowsum(dO * O) - dLSE``):
+
+1. ``_local_dq_kernel``: per query tile, ``delta`` and the own + sink part of dQ into ``dq32`` (fp32).
+2. ``_sink_dkdv_kernel``: dK/dV of the sink keys from the sink pairs, per split of the queries (``SPLIT``
+   rows each) into fp32 partials ``[B*H, splits, S_ROWS, hd]`` (no program loops over all T queries).
+3. ``_key_block_bwd_kernel``: per key block, dK/dV from its own queries (contiguous) and from the gathered
+   queries that picked it, plus the sink partials in split order, cast once (deterministic); the picked
+   pairs' dQ goes into ``dq32`` by fp32 atomic adds (**not bitwise deterministic**).
+
+Block sizes and warps (``topk_attention_triton._config``) are first choices, untimed on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ratplus_titan.kernels.pattern_attention_triton import _LOG2E, _dot, _load_rows
+
+
+# --------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _local_ok(t, j, key_ok, BS, S):
+    """Own + sink part of the mask: ``j <= t`` and ``j`` in ``t``'s block or a sink."""
+    return key_ok & (j <= t) & ((j // BS == t // BS) | (j < S))
+
+
+@triton.jit
+def _local_block(i, m0, m_last, BS, S):
+    """Block ``i`` of a query tile's local visits: sink blocks before its own blocks, then its own blocks."""
+    first_own = m0 // BS
+    n_sink = tl.minimum(tl.cdiv(S, BS), first_own)
+    blk = tl.where(i < n_sink, i, first_own + i - n_sink)
+    return blk, n_sink + m_last // BS - first_own + 1
+
+
+@triton.jit
+def _pair_rows(pairs_base, c0, end, top_k, BLOCK_G: tl.constexpr):
+    """Queries, pick slots and validity of gathered pairs ``[c0, c0 + BLOCK_G)`` (of ``[.., end)``)."""
+    idx = c0 + tl.arange(0, BLOCK_G)
+    ok = idx < end
+    pair = tl.load(pairs_base + idx, mask=ok, other=0)
+    return pair // top_k, pair % top_k, ok
+
+
+@triton.jit
+def _key_tile(pid, BS, BLOCK_N: tl.constexpr, N_SUB: tl.constexpr):
+    """Block, key positions and in-block validity of program ``pid`` (sub-tile ``pid % N_SUB`` of its block)."""
+    blk = pid // N_SUB
+    offs_j = (pid % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return blk, blk * BS + offs_j, offs_j < BS
+
+
+@triton.jit
+def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale):
+    """dK/dV (unscaled dK) of keys ``k, v [N, hd]`` from queries ``q, do [M, hd]`` under ``ok [N, M]``; and dS^T."""
+    pT = tl.where(ok, tl.math.exp2(_dot(k, tl.trans(q), None) * qk_scale - lse2[None, :]), 0.0)  # [N, M]
+    dv = _dot(pT.to(do.dtype), do, dv)
+    dsT = pT * (_dot(v, tl.trans(do), None) - delta[None, :])
+    dk = _dot(dsT.to(q.dtype), q, dk)
+    return dk, dv, dsT
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "NB", "top_k", "P"])
+def _pair_lse_kernel(
+    Q, K, PAIRS, STARTS, PAIR_LSE,
+    sqb, sqh, sqt, skb, skh, skt,
+    H, T, NB, BS, S, top_k, P, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SUB: tl.constexpr,
+):
+    """Log-sum-exp (natural) of each query that picked the block, over the block's keys of this sub-tile."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
+    key_ok = in_block & (pos >= S)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b64 * sqb + h64 * sqh
+    start = tl.load(STARTS + bh64 * (NB + 1) + blk)
+    end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1)
+    for c0 in range(start, end, BLOCK_G):
+        t, slot, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_G)
+        q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
+        s = tl.where(key_ok[None, :], _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))  # [G, N], log2 units
+        m = tl.max(s, 1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)  # a sub-tile of sinks only: no key
+        lse2 = m_use + tl.math.log2(tl.sum(tl.math.exp2(s - m_use[:, None]), 1))
+        tl.store(PAIR_LSE + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(1) % N_SUB,
+                 lse2 / 1.4426950408889634, mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _local_fwd_kernel(
+    Q, K, V, OUT32, LSE, PICKED_LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    H, T, BS, S, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SUB: tl.constexpr, HAS_PICKS: tl.constexpr,
+):
+    """Own + sinks of a query tile; merged with the picked part's lse into the final lse and ``out32``'s local term."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    m0 = tl.program_id(1) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    _, n_visits = _local_block(0, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
+    for i in range(0, n_visits):
+        blk, _ = _local_block(i, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
+        for u in tl.static_range(N_SUB):
+            offs_j = u * BLOCK_N + tl.arange(0, BLOCK_N)
+            pos = blk * BS + offs_j
+            key_ok = (offs_j < BS) & (pos < T)
+            k = _load_rows(k_base, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+            ok = _local_ok(offs_m[:, None], pos[None, :], key_ok[None, :], BS, S)
+            qk = tl.where(ok, _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_base, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (t >= T) see nothing
+    lse2_local = tl.where(l_i == 0.0, 0.0, m_i + tl.math.log2(l_safe))
+    stat = bh.to(tl.int64) * T + offs_m
+    lse2 = lse2_local
+    if HAS_PICKS:  # log2(2^local + 2^picked); the local part is never empty (it holds the diagonal)
+        picked = tl.load(PICKED_LSE + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        top = tl.maximum(lse2_local, picked)
+        lse2 = top + tl.math.log2(tl.math.exp2(lse2_local - top) + tl.math.exp2(picked - top))
+    out = acc * (tl.math.exp2(lse2_local - lse2) / l_safe)[:, None]
+    tl.store(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(LSE + stat, lse2 / 1.4426950408889634, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "top_k", "P"])
+def _pair_out_kernel(
+    Q, K, V, PAIRS, STARTS, LSE, OUT32,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    H, T, NB, BS, S, top_k, P, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SUB: tl.constexpr,
+):
+    """``out32[t] += softmax probabilities of t over the block's keys @ V`` for each query that picked the block."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
+    key_ok = in_block & (pos >= S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b64 * sqb + h64 * sqh
+    start = tl.load(STARTS + bh64 * (NB + 1) + blk)
+    end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1)
+    for c0 in range(start, end, BLOCK_G):
+        t, _, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_G)
+        q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
+        p = tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse2[:, None])
+        p = tl.where(key_ok[None, :] & ok[:, None], p, 0.0)
+        part = _dot(p.to(v.dtype), v, None)  # [G, BLOCK_D]
+        tl.atomic_add(OUT32 + (bh64 * T + t)[:, None] * HEAD_DIM + offs_d[None, :], part,
+                      mask=ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _local_dq_kernel(
+    Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ32,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot,
+    H, T, BS, S, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SUB: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """``delta`` and the own + sink part of dQ of a query tile (``dq32``, fp32, scaled)."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    m0 = tl.program_id(1) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * sdob + h64 * sdoh, offs_m, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(Out + b64 * sob + h64 * soh, offs_m, sot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    stat = bh.to(tl.int64) * T + offs_m
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse_t / d s_tj = P_tj: folds into delta
+        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
+    tl.store(DELTA + stat, delta, mask=row_ok)
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    _, n_visits = _local_block(0, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
+    for i in range(0, n_visits):
+        blk, _ = _local_block(i, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
+        for u in tl.static_range(N_SUB):
+            offs_j = u * BLOCK_N + tl.arange(0, BLOCK_N)
+            pos = blk * BS + offs_j
+            key_ok = (offs_j < BS) & (pos < T)
+            k = _load_rows(k_base, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+            v = _load_rows(v_base, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+            p = tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse2[:, None])
+            p = tl.where(_local_ok(offs_m[:, None], pos[None, :], key_ok[None, :], BS, S), p, 0.0)
+            ds = p * (_dot(do, tl.trans(v), None) - delta[:, None])
+            dq = _dot(ds.to(k.dtype), k, dq)
+    tl.store(DQ32 + stat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT", "n_splits", "S_ROWS"])
+def _sink_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DKS, DVS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+    H, T, BS, S, SPLIT, n_splits, S_ROWS, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK (unscaled) / dV partials of sink keys ``[n*BLOCK_N, ..)`` from the sink pairs of queries of one split."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    split = tl.program_id(1)
+    pos = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = (pos < S) & (pos < T)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdob + h64 * sdoh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # queries of this split that see a sink outside their own block: from the end of block 0 on
+    lo = tl.maximum(split * SPLIT, BS)
+    hi = tl.minimum(split * SPLIT + SPLIT, T)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_t = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_t < hi
+        q = _load_rows(q_base, offs_t, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(do_base, offs_t, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+        stat = bh.to(tl.int64) * T + offs_t
+        lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        t, j = offs_t[None, :], pos[:, None]
+        ok = key_ok[:, None] & row_ok[None, :] & (j <= t) & (j // BS != t // BS)
+        dk, dv, _ = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale)
+    part = ((bh.to(tl.int64) * n_splits + split) * S_ROWS + pos[:, None]) * HEAD_DIM + offs_d[None, :]
+    mask = (pos < S_ROWS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(DKS + part, dk, mask=mask)
+    tl.store(DVS + part, dv, mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "top_k", "P", "n_splits", "S_ROWS"])
+def _key_block_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, DKS, DVS, PAIRS, STARTS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    H, T, NB, BS, S, top_k, P, n_splits, S_ROWS, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SUB: tl.constexpr,
+):
+    """dK/dV of one key sub-tile: own queries, gathered picking queries (their dQ by atomics), sink partials."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
+    in_block = in_block & (pos < T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdob + h64 * sdoh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # own part: the block's queries, contiguous
+    t_hi = tl.minimum(blk * BS + BS, T)
+    for m0 in range(blk * BS, t_hi, BLOCK_M):
+        offs_t = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_t < t_hi
+        q = _load_rows(q_base, offs_t, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(do_base, offs_t, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+        stat = bh64 * T + offs_t
+        lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        ok = in_block[:, None] & row_ok[None, :] & (pos[:, None] <= offs_t[None, :])
+        dk, dv, _ = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale)
+    # picked part: the queries that picked the block (complete blocks only), gathered
+    complete = blk < NB
+    start = tl.load(STARTS + bh64 * (NB + 1) + blk, mask=complete, other=0)
+    end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1, mask=complete, other=0)
+    key_ok = in_block & (pos >= S)
+    for c0 in range(start, end, BLOCK_M):
+        t, _, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_M)
+        q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(do_base, t, sdot, offs_d, ok, HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh64 * T + t, mask=ok, other=0.0)
+        dk, dv, dsT = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, key_ok[:, None] & ok[None, :], qk_scale)
+        dq = _dot(tl.trans(dsT).to(k.dtype), k, None) * scale  # [G, BLOCK_D]
+        tl.atomic_add(DQ32 + (bh64 * T + t)[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                      mask=ok[:, None] & d_ok[None, :], sem="relaxed")
+    # sink part: the split partials, in split order
+    sink = in_block & (pos < S_ROWS)
+    for split in range(0, tl.where(blk * BS < S_ROWS, n_splits, 0)):
+        part = ((bh64 * n_splits + split) * S_ROWS + pos[:, None]) * HEAD_DIM + offs_d[None, :]
+        dk += tl.load(DKS + part, mask=sink[:, None] & d_ok[None, :], other=0.0)
+        dv += tl.load(DVS + part, mask=sink[:, None] & d_ok[None, :], other=0.0)
+    kd_mask = in_block[:, None] & d_ok[None, :]
+    tl.store(DK + b64 * sdkb + h64 * sdkh + pos[:, None] * sdkt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kd_mask)
+    tl.store(DV + b64 * sdvb + h64 * sdvh + pos[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kd_mask)
+
+
+# --------------------------------------------------------------------------------------
+# launches
+# --------------------------------------------------------------------------------------
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """(batch, head, row) strides of each ``[B, H, T, hd]`` tensor, in order."""
+    return [s for x in tensors for s in x.stride()[:3]]
+
+
+def prefill_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor,
+    block_size: int, top_k: int, sinks: int, scale: float, config: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, T, hd] in q's dtype, lse [B, H, T] fp32)``; ``config``: ``topk_attention_triton._config``."""
+    batch, heads, seq_len, head_dim = q.shape
+    nb = starts.shape[1] - 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, warps, stages = (config[n] for n in ("tile_m", "block_n", "warps", "stages"))
+    n_sub = triton.cdiv(block_size, block_n)
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, N_SUB=n_sub, num_warps=warps, num_stages=stages)
+    qk_scale = scale * _LOG2E
+    has_picks = pairs.shape[1] > 0
+    out32 = torch.empty(batch, heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    picked_lse = lse
+    if has_picks:
+        pair_lse = torch.full((batch * heads, seq_len, top_k * n_sub), float("-inf"), device=q.device)
+        _pair_lse_kernel[(batch * heads, nb * n_sub)](
+            q, k, pairs, starts, pair_lse, *_strides(q, k),
+            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, **dims,
+        )  # fmt: skip
+        picked_lse = torch.logsumexp(pair_lse, -1)  # [B*H, T]
+    _local_fwd_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
+        q, k, v, out32, lse, picked_lse, *_strides(q, k, v),
+        heads, seq_len, block_size, sinks, qk_scale, BLOCK_M=block_m, HAS_PICKS=has_picks, **dims,
+    )  # fmt: skip
+    if has_picks:
+        _pair_out_kernel[(batch * heads, nb * n_sub)](
+            q, k, v, pairs, starts, lse, out32, *_strides(q, k, v),
+            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, **dims,
+        )  # fmt: skip
+    return out32.to(q.dtype), lse
+
+
+def prefill_backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor,
+    block_size: int, top_k: int, sinks: int, scale: float, config: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the forward under the same pairs."""
+    batch, heads, seq_len, head_dim = q.shape
+    nb, nbt = starts.shape[1] - 1, triton.cdiv(seq_len, block_size)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, warps, stages = (config[n] for n in ("tile_m", "block_n", "warps", "stages"))
+    n_sub = triton.cdiv(block_size, block_n)
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                num_stages=stages)
+    qk_scale = scale * _LOG2E
+    dq32 = torch.empty(batch, heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse.float().contiguous() if has_dlse else delta
+    _local_dq_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
+        q, k, v, out, grad_out, lse, dlse, delta, dq32, *_strides(q, k, v, out, grad_out),
+        heads, seq_len, block_size, sinks, qk_scale, scale, N_SUB=n_sub, HAS_DLSE=has_dlse, **dims,
+    )  # fmt: skip
+    s_rows = min(sinks, seq_len)  # sink keys that exist
+    split = config["split"]
+    n_splits = triton.cdiv(seq_len, split) if s_rows else 0
+    sink_dk = torch.empty(batch * heads, n_splits, s_rows, head_dim, dtype=torch.float32, device=q.device)
+    sink_dv = torch.empty_like(sink_dk)
+    if n_splits:
+        _sink_dkdv_kernel[(batch * heads, n_splits, triton.cdiv(s_rows, block_n))](
+            q, k, v, grad_out, lse, delta, sink_dk, sink_dv, *_strides(q, k, v, grad_out),
+            heads, seq_len, block_size, sinks, split, n_splits, s_rows, qk_scale, **dims,
+        )  # fmt: skip
+    _key_block_bwd_kernel[(batch * heads, nbt * n_sub)](
+        q, k, v, grad_out, lse, delta, dk, dv, dq32, sink_dk, sink_dv, pairs, starts,
+        *_strides(q, k, v, grad_out, dk, dv),
+        heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], n_splits, s_rows, qk_scale, scale,
+        N_SUB=n_sub, **dims,
+    )  # fmt: skip
+    return dq32.to(q.dtype), dk, dv

@@ -16,11 +16,11 @@ of each block and the causal triangle of the own blocks (``bench/topk.py`` repor
 
 **Forward** (exact, two passes over the picked pairs, fp32 statistics):
 
-1. ``_pair_lse_kernel``: the log-sum-exp of each (query, picked block) pair, into ``[B*H, T, top_k * N_SUB]``
+1. ``_pair_fwd_kernel`` (pass 1): the log-sum-exp of each (query, picked block) pair, into ``[B*H, T, top_k * N_SUB]``
    (``-inf`` where a query has fewer picks); ``torch.logsumexp`` reduces it per query.
 2. ``_local_fwd_kernel``: own + sinks by an online softmax, merged with the picked part's log-sum-exp into the
    final ``lse``; writes ``out32 = O_local * exp(lse_local - lse)`` (fp32).
-3. ``_pair_out_kernel``: recomputes the scores of each pair with ``p = exp(s - lse)`` (final probabilities)
+3. ``_pair_fwd_kernel`` (pass 2): recomputes the scores of each pair with ``p = exp(s - lse)`` (final probabilities)
    and adds ``p @ V`` into ``out32`` with fp32 atomic adds. The order of the adds varies from run to run:
    the forward output is exact to fp32 rounding but **not bitwise deterministic**.
 
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ratplus_titan.kernels.pattern_attention_triton import _LOG2E, _dot, _load_rows
+from ratplus_titan.kernels.pattern_attention_triton import _LOG2E, _dot, _dq_row_stats, _load_rows
 
 
 # --------------------------------------------------------------------------------------
@@ -67,6 +67,34 @@ def _local_block(i, m0, m_last, BS, S):
     n_sink = tl.minimum(tl.cdiv(S, BS), first_own)
     blk = tl.where(i < n_sink, i, first_own + i - n_sink)
     return blk, n_sink + m_last // BS - first_own + 1
+
+
+@triton.jit
+def _query_tile(Q, K, V, sqb, sqh, sqt, skb, skh, svb, svh, H, T,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Program ``(bh, tile)`` of a query-major kernel: its (batch, head) offsets, rows, q rows, k and v bases."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    m0 = tl.program_id(1) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    return b64, h64, m0, offs_m, offs_d, row_ok, q, K + b64 * skb + h64 * skh, V + b64 * svb + h64 * svh
+
+
+@triton.jit
+def _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Sub-tile ``u`` of local visit ``i`` of the query tile at ``m0``: keys, values, own + sink mask ``[M, N]``."""
+    blk, _ = _local_block(i, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
+    offs_j = u * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos = blk * BS + offs_j
+    key_ok = (offs_j < BS) & (pos < T)
+    k = _load_rows(k_base, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
+    return k, v, _local_ok(offs_m[:, None], pos[None, :], key_ok[None, :], BS, S)
 
 
 @triton.jit
@@ -100,22 +128,28 @@ def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale):
 # forward
 # --------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "NB", "top_k", "P"])
-def _pair_lse_kernel(
-    Q, K, PAIRS, STARTS, PAIR_LSE,
-    sqb, sqh, sqt, skb, skh, skt,
+def _pair_fwd_kernel(
+    Q, K, V, PAIRS, STARTS, LSE, DEST,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     H, T, NB, BS, S, top_k, P, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_SUB: tl.constexpr,
+    N_SUB: tl.constexpr, OUT_PASS: tl.constexpr,
 ):
-    """Log-sum-exp (natural) of each query that picked the block, over the block's keys of this sub-tile."""
+    """The queries that picked the block against its keys of this sub-tile, ``BLOCK_G`` gathered rows at a time.
+
+    Pass 1 (``OUT_PASS`` false): each pair's log-sum-exp (natural) into ``DEST [B*H, T, top_k * N_SUB]``.
+    Pass 2: ``DEST [B*H, T, hd] += p @ V`` with the final probabilities ``p = exp(s - lse)`` (fp32 atomics).
+    """
     bh = tl.program_id(0)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
     bh64 = bh.to(tl.int64)
     blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
-    key_ok = in_block & (pos >= S)
+    key_ok = in_block & (pos >= S)  # sinks in a picked block belong to the local part
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
+    if OUT_PASS:
+        v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
     q_base = Q + b64 * sqb + h64 * sqh
     start = tl.load(STARTS + bh64 * (NB + 1) + blk)
     end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1)
@@ -123,11 +157,17 @@ def _pair_lse_kernel(
         t, slot, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_G)
         q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
         s = tl.where(key_ok[None, :], _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))  # [G, N], log2 units
-        m = tl.max(s, 1)
-        m_use = tl.where(m == float("-inf"), 0.0, m)  # a sub-tile of sinks only: no key
-        lse2 = m_use + tl.math.log2(tl.sum(tl.math.exp2(s - m_use[:, None]), 1))
-        tl.store(PAIR_LSE + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(1) % N_SUB,
-                 lse2 / 1.4426950408889634, mask=ok)
+        if OUT_PASS:
+            lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
+            p = tl.where(ok[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
+            tl.atomic_add(DEST + (bh64 * T + t)[:, None] * HEAD_DIM + offs_d[None, :], _dot(p.to(v.dtype), v, None),
+                          mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+        else:
+            m = tl.max(s, 1)
+            m_use = tl.where(m == float("-inf"), 0.0, m)  # a sub-tile of sinks only: no key, lse -inf
+            lse2 = m_use + tl.math.log2(tl.sum(tl.math.exp2(s - m_use[:, None]), 1))
+            tl.store(DEST + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(1) % N_SUB,
+                     lse2 / 1.4426950408889634, mask=ok)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -139,40 +179,27 @@ def _local_fwd_kernel(
     N_SUB: tl.constexpr, HAS_PICKS: tl.constexpr,
 ):
     """Own + sinks of a query tile; merged with the picked part's lse into the final lse and ``out32``'s local term."""
-    bh = tl.program_id(0)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    m0 = tl.program_id(1) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    _, _, m0, offs_m, offs_d, row_ok, q, k_base, v_base = _query_tile(Q, K, V, sqb, sqh, sqt, skb, skh, svb, svh, H, T,
+                                                                     HEAD_DIM, BLOCK_D, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     _, n_visits = _local_block(0, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
     for i in range(0, n_visits):
-        blk, _ = _local_block(i, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
         for u in tl.static_range(N_SUB):
-            offs_j = u * BLOCK_N + tl.arange(0, BLOCK_N)
-            pos = blk * BS + offs_j
-            key_ok = (offs_j < BS) & (pos < T)
-            k = _load_rows(k_base, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
-            ok = _local_ok(offs_m[:, None], pos[None, :], key_ok[None, :], BS, S)
+            k, v, ok = _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S, HEAD_DIM, BLOCK_D,
+                                   BLOCK_M, BLOCK_N)
             qk = tl.where(ok, _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
             p = tl.math.exp2(qk - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_base, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (t >= T) see nothing
     lse2_local = tl.where(l_i == 0.0, 0.0, m_i + tl.math.log2(l_safe))
-    stat = bh.to(tl.int64) * T + offs_m
+    stat = tl.program_id(0).to(tl.int64) * T + offs_m
     lse2 = lse2_local
     if HAS_PICKS:  # log2(2^local + 2^picked); the local part is never empty (it holds the diagonal)
         picked = tl.load(PICKED_LSE + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
@@ -182,39 +209,6 @@ def _local_fwd_kernel(
     tl.store(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], out,
              mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(LSE + stat, lse2 / 1.4426950408889634, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["T", "NB", "top_k", "P"])
-def _pair_out_kernel(
-    Q, K, V, PAIRS, STARTS, LSE, OUT32,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-    H, T, NB, BS, S, top_k, P, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_SUB: tl.constexpr,
-):
-    """``out32[t] += softmax probabilities of t over the block's keys @ V`` for each query that picked the block."""
-    bh = tl.program_id(0)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
-    key_ok = in_block & (pos >= S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
-    q_base = Q + b64 * sqb + h64 * sqh
-    start = tl.load(STARTS + bh64 * (NB + 1) + blk)
-    end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1)
-    for c0 in range(start, end, BLOCK_G):
-        t, _, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_G)
-        q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
-        p = tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse2[:, None])
-        p = tl.where(key_ok[None, :] & ok[:, None], p, 0.0)
-        part = _dot(p.to(v.dtype), v, None)  # [G, BLOCK_D]
-        tl.atomic_add(OUT32 + (bh64 * T + t)[:, None] * HEAD_DIM + offs_d[None, :], part,
-                      mask=ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------
@@ -229,36 +223,18 @@ def _local_dq_kernel(
     N_SUB: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """``delta`` and the own + sink part of dQ of a query tile (``dq32``, fp32, scaled)."""
-    bh = tl.program_id(0)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    m0 = tl.program_id(1) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * sdob + h64 * sdoh, offs_m, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    o = _load_rows(Out + b64 * sob + h64 * soh, offs_m, sot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    stat = bh.to(tl.int64) * T + offs_m
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    if HAS_DLSE:  # d lse_t / d s_tj = P_tj: folds into delta
-        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
-    tl.store(DELTA + stat, delta, mask=row_ok)
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    b64, h64, m0, offs_m, offs_d, row_ok, q, k_base, v_base = _query_tile(Q, K, V, sqb, sqh, sqt, skb, skh, svb, svh,
+                                                                         H, T, HEAD_DIM, BLOCK_D, BLOCK_M)
+    stat = tl.program_id(0).to(tl.int64) * T + offs_m
+    do, delta, lse2 = _dq_row_stats(DO + b64 * sdob + h64 * sdoh, Out + b64 * sob + h64 * soh, LSE, DLSE, DELTA,
+                                    sdot, sot, stat, offs_m, offs_d, row_ok, HEAD_DIM, BLOCK_D, HAS_DLSE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     _, n_visits = _local_block(0, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
     for i in range(0, n_visits):
-        blk, _ = _local_block(i, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
         for u in tl.static_range(N_SUB):
-            offs_j = u * BLOCK_N + tl.arange(0, BLOCK_N)
-            pos = blk * BS + offs_j
-            key_ok = (offs_j < BS) & (pos < T)
-            k = _load_rows(k_base, pos, skt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
-            v = _load_rows(v_base, pos, svt, offs_d, key_ok, HEAD_DIM, BLOCK_D, True)
-            p = tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse2[:, None])
-            p = tl.where(_local_ok(offs_m[:, None], pos[None, :], key_ok[None, :], BS, S), p, 0.0)
+            k, v, ok = _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S, HEAD_DIM, BLOCK_D,
+                                   BLOCK_M, BLOCK_N)
+            p = tl.where(ok, tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse2[:, None]), 0.0)
             ds = p * (_dot(do, tl.trans(v), None) - delta[:, None])
             dq = _dot(ds.to(k.dtype), k, dq)
     tl.store(DQ32 + stat[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
@@ -395,9 +371,10 @@ def prefill_forward(
     picked_lse = lse
     if has_picks:
         pair_lse = torch.full((batch * heads, seq_len, top_k * n_sub), float("-inf"), device=q.device)
-        _pair_lse_kernel[(batch * heads, nb * n_sub)](
-            q, k, pairs, starts, pair_lse, *_strides(q, k),
-            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, **dims,
+        _pair_fwd_kernel[(batch * heads, nb * n_sub)](
+            q, k, v, pairs, starts, lse, pair_lse, *_strides(q, k, v),
+            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=False,
+            **dims,
         )  # fmt: skip
         picked_lse = torch.logsumexp(pair_lse, -1)  # [B*H, T]
     _local_fwd_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
@@ -405,9 +382,10 @@ def prefill_forward(
         heads, seq_len, block_size, sinks, qk_scale, BLOCK_M=block_m, HAS_PICKS=has_picks, **dims,
     )  # fmt: skip
     if has_picks:
-        _pair_out_kernel[(batch * heads, nb * n_sub)](
+        _pair_fwd_kernel[(batch * heads, nb * n_sub)](
             q, k, v, pairs, starts, lse, out32, *_strides(q, k, v),
-            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, **dims,
+            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=True,
+            **dims,
         )  # fmt: skip
     return out32.to(q.dtype), lse
 

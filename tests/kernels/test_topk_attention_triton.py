@@ -413,12 +413,12 @@ def prefill_kernels(dt, block_m, block_n, n_sub):  # the six prefill kernels wit
     lists = {"PAIRS": i32, "STARTS": i32}
     qkv = {"Q": dt, "K": dt, "V": dt}
     return [
-        compile_for_sm90(tpf._pair_lse_kernel, {**qkv, **lists, "PAIR_LSE": f32},
-                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub), ("qk_scale",)),
+        compile_for_sm90(tpf._pair_fwd_kernel, {**qkv, **lists, "LSE": f32, "DEST": f32},
+                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub, OUT_PASS=False), ("qk_scale",)),
         compile_for_sm90(tpf._local_fwd_kernel, {**qkv, "OUT32": f32, "LSE": f32, "PICKED_LSE": f32},
                          dict(dims, BLOCK_M=block_m, N_SUB=n_sub, HAS_PICKS=True), ("qk_scale",)),
-        compile_for_sm90(tpf._pair_out_kernel, {**qkv, **lists, "LSE": f32, "OUT32": f32},
-                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub), ("qk_scale",)),
+        compile_for_sm90(tpf._pair_fwd_kernel, {**qkv, **lists, "LSE": f32, "DEST": f32},
+                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub, OUT_PASS=True), ("qk_scale",)),
         compile_for_sm90(tpf._local_dq_kernel, {**qkv, "Out": dt, "DO": dt, "LSE": f32, "DLSE": f32, "DELTA": f32,
                                                 "DQ32": f32},
                          dict(dims, BLOCK_M=block_m, N_SUB=n_sub, HAS_DLSE=True), ("qk_scale", "scale")),

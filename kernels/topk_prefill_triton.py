@@ -39,7 +39,15 @@ bf16, so not used.
    queries that picked it, plus the sink partials in split order, cast once (deterministic); the picked
    pairs' dQ goes into ``dq32`` by fp32 atomic adds (**not bitwise deterministic**).
 
-Block sizes and warps (``topk_attention_triton._config``) are first choices, untimed on a GPU.
+**Memory** beyond q, k, v (B=1, H=16, T=64K, hd=128, block 64, top_k=64 so P ~ 4.1M pairs per head): pair
+lists ``[B*H, P]`` int32 260 MB (saved for backward with ``starts``), selection bits ``[B*H, T, 32]`` int32
+128 MB, per-(block, chunk) counts and offsets 3 x 64 MB (transient), pair log-sum-exps ``[B*H, T, top_k]``
+fp32 268 MB (transient), ``out32`` / ``dq32`` ``[B*H, T, hd]`` fp32 512 MB each (transient).
+
+Block sizes and warps (``topk_attention_triton._config``) are first choices, untimed on a GPU. Key blocks
+are not equally loaded: early blocks are picked by many more queries (for iid inputs at T=16K the busiest
+block has ~10x the mean), so the grid runs low block indices first; splitting the busiest blocks over
+several programs is the next step if the GPU shows a tail.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ reference's own function, so they are bitwise the reference's).
 **Top-k of a row** (``_top_k_select``): each score is mapped to an unsigned 32-bit key with the same order
 (the fp32 bit pattern, sign-flipped), and the ``k``-th largest key is found bit by bit from the top: 32
 count passes at most (each ``count(key >= x)`` over the row), fewer when every row of the tile already
-has exactly ``k`` keys at or above its threshold. Exact, whatever the score distribution (no tolerance,
+has exactly ``k`` keys at or above its threshold, none when every row takes all its candidates. Exact, whatever the score distribution (no tolerance,
 no value bisection). Equal scores at the threshold go to the lowest block indices (``torch.topk`` leaves
 tie order unspecified; with real activations ties do not happen). ``-0.0`` counts as ``0.0``.
 
@@ -59,13 +59,14 @@ def _score_dot(a, b, acc, IEEE: tl.constexpr):
 def _top_k_select(s, cand, top_k):
     """``s [M, N]`` fp32 scores, ``cand [M, N]`` candidates -> ``[M, N]`` bool: each row's ``min(top_k, #cand)``
     highest-scoring candidates (ties at the threshold: lowest indices first)."""
-    k = tl.minimum(tl.sum(cand.to(tl.int32), 1), top_k)
+    n_cand = tl.sum(cand.to(tl.int32), 1)
+    k = tl.minimum(n_cand, top_k)
     bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)  # -0.0 -> 0.0
     key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)  # unsigned, in the order of the scores
     key = tl.where(cand, key, 0)
     # x: the largest value with count(key >= x) >= k, built from the top bit down (the k-th largest key)
-    x = tl.zeros_like(k).to(tl.uint32)
-    done = k == 0
+    done = k == n_cand  # every candidate (or none): any x below the candidates' keys, which are all >= 1
+    x = done.to(tl.uint32)
     step = tl.full([], 0x80000000, tl.uint32)
     while (step > 0) & (tl.sum((~done).to(tl.int32), 0) > 0):
         trial = x | step

@@ -191,6 +191,8 @@ def select_prefill(
     bs, top_k = pattern.block_size, pattern.top_k
     nb, nb_pad = seq_len // bs, blocks_padded(triton.cdiv(seq_len, bs))
     n_pairs = pair_count(seq_len, bs, top_k)
+    if seq_len * top_k >= 2**31:  # pairs are int32 t * top_k + slot
+        raise ValueError(f"topk prefill needs T * top_k < 2^31, got T={seq_len}, top_k={top_k}")
     bits = torch.zeros(batch * heads, seq_len, nb_pad // 32, dtype=torch.int32, device=q.device)
     pairs = torch.empty(batch * heads, n_pairs, dtype=torch.int32, device=q.device)
     starts = torch.zeros(batch * heads, nb + 1, dtype=torch.int32, device=q.device)

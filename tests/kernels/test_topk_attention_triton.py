@@ -134,6 +134,13 @@ def test_forward_backward_match_reference_bf16(case, score, device):
     run_case(case, score, torch.bfloat16, seed=3, device=device)
 
 
+@needs_interpreter
+def test_head_dim_not_a_power_of_two(device):
+    """hd=24 (padded to 32 inside the kernels): every load, store and atomic masks the padding."""
+    run_case((45, 5, 3, 6, 2, 2), "moba", torch.float32, seed=2, device=device, head_dim=24)
+    run_case((45, 5, 3, 6, 2, 2), "quest", torch.bfloat16, seed=1, device=device, head_dim=24)
+
+
 @triton.jit
 def _top_k_kernel(SCORES, CAND, SEL, top_k, M: tl.constexpr, N: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]

@@ -15,7 +15,8 @@ One call, about 90 s on an H200 (``--budget`` seconds: phases that would not fit
    and the selection alone (``select_share``: its share of the forward, which includes it); ``work_ratio``
    = (query, key block) products the kernels compute / those the queries attend (own block and picks):
    above 1 only by the padding of each block's last gathered query tile, the causal triangle of the own
-   blocks and the sink blocks. Input kinds: ``iid``
+   blocks and the sink blocks; on CUDA ``fwd_bwd_kernels_ms`` lists each kernel's time (torch.profiler).
+   Input kinds: ``iid``
    (independent Gaussian q, k, v: neighbouring queries pick unrelated blocks, the worst case) and
    ``smooth64``, ``smooth256`` (queries interpolated between Gaussian anchors 64 / 256 positions apart,
    keys iid: neighbouring queries pick alike). Target: forward >= 8x SDPA.
@@ -221,6 +222,17 @@ def work_ratio(seq_len: int, pattern: TopKPattern, starts: torch.Tensor, tile_m:
     return (picked + local) / attended
 
 
+def kernel_times(fn) -> list[list]:
+    """``[name, ms]`` of each CUDA kernel of one call of ``fn``, in launch order (torch.profiler; after a warm call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [[e.name[:60], e.device_time / 1e3] for e in sorted(kernels, key=lambda e: e.time_range.start)]
+
+
 def fwd_bwd(attention, leaves: list[torch.Tensor], grad: torch.Tensor):
     return torch.autograd.grad(attention(*leaves), leaves, grad)
 
@@ -262,6 +274,11 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
                     row["fwd_ms"] = clock.ms(functools.partial(attention, q, k, v), rep)
                     row["fwd_bwd_ms"] = clock.ms(functools.partial(fwd_bwd, attention, leaves, grad), rep)
                     row["select_share"] = row["select_ms"] / row["fwd_ms"]
+                    if device == "cuda":  # where the time goes (the forward's two pair passes share one kernel)
+                        try:
+                            row["fwd_bwd_kernels_ms"] = kernel_times(functools.partial(fwd_bwd, attention, leaves, grad))
+                        except Exception as error:  # the profiler's API moves between torch versions
+                            row["fwd_bwd_kernels_ms"] = repr(error)[:200]
                     row["fwd_speedup_vs_sdpa"] = base["sdpa_fwd_ms"] / row["fwd_ms"]
                     row["fwd_bwd_speedup_vs_sdpa"] = base["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
                     log(f"prefill T={seq_len} {kind:9s} {score:7s}: fwd {row['fwd_ms']:.3f} ms "

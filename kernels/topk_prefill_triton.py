@@ -24,6 +24,12 @@ of each block and the causal triangle of the own blocks (``bench/topk.py`` repor
    and adds ``p @ V`` into ``out32`` with fp32 atomic adds. The order of the adds varies from run to run:
    the forward output is exact to fp32 rounding but **not bitwise deterministic**.
 
+The cost to watch on the GPU is pass 2's adds: ``top_k * hd`` fp32 per query (B=1, H=16, T=64K, top_k=64,
+hd=128: 8.6e9 adds, 34 GB of atomic traffic) against 2 x 64 x hd multiply-adds per (query, pick). The grid
+runs one head's key blocks together so that the head's ``out32`` slice (T x hd x 4 = 32 MB at 64K) stays in
+the H100's 50 MB L2; if the adds still bound the forward, bench/topk.py shows it (``fwd_bwd_kernels_ms``: pass 2's
+``_pair_fwd_kernel``, with the QK and PV dots and the adds, far above twice pass 1's, QK only). dQ in the backward has the same traffic.
+
 Deterministic alternative considered: per-(query, pick) partial outputs ``[T, top_k, hd]`` merged
 query-major. At T=64K, top_k=64, hd=128: 2 GiB fp32 per (batch, head), 32 GiB for 16 heads; writing and
 reading it moves 8 bytes per (pair, channel) against 256 flops per (pair, channel) of dots (64 keys x 2
@@ -148,11 +154,11 @@ def _pair_fwd_kernel(
     Pass 1 (``OUT_PASS`` false): each pair's log-sum-exp (natural) into ``DEST [B*H, T, top_k * N_SUB]``.
     Pass 2: ``DEST [B*H, T, hd] += p @ V`` with the final probabilities ``p = exp(s - lse)`` (fp32 atomics).
     """
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)  # grid (key tiles, B*H): one head's blocks run together (its out32 / dq32 stay in L2)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
+    blk, pos, in_block = _key_tile(tl.program_id(0), BS, BLOCK_N, N_SUB)
     key_ok = in_block & (pos >= S)  # sinks in a picked block belong to the local part
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
@@ -174,7 +180,7 @@ def _pair_fwd_kernel(
             m = tl.max(s, 1)
             m_use = tl.where(m == float("-inf"), 0.0, m)  # a sub-tile of sinks only: no key, lse -inf
             lse2 = m_use + tl.math.log2(tl.sum(tl.math.exp2(s - m_use[:, None]), 1))
-            tl.store(DEST + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(1) % N_SUB,
+            tl.store(DEST + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(0) % N_SUB,
                      lse2 / 1.4426950408889634, mask=ok)
 
 
@@ -299,11 +305,11 @@ def _key_block_bwd_kernel(
     N_SUB: tl.constexpr,
 ):
     """dK/dV of one key sub-tile: own queries, gathered picking queries (their dQ by atomics), sink partials."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)  # grid (key tiles, B*H): one head's blocks run together (its out32 / dq32 stay in L2)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    blk, pos, in_block = _key_tile(tl.program_id(1), BS, BLOCK_N, N_SUB)
+    blk, pos, in_block = _key_tile(tl.program_id(0), BS, BLOCK_N, N_SUB)
     in_block = in_block & (pos < T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -379,7 +385,7 @@ def prefill_forward(
     picked_lse = lse
     if has_picks:
         pair_lse = torch.full((batch * heads, seq_len, top_k * n_sub), float("-inf"), device=q.device)
-        _pair_fwd_kernel[(batch * heads, nb * n_sub)](
+        _pair_fwd_kernel[(nb * n_sub, batch * heads)](
             q, k, v, pairs, starts, lse, pair_lse, *_strides(q, k, v),
             heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=False,
             **dims,
@@ -390,7 +396,7 @@ def prefill_forward(
         heads, seq_len, block_size, sinks, qk_scale, BLOCK_M=block_m, HAS_PICKS=has_picks, **dims,
     )  # fmt: skip
     if has_picks:
-        _pair_fwd_kernel[(batch * heads, nb * n_sub)](
+        _pair_fwd_kernel[(nb * n_sub, batch * heads)](
             q, k, v, pairs, starts, lse, out32, *_strides(q, k, v),
             heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=True,
             **dims,
@@ -431,7 +437,7 @@ def prefill_backward(
             q, k, v, grad_out, lse, delta, sink_dk, sink_dv, *_strides(q, k, v, grad_out),
             heads, seq_len, block_size, sinks, split, n_splits, s_rows, qk_scale, **dims,
         )  # fmt: skip
-    _key_block_bwd_kernel[(batch * heads, nbt * n_sub)](
+    _key_block_bwd_kernel[(nbt * n_sub, batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dq32, sink_dk, sink_dv, pairs, starts,
         *_strides(q, k, v, grad_out, dk, dv),
         heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], n_splits, s_rows, qk_scale, scale,

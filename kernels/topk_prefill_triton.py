@@ -24,17 +24,16 @@ of each block and the causal triangle of the own blocks (``bench/topk.py`` repor
    and adds ``p @ V`` into ``out32`` with fp32 atomic adds. The order of the adds varies from run to run:
    the forward output is exact to fp32 rounding but **not bitwise deterministic**.
 
-The cost to watch on the GPU is pass 2's adds: ``top_k * hd`` fp32 per query (B=1, H=16, T=64K, top_k=64,
-hd=128: 8.6e9 adds, 34 GB of atomic traffic) against 2 x 64 x hd multiply-adds per (query, pick). The grid
-runs one head's key blocks together so that the head's ``out32`` slice (T x hd x 4 = 32 MB at 64K) stays in
-the H100's 50 MB L2; if the adds still bound the forward, bench/topk.py shows it (``fwd_bwd_kernels_ms``: pass 2's
-``_pair_fwd_kernel``, with the QK and PV dots and the adds, far above twice pass 1's, QK only). dQ in the backward has the same traffic.
-
 Deterministic alternative considered: per-(query, pick) partial outputs ``[T, top_k, hd]`` merged
-query-major. At T=64K, top_k=64, hd=128: 2 GiB fp32 per (batch, head), 32 GiB for 16 heads; writing and
-reading it moves 8 bytes per (pair, channel) against 256 flops per (pair, channel) of dots (64 keys x 2
-matmuls x 2), about 1.5x the 209 flops/byte an H100 sustains at its bf16 peak: memory-bound even in
-bf16, so not used.
+query-major. At T=64K, top_k=64, hd=128: 2 GiB fp32 per (batch, head), 32 GiB for 16 heads. Per (pair,
+channel) the dots do 256 flops (64 keys x 2 matmuls x 2); writing and reading an fp32 partial moves 8 bytes
+of HBM traffic (32 flops/byte; 64 in bf16), where an H100 needs ~200-300 flops/byte to stay compute-bound
+(~700-990 TFLOP/s over 3.35 TB/s): memory-bound by 3-9x, so not used. The atomics move 4 bytes per (pair,
+channel) too (8.6e9 fp32 adds, 34 GB, at T=64K with 16 heads), but into L2: the grid runs one head's key
+blocks together, so that the head's ``out32`` slice (T x hd x 4 = 32 MB at 64K) stays in the 50 MB L2. Whether
+L2 absorbs them at that rate is the number to measure first on the GPU: ``bench/topk.py``'s
+``fwd_bwd_kernels_ms`` shows it (pass 2's ``_pair_fwd_kernel``, QK and PV dots and the adds, far above twice
+pass 1's, QK only, means the adds bound it). dQ in the backward has the same traffic.
 
 **Backward** (gradients of softmax attention under the fixed mask; ``delta = rowsum(dO * O) - dLSE``):
 

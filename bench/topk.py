@@ -12,8 +12,11 @@ One call, about 90 s on an H200 (``--budget`` seconds: phases that would not fit
    (S + (top_k + 1) * 64, as counts). Target: top-k within 1.3x.
 3. ``prefill``: B=1, 16 x 128 heads, bf16, the same pattern, T from ``--seq-lens``: dense causal SDPA
    forward and forward+backward, and for each input kind and score the top-k forward, forward+backward
-   and the selection alone; ``visit_ratio`` = key blocks the kernels compute / key blocks the queries
-   attend (1 = no waste; the union of a query tile's picks makes it larger). Input kinds: ``iid``
+   and the selection alone (``select_share``: its share of the forward, which includes it); ``work_ratio``
+   = (query, key block) products the kernels compute / those the queries attend (own block and picks):
+   above 1 only by the padding of each block's last gathered query tile, the causal triangle of the own
+   blocks and the sink blocks; on CUDA ``fwd_bwd_kernels_ms`` lists each kernel's time (torch.profiler).
+   Input kinds: ``iid``
    (independent Gaussian q, k, v: neighbouring queries pick unrelated blocks, the worst case) and
    ``smooth64``, ``smooth256`` (queries interpolated between Gaussian anchors 64 / 256 positions apart,
    keys iid: neighbouring queries pick alike). Target: forward >= 8x SDPA.
@@ -122,8 +125,8 @@ def check(sizes: dict, device: str) -> dict:
         grad_out = torch.randn_like(got)
         grads = torch.autograd.grad((got.float() * grad_out.float()).sum(), (q, k, v))
         picks, ref, ref_grads = reference_float64(q.detach(), k.detach(), v.detach(), pattern, grad_out)
-        bits, _ = torch.ops.ratplus.topk_select(q.detach(), k.detach(), pattern.block_size, pattern.top_k,
-                                                pattern.sinks, score, tat._tile_m(q.dtype))
+        bits, _, _ = torch.ops.ratplus.topk_select(q.detach(), k.detach(), pattern.block_size, pattern.top_k,
+                                                   pattern.sinks, score)
         shifts = torch.arange(32, device=device, dtype=torch.int32)
         ours = (((bits[..., None] >> shifts) & 1) != 0).flatten(-2)[..., : picks.shape[-1]]
         differ = (ours != picks.flatten(0, 1)).any(-1)  # [B*H, T]
@@ -202,12 +205,32 @@ def bench_decode(sizes: dict, device: str, clock: Clock, scores=SCORES) -> list[
 
 
 # ---- 3. prefill ---------------------------------------------------------------------------------
-def visit_ratio(seq_len: int, pattern: TopKPattern, visits: torch.Tensor, tile_m: int) -> float:
-    """Key blocks computed (tile x visited block) / key blocks attended (picks + own block), per query."""
-    bs, t = pattern.block_size, torch.arange(seq_len, dtype=torch.float64)
-    attended = (torch.clamp(t // bs, max=pattern.top_k) + 1).sum().item() * visits.shape[0]
-    computed = visits.sum(dtype=torch.float64).item() * tile_m
-    return computed / attended
+def work_ratio(seq_len: int, pattern: TopKPattern, starts: torch.Tensor, tile_m: int) -> float:
+    """(query, key block) products computed / attended (picks + own block), over all (batch, head)s.
+
+    Computed: each block's picking queries in gathered tiles of ``tile_m`` (the last one padded), and each
+    query tile of the local part against its sink blocks and own blocks (``topk_prefill_triton._local_block``).
+    """
+    bs, heads = pattern.block_size, starts.shape[0]
+    t = torch.arange(seq_len, dtype=torch.float64)
+    attended = (torch.clamp(t // bs, max=pattern.top_k) + 1).sum().item() * heads
+    counts = (starts[:, 1:] - starts[:, :-1]).double()
+    picked = (torch.ceil(counts / tile_m) * tile_m).sum().item()
+    m0 = torch.arange(0, seq_len, tile_m)
+    first, last = m0 // bs, (torch.clamp(m0 + tile_m, max=seq_len) - 1) // bs
+    local = (torch.clamp(first, max=-(-pattern.sinks // bs)) + last - first + 1).sum().item() * tile_m * heads
+    return (picked + local) / attended
+
+
+def kernel_times(fn) -> list[list]:
+    """``[name, ms]`` of each CUDA kernel of one call of ``fn``, in launch order (torch.profiler; after a warm call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [[e.name[:60], e.device_time / 1e3] for e in sorted(kernels, key=lambda e: e.time_range.start)]
 
 
 def fwd_bwd(attention, leaves: list[torch.Tensor], grad: torch.Tensor):
@@ -224,7 +247,7 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
             continue
         top_k = max(1, seq_len // 16 // block)
         rep = 100 if seq_len <= 16384 else 50
-        tile_m = tat._tile_m(torch.bfloat16)
+        tile_m = tat._config(torch.bfloat16, block)["tile_m"]
         base = {"seq_len": seq_len, "top_k": top_k, "block": block, "sinks": sinks, "tile_m": tile_m}
         q, k, v = make_inputs("iid", 1, heads, seq_len, head_dim, device, torch.bfloat16)
         grad = torch.randn_like(q)
@@ -243,19 +266,25 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
                 pattern = TopKPattern(block, top_k, score, sinks)
                 row = dict(base, inputs=kind, score=score)
                 try:
-                    _, visits = torch.ops.ratplus.topk_select(q, k, block, top_k, sinks, score, tile_m)
-                    row["visit_ratio"] = visit_ratio(seq_len, pattern, visits, tile_m)
-                    select = functools.partial(torch.ops.ratplus.topk_select, q, k, block, top_k, sinks, score, tile_m)
+                    _, _, starts = torch.ops.ratplus.topk_select(q, k, block, top_k, sinks, score)
+                    row["work_ratio"] = work_ratio(seq_len, pattern, starts.cpu(), tile_m)
+                    select = functools.partial(torch.ops.ratplus.topk_select, q, k, block, top_k, sinks, score)
                     attention = functools.partial(tat.topk_attention_triton, pattern=pattern)
                     row["select_ms"] = clock.ms(select, rep)
                     row["fwd_ms"] = clock.ms(functools.partial(attention, q, k, v), rep)
                     row["fwd_bwd_ms"] = clock.ms(functools.partial(fwd_bwd, attention, leaves, grad), rep)
+                    row["select_share"] = row["select_ms"] / row["fwd_ms"]
+                    if device == "cuda":  # where the time goes (the forward's two pair passes share one kernel)
+                        try:
+                            row["fwd_bwd_kernels_ms"] = kernel_times(functools.partial(fwd_bwd, attention, leaves, grad))
+                        except Exception as error:  # the profiler's API moves between torch versions
+                            row["fwd_bwd_kernels_ms"] = repr(error)[:200]
                     row["fwd_speedup_vs_sdpa"] = base["sdpa_fwd_ms"] / row["fwd_ms"]
                     row["fwd_bwd_speedup_vs_sdpa"] = base["sdpa_fwd_bwd_ms"] / row["fwd_bwd_ms"]
                     log(f"prefill T={seq_len} {kind:9s} {score:7s}: fwd {row['fwd_ms']:.3f} ms "
-                        f"({row['fwd_speedup_vs_sdpa']:.2f}x SDPA; select {row['select_ms']:.3f}), fwd+bwd "
-                        f"{row['fwd_bwd_ms']:.3f} ms ({row['fwd_bwd_speedup_vs_sdpa']:.2f}x); "
-                        f"visit ratio {row['visit_ratio']:.2f}")
+                        f"({row['fwd_speedup_vs_sdpa']:.2f}x SDPA; select {row['select_ms']:.3f} = "
+                        f"{100 * row['select_share']:.0f}%), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+                        f"({row['fwd_bwd_speedup_vs_sdpa']:.2f}x); work ratio {row['work_ratio']:.2f}")
                 except Exception as error:  # report and go on
                     row["error"] = repr(error)[:500]
                     log(traceback.format_exc())
@@ -268,11 +297,12 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
 
 def print_table(results: dict) -> None:
     log("\nprefill (B=1, 16 x 128 heads, bf16): ms and speedup over dense causal SDPA")
-    log(f"{'T':>6} {'inputs':>9} {'score':>7} {'visit':>6} {'select':>7} {'fwd':>8} {'x SDPA':>7} {'fwd+bwd':>8} {'x SDPA':>7}")
+    log(f"{'T':>6} {'inputs':>9} {'score':>7} {'work':>6} {'select':>7} {'share':>6} {'fwd':>8} {'x SDPA':>7} "
+        f"{'fwd+bwd':>8} {'x SDPA':>7}")
     for r in results.get("prefill", []):
         if "fwd_ms" in r:
-            log(f"{r['seq_len']:>6} {r['inputs']:>9} {r['score']:>7} {r['visit_ratio']:>6.2f} {r['select_ms']:>7.3f} "
-                f"{r['fwd_ms']:>8.3f} {r['fwd_speedup_vs_sdpa']:>7.2f} {r['fwd_bwd_ms']:>8.3f} "
+            log(f"{r['seq_len']:>6} {r['inputs']:>9} {r['score']:>7} {r['work_ratio']:>6.2f} {r['select_ms']:>7.3f} "
+                f"{r['select_share']:>6.2f} {r['fwd_ms']:>8.3f} {r['fwd_speedup_vs_sdpa']:>7.2f} {r['fwd_bwd_ms']:>8.3f} "
                 f"{r['fwd_bwd_speedup_vs_sdpa']:>7.2f}")
     log("decode (one step): top-k over the dilated flat kernel at the same rows read")
     for r in results.get("decode", []):
@@ -305,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", default=",".join(INPUTS), help=f"prefill input kinds, comma-separated: {INPUTS}")
     parser.add_argument("--scores", default=",".join(SCORES), help=f"decode and prefill scores: {SCORES}")
     parser.add_argument("--budget", type=float, default=88.0, help="seconds: later phases are skipped past it")
-    parser.add_argument("--tile-m", type=int, default=None, help="query tile of the attention kernels (16/32/64/128)")
+    parser.add_argument("--tile-m", type=int, default=None,
+                        help="query tile and gathered rows per tile of the prefill kernels (16/32/64/128)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke run under TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     if args.tile_m:

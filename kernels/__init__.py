@@ -12,6 +12,9 @@ gated recurrence    ``recurrence``            ``recurrence_triton``             
 decode attention    ``decode``                ``decode_triton``                       ``decode_dispatch``
 ==================  ========================  ======================================  ===========================
 
+The top-k fast path is three modules: ``topk_attention_triton`` (the ops), ``topk_select_triton`` (block
+selection, prefill and decode) and ``topk_prefill_triton`` (the prefill kernels).
+
 A fast path may import its reference (shared helpers, fallbacks); a reference never imports a fast
 path or a dispatch module, and a dispatch module imports its fast paths only inside the branch that
 uses them (``tests/kernels/test_import_layout.py``).

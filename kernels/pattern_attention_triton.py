@@ -240,6 +240,19 @@ def _dq_part(
 
 
 @triton.jit
+def _dq_row_stats(do_base, o_base, LSE, DLSE, DELTA, sdot, sot, stat, offs_m, offs_d, row_ok,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):  # fmt: skip
+    """dO rows of a query tile, ``delta = rowsum(dO * O) - dLSE`` (stored at ``DELTA + stat``) and lse in log2 units."""
+    do = _load_rows(do_base, offs_m, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(o_base, offs_m, sot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse_t / d s_tj = P_tj: folds into delta
+        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
+    tl.store(DELTA + stat, delta, mask=row_ok)
+    return do, delta, tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
@@ -258,14 +271,9 @@ def _bwd_dq_kernel(
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
     q = _load_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqt, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * sdob + h64 * sdoh, offs_m, sdot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    o = _load_rows(Out + b64 * sob + h64 * soh, offs_m, sot, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
-    stat = bh.to(tl.int64) * T + offs_m
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    if HAS_DLSE:  # d lse_t / d s_tj = P_tj: folds into delta
-        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
-    tl.store(DELTA + stat, delta, mask=row_ok)
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    do, delta, lse2 = _dq_row_stats(DO + b64 * sdob + h64 * sdoh, Out + b64 * sob + h64 * soh, LSE, DLSE, DELTA,
+                                    sdot, sot, bh.to(tl.int64) * T + offs_m, offs_m, offs_d, row_ok, HEAD_DIM,
+                                    BLOCK_D, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mid, r_hi, s_hi, lo, a, b = _query_block_ranges(m0, m1, T, D, W, S, R_LO, BLOCK_N)

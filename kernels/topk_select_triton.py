@@ -1,0 +1,302 @@
+"""Triton block selection of top-k attention (``ratplus_titan/topk.py``), shared by prefill and decode.
+
+**Scores.** ``q . summary`` (``quest``: ``q+ . max + q- . min``, ``moba``: mean key, ``ratplus``: the key
+closing the block), ``tl.dot`` products accumulated in fp32 over head-dim chunks of ``DK`` (products of
+16-bit inputs are exact in fp32; fp32 inputs use IEEE fp32 dots, never tf32), so they equal the
+reference's fp32 scores up to summation order. Summaries come from ``TopKPattern.summaries`` (the
+reference's own function, so they are bitwise the reference's).
+
+**Top-k of a row** (``_top_k_select``): each score is mapped to an unsigned 32-bit key with the same order
+(the fp32 bit pattern, sign-flipped), and the ``k``-th largest key is found bit by bit from the top: 32
+count passes at most (each ``count(key >= x)`` over the row), fewer when every row of the tile already
+has exactly ``k`` keys at or above its threshold, none when every row takes all its candidates. Exact, whatever the score distribution (no tolerance,
+no value bisection). Equal scores at the threshold go to the lowest block indices (``torch.topk`` leaves
+tie order unspecified; with real activations ties do not happen). ``-0.0`` counts as ``0.0``.
+
+**Prefill** (``select_prefill``): ``_select_kernel`` writes each query's picks as bits (``bits [B*H, T, NW]``
+int32, bit ``b % 32`` of word ``b // 32``) and, per chunk of ``LIST_M`` queries, how many of them picked
+each block. An exclusive prefix sum over (block, chunk) gives every (block, chunk) its place in one list
+per (batch, head); ``_pair_list_kernel`` expands the bits again and writes each (query, pick) pair there:
+``pairs [B*H, P]`` int32, ``t * top_k + slot`` (``slot``: the pick's rank among the query's picks), grouped
+by block in block order, queries ascending within a block; ``starts [B*H, NB + 1]``: block ``b``'s pairs are
+``pairs[:, starts[b]:starts[b + 1]]``. Every query picks exactly ``min(top_k, t // bs)`` blocks, so
+``P = sum_t min(top_k, t // bs)`` is known from the shapes (``pair_count``). Deterministic (no atomics).
+
+**Decode** (``_decode_select_kernel``): one query per (sequence, head) against the cached summaries; writes a
+table of row spans (sink blocks not otherwise seen, the own block up to the query, the picked blocks) for the
+flat decode kernel of ``decode_triton.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ratplus_titan.kernels.pattern_attention_triton import _UPCAST_DOT, _interpreting, _unit_last
+from ratplus_titan.topk import TopKPattern
+
+_SCORES_PER_PROGRAM = 16384  # fp32 scores a selection program holds at once (rows x padded blocks)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _score_dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` in fp32: exact products for 16-bit inputs, IEEE fp32 (not tf32) for fp32 inputs."""
+    if _UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _top_k_select(s, cand, top_k):
+    """``s [M, N]`` fp32 scores, ``cand [M, N]`` candidates -> ``[M, N]`` bool: each row's ``min(top_k, #cand)``
+    highest-scoring candidates (ties at the threshold: lowest indices first)."""
+    n_cand = tl.sum(cand.to(tl.int32), 1)
+    k = tl.minimum(n_cand, top_k)
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)  # -0.0 -> 0.0
+    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)  # unsigned, in the order of the scores
+    key = tl.where(cand, key, 0)
+    # x: the largest value with count(key >= x) >= k, built from the top bit down (the k-th largest key)
+    done = k == n_cand  # every candidate (or none): any x below the candidates' keys, which are all >= 1
+    x = done.to(tl.uint32)
+    step = tl.full([], 0x80000000, tl.uint32)
+    while (step > 0) & (tl.sum((~done).to(tl.int32), 0) > 0):
+        trial = x | step
+        c = tl.sum((key >= trial[:, None]).to(tl.int32), 1)
+        take = (c >= k) & ~done
+        x = tl.where(take, trial, x)
+        done = done | (take & (c == k))  # exactly k keys reach x: x is a valid threshold already
+        step = step >> 1
+    above = key > x[:, None]
+    at = key == x[:, None]
+    need = k - tl.sum(above.to(tl.int32), 1)
+    rank = tl.cumsum(at.to(tl.int32), 1)
+    return (above | (at & (rank <= need[:, None]))) & cand & (k > 0)[:, None]
+
+
+@triton.jit
+def _block_scores(q_base, s_base, rows, row_ok, sqt, ssr, block_ok, quest,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEL_M: tl.constexpr, NB_PAD: tl.constexpr,
+                  DK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """``[SEL_M, NB_PAD]`` fp32 scores of query ``rows`` against the summaries at ``s_base [1, NB_PAD]``."""
+    acc = tl.zeros([SEL_M, NB_PAD], dtype=tl.float32)
+    for d0 in tl.static_range(0, BLOCK_D, DK):
+        offs_d = d0 + tl.arange(0, DK)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        s_mask = block_ok[None, :] & d_ok[:, None]
+        if quest != 0:  # sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
+            lo = tl.load(s_base + offs_d[:, None], mask=s_mask, other=0.0)  # [DK, NB_PAD]
+            hi = tl.load(s_base + ssr + offs_d[:, None], mask=s_mask, other=0.0)
+            # (clamped in fp32: exact, and Triton's interpreter compares 16-bit floats as raw integers)
+            acc = _score_dot(tl.maximum(q.to(tl.float32), 0.0).to(hi.dtype), hi, acc, IEEE)
+            acc = _score_dot(tl.minimum(q.to(tl.float32), 0.0).to(lo.dtype), lo, acc, IEEE)
+        else:
+            summ = tl.load(s_base + offs_d[:, None], mask=s_mask, other=0.0)
+            acc = _score_dot(q, summ, acc, IEEE)
+    return acc
+
+
+# Integer arguments that only address bits and lists are not specialized on their values (Triton would
+# compile again for each divisibility by 16): one compile serves every sequence length. ``quest`` is a
+# runtime flag for the same reason (one kernel for the three scores).
+@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "top_k", "quest"])
+def _select_kernel(
+    Q, SUMM, BITS, COUNTS,
+    sqb, sqh, sqt, ssb, ssh, ssn, ssr,
+    H, T, NB, top_k, BS, n_chunks, quest,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LIST_M: tl.constexpr, SEL_M: tl.constexpr,
+    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Picks of queries ``[m0, m0 + LIST_M)`` (``SEL_M`` rows at a time) as bits; per block, how many picked it."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    chunk = tl.program_id(1)
+    blocks = tl.arange(0, NB_PAD)
+    block_ok = blocks < NB
+    NW: tl.constexpr = NB_PAD // 32
+    q_base = Q + b64 * sqb + h64 * sqh
+    s_base = SUMM + b64 * ssb + h64 * ssh + blocks[None, :] * ssn  # [1, NB_PAD]
+    counts = tl.zeros([NB_PAD], dtype=tl.int32)
+    for sub in tl.static_range(LIST_M // SEL_M):
+        rows = chunk * LIST_M + sub * SEL_M + tl.arange(0, SEL_M)
+        row_ok = rows < T
+        acc = _block_scores(q_base, s_base, rows, row_ok, sqt, ssr, block_ok, quest, HEAD_DIM, BLOCK_D, SEL_M,
+                            NB_PAD, DK, IEEE)
+        cand = (blocks[None, :] < (rows // BS)[:, None]) & block_ok[None, :] & row_ok[:, None]
+        sel = _top_k_select(acc, cand, top_k)  # [SEL_M, NB_PAD]
+        bits = tl.reshape(sel.to(tl.int32), (SEL_M, NW, 32)) << tl.arange(0, 32)[None, None, :]
+        words = tl.reduce(bits, 2, _bit_or)  # [SEL_M, NW]
+        offs_w = tl.arange(0, NW)
+        tl.store(BITS + (bh.to(tl.int64) * T + rows[:, None]) * NW + offs_w[None, :], words, mask=row_ok[:, None])
+        counts += tl.sum(sel.to(tl.int32), 0)
+    tl.store(COUNTS + (bh.to(tl.int64) * NB + blocks) * n_chunks + chunk, counts, mask=block_ok)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "top_k", "P"])
+def _pair_list_kernel(
+    BITS, OFFSETS, PAIRS,
+    T, NB, top_k, n_chunks, P,
+    LIST_M: tl.constexpr, SEL_M: tl.constexpr, NB_PAD: tl.constexpr,
+):
+    """The (query, pick) pairs of queries ``[m0, m0 + LIST_M)`` at their places in the block-major list."""
+    bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    blocks = tl.arange(0, NB_PAD)
+    block_ok = blocks < NB
+    NW: tl.constexpr = NB_PAD // 32
+    # first place of this chunk's pairs of each block
+    place = tl.load(OFFSETS + (bh * NB + blocks) * n_chunks + chunk, mask=block_ok, other=0)
+    for sub in tl.static_range(LIST_M // SEL_M):
+        rows = chunk * LIST_M + sub * SEL_M + tl.arange(0, SEL_M)
+        row_ok = rows < T
+        offs_w = tl.arange(0, NW)
+        words = tl.load(BITS + (bh * T + rows[:, None]) * NW + offs_w[None, :], mask=row_ok[:, None], other=0)
+        picked = tl.reshape((words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, (SEL_M, NB_PAD))
+        slot = tl.cumsum(picked, 1) - 1  # rank of the pick among the query's picks
+        rank = tl.cumsum(picked, 0) - 1  # rank of the query among this sub-tile's queries picking the block
+        ok = (picked != 0) & block_ok[None, :]
+        tl.store(PAIRS + bh * P + place[None, :] + rank, rows[:, None] * top_k + slot, mask=ok)
+        place += tl.sum(picked, 0)
+
+
+def pair_count(seq_len: int, block_size: int, top_k: int) -> int:
+    """``sum_t min(top_k, t // block_size)``: the (query, picked block) pairs of one (batch, head)."""
+    nb = seq_len // block_size
+    below = min(nb, top_k)  # blocks c whose queries take every earlier block: sum_{c < below} c
+    full = below * (below - 1) // 2 + top_k * (nb - below)  # sum over complete blocks c of min(top_k, c)
+    return block_size * full + (seq_len - nb * block_size) * min(top_k, nb)
+
+
+def blocks_padded(num_blocks: int) -> int:
+    """Score columns per row: a power of two, at least 32 (one bit word)."""
+    return max(32, triton.next_power_of_2(max(num_blocks, 1)))
+
+
+def select_prefill(
+    q: torch.Tensor, k: torch.Tensor, pattern: TopKPattern, list_m: int, sel_m: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k [B, H, T, hd]`` -> ``(bits [B*H, T, NW] int32, pairs [B*H, P] int32, starts [B*H, NB + 1] int32)``."""
+    q = _unit_last(q)
+    batch, heads, seq_len, head_dim = q.shape
+    bs, top_k = pattern.block_size, pattern.top_k
+    nb, nb_pad = seq_len // bs, blocks_padded(triton.cdiv(seq_len, bs))
+    n_pairs = pair_count(seq_len, bs, top_k)
+    if seq_len * top_k >= 2**31:  # pairs are int32 t * top_k + slot
+        raise ValueError(f"topk prefill needs T * top_k < 2^31, got T={seq_len}, top_k={top_k}")
+    bits = torch.zeros(batch * heads, seq_len, nb_pad // 32, dtype=torch.int32, device=q.device)
+    pairs = torch.empty(batch * heads, n_pairs, dtype=torch.int32, device=q.device)
+    starts = torch.zeros(batch * heads, nb + 1, dtype=torch.int32, device=q.device)
+    if n_pairs == 0:  # no query has a candidate (or top_k = 0): no bit set, no pair
+        return bits, pairs, starts
+    summaries = _unit_last(pattern.summaries(k))  # [B, H, NB, n, hd] (views for ratplus)
+    n_chunks = triton.cdiv(seq_len, list_m)
+    counts = torch.empty(batch * heads, nb, n_chunks, dtype=torch.int32, device=q.device)
+    if sel_m is None:  # rows of scores held at once
+        sel_m = max(16, min(list_m, _SCORES_PER_PROGRAM // nb_pad))
+    sel_m = min(sel_m, list_m)
+    warps = 1 if _interpreting() else max(4, min(16, sel_m * nb_pad // 2048))  # 64 score registers a thread
+    _select_kernel[(batch * heads, n_chunks)](
+        q, summaries, bits, counts,
+        *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
+        heads, seq_len, nb, top_k, bs, n_chunks, int(pattern.score == "quest"),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), LIST_M=list_m, SEL_M=sel_m,
+        NB_PAD=nb_pad, DK=16, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=1,
+    )  # fmt: skip
+    ends = counts.view(batch * heads, -1).cumsum(1, dtype=torch.int32)  # [B*H, NB * n_chunks]
+    offsets = ends - counts.view(batch * heads, -1)  # exclusive: each (block, chunk)'s first place
+    starts[:, :nb] = offsets.view(batch * heads, nb, n_chunks)[:, :, 0]
+    starts[:, nb] = n_pairs
+    _pair_list_kernel[(batch * heads, n_chunks)](
+        bits, offsets, pairs, seq_len, nb, top_k, n_chunks, n_pairs,
+        LIST_M=list_m, SEL_M=sel_m, NB_PAD=nb_pad, num_warps=warps, num_stages=1,
+    )  # fmt: skip
+    return bits, pairs, starts
+
+
+# --------------------------------------------------------------------------------------
+# decode: one query's blocks as row spans
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["NB", "R", "top_k", "N_SPANS", "quest"])
+def _decode_select_kernel(
+    Q, SUMM, POS, SPANS,
+    sqb, sqh, ssb, ssh, ssn, ssr,
+    H, NB, R, top_k, BS, S, NSB, N_SPANS, quest,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NB_PAD: tl.constexpr, DK: tl.constexpr,
+    PICK_PAD: tl.constexpr, NSB_PAD: tl.constexpr,
+):
+    """Spans ``[NSB sink blocks | own block | picks]`` (first row, row count) of the rows query ``(b, h)`` sees."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    t = tl.load(POS + b).to(tl.int32)
+    own = t // BS
+    blocks = tl.arange(0, NB_PAD)
+    block_ok = blocks < NB
+    s_base = SUMM + b.to(tl.int64) * ssb + h.to(tl.int64) * ssh + blocks[:, None] * ssn  # [NB_PAD, 1]
+    acc = tl.zeros([NB_PAD], dtype=tl.float32)
+    for d0 in tl.static_range(0, BLOCK_D, DK):
+        offs_d = d0 + tl.arange(0, DK)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + b * sqb + h * sqh + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s_mask = block_ok[:, None] & d_ok[None, :]
+        if quest != 0:
+            lo = tl.load(s_base + offs_d[None, :], mask=s_mask, other=0.0).to(tl.float32)
+            hi = tl.load(s_base + ssr + offs_d[None, :], mask=s_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.maximum(q, 0.0) * hi + tl.minimum(q, 0.0) * lo, 1)
+        else:
+            acc += tl.sum(q * tl.load(s_base + offs_d[None, :], mask=s_mask, other=0.0).to(tl.float32), 1)
+    cand = (blocks < own) & block_ok
+    sel = tl.reshape(_top_k_select(acc[None, :], cand[None, :], top_k), (NB_PAD,))
+    n_sel = tl.sum(sel.to(tl.int32), 0)
+    spans = SPANS + bh.to(tl.int64) * N_SPANS * 2
+    # picks, in block order; slots past the picks are empty
+    slot = NSB + 1 + tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(spans + slot * 2, blocks * BS, mask=sel)
+    tl.store(spans + slot * 2 + 1, tl.zeros_like(blocks) + BS, mask=sel)
+    picks = tl.arange(0, PICK_PAD)
+    empty = (picks >= n_sel) & (picks < N_SPANS - NSB - 1)
+    tl.store(spans + (NSB + 1 + picks) * 2, tl.zeros_like(picks), mask=empty)
+    tl.store(spans + (NSB + 1 + picks) * 2 + 1, tl.zeros_like(picks), mask=empty)
+    # own block, up to (not including) the query's row
+    tl.store(spans + NSB * 2, own * BS)
+    tl.store(spans + NSB * 2 + 1, tl.maximum(tl.minimum(t, R) - own * BS, 0))
+    # sink blocks before the own block and not picked (the others are covered there)
+    sb = tl.arange(0, NSB_PAD)
+    picked_sb = tl.sum(tl.where(blocks[None, :] == sb[:, None], sel[None, :].to(tl.int32), 0), 1) > 0
+    seen = (sb < own) & ~picked_sb
+    tl.store(spans + sb * 2, sb * BS, mask=sb < NSB)
+    tl.store(spans + sb * 2 + 1, tl.where(seen, tl.minimum(BS, tl.minimum(S, R) - sb * BS), 0), mask=sb < NSB)
+
+
+def decode_spans(
+    q: torch.Tensor, summaries: torch.Tensor, pos: torch.Tensor, rows: int, pattern: TopKPattern
+) -> torch.Tensor:
+    """``q [B, H, hd]``, cached ``summaries [B, H, NB, n, hd]``, positions ``pos [B]`` -> spans ``[B*H, N, 2]`` int32."""
+    batch, heads, head_dim = q.shape
+    bs, top_k, sinks = pattern.block_size, pattern.top_k, pattern.sinks
+    num_blocks = summaries.shape[2]
+    sink_blocks = triton.cdiv(min(sinks, rows), bs)
+    picks = min(top_k, num_blocks)
+    n_spans = sink_blocks + 1 + picks
+    spans = torch.empty(batch * heads, n_spans, 2, dtype=torch.int32, device=q.device)
+    summaries = _unit_last(summaries) if num_blocks else q.new_zeros(batch, heads, 1, 2, head_dim)
+    nb_pad = blocks_padded(num_blocks)
+    _decode_select_kernel[(batch * heads,)](
+        q, summaries, pos, spans,
+        q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
+        heads, num_blocks, rows, top_k, bs, sinks, sink_blocks, n_spans, int(pattern.score == "quest"),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NB_PAD=nb_pad, DK=16,
+        PICK_PAD=triton.next_power_of_2(max(picks, 1)), NSB_PAD=triton.next_power_of_2(max(sink_blocks, 1)),
+        num_warps=1 if _interpreting() else max(4, min(16, nb_pad // 128)),
+    )  # fmt: skip
+    return spans

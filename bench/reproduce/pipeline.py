@@ -31,7 +31,8 @@ def corpus_files(scale: Scale) -> dict[str, Path]:
 
 def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     """Tokens of the corpus: pretraining windows, then adaptation windows pretraining never sees, and the
-    held-out windows. Returns the files and their sizes (the NIAH splits come from ``niah_splits``)."""
+    held-out windows. Pretraining that needs more windows than the corpus holds past the adaptation ones
+    takes several epochs over them (each in its own seeded order). Returns the files and their sizes (the NIAH splits come from ``niah_splits``)."""
     import numpy as np
 
     corpus = corpus_files(scale)
@@ -55,13 +56,16 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     tokens = np.memmap(files["train"], dtype=np.uint16, mode="r")
     window = scale.seq_len + 1
     need = {"pretrain": scale.pretrain_steps * scale.batch * window, "adapt": scale.adapt_steps * scale.batch * window}
-    if need["pretrain"] + need["adapt"] > len(tokens):
+    # adaptation takes unseen windows; pretraining the rest, in several epochs when it needs more than the rest
+    pretrain_cut = min(need["pretrain"], (len(tokens) - need["adapt"]) // window * window)
+    if pretrain_cut < scale.batch * window:
         raise ValueError(
-            f"{files['train']} holds {len(tokens):,} tokens, fewer than the {need['pretrain'] + need['adapt']:,} that "
-            f"{scale.pretrain_steps} + {scale.adapt_steps} steps of {scale.batch} x {window} take: fewer steps, or a larger corpus"
+            f"{files['train']} holds {len(tokens):,} tokens: after the {need['adapt']:,} of {scale.adapt_steps} adaptation "
+            f"steps of {scale.batch} x {window}, less than one pretraining batch is left: fewer steps, or a larger corpus"
         )
-    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "need": need})
-    for name, (lo, hi) in {"pretrain": (0, need["pretrain"]), "adapt": (need["pretrain"], sum(need.values()))}.items():
+    cuts = {"pretrain": (0, pretrain_cut), "adapt": (pretrain_cut, pretrain_cut + need["adapt"])}
+    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "cuts": cuts})
+    for name, (lo, hi) in cuts.items():
         path = cuts_dir / f"{name}.bin"
         if not path.is_file() or path.stat().st_size != 2 * (hi - lo):
             partial = path.with_suffix(".partial")
@@ -71,7 +75,8 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     validation = np.memmap(files["validation"], dtype=np.uint16, mode="r")
     return {
         "train_tokens": int(len(tokens)), "validation_tokens": int(len(validation)),
-        "pretrain_tokens": need["pretrain"], "adapt_tokens": need["adapt"], "files": {k: str(v) for k, v in files.items()},
+        "pretrain_tokens": need["pretrain"], "pretrain_epochs": need["pretrain"] / pretrain_cut, "adapt_tokens": need["adapt"],
+        "files": {k: str(v) for k, v in files.items()},
     }  # fmt: skip
 
 

@@ -210,10 +210,11 @@ def readme_section(result: dict, json_name: str) -> str:
         "needle depths 0-100%."
         if cfg.get("niah", True) else "no NIAH fine-tuning or evaluation (`--no-niah`)."
     )  # fmt: skip
+    epochs = f", {cfg['pretrain_epochs']:.2g} epochs" if cfg.get("pretrain_epochs", 1) > 1 else ""
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
         f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor ({params} parameters), T={cfg['seq_len']}. "
-        f"Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens ({cfg['pretrain_steps']} steps of {cfg['batch']} windows "
+        f"Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens{epochs} ({cfg['pretrain_steps']} steps of {cfg['batch']} windows "
         f"in a seeded random order); adaptation: {cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} "
         f"steps, lr {cfg['adapt_lr']:g}); {niah_settings}",
     ]

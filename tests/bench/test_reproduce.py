@@ -241,3 +241,29 @@ def test_stop_after_ends_the_run_at_that_stage(tmp_path):
     assert (work / "data").is_dir() and not (work / "runs").exists()
     with pytest.raises(SystemExit):  # the last stage is not a stopping point: the run ends there anyway
         reproduce.main([*argv[:-1], "recall"])
+
+
+def test_pretraining_past_the_corpus_takes_epochs_and_keeps_adaptation_unseen(tmp_path):
+    window = TINY.seq_len + 1
+    short = pipeline.prepare_data(tmp_path, TINY, workers=1)
+    assert short["pretrain_epochs"] == 1
+    sizes = {name: (tmp_path / short["files"][name]).stat().st_size // 2 for name in ("pretrain", "adapt")}
+    assert sizes == {
+        "pretrain": TINY.pretrain_steps * TINY.batch * window,
+        "adapt": TINY.adapt_steps * TINY.batch * window,
+    }
+    steps = short["train_tokens"] // (TINY.batch * window) + 5  # more windows than the whole corpus holds
+    long = pipeline.prepare_data(tmp_path, replace(TINY, pretrain_steps=steps), workers=1)
+    pretrain = (tmp_path / long["files"]["pretrain"]).stat().st_size // 2
+    adapt = (tmp_path / long["files"]["adapt"]).stat().st_size // 2
+    assert pretrain % window == 0 and pretrain + adapt <= long["train_tokens"] < pretrain + adapt + window
+    assert adapt == TINY.adapt_steps * TINY.batch * window
+    assert (
+        long["pretrain_epochs"] == pytest.approx(steps * TINY.batch * window / pretrain) and long["pretrain_epochs"] > 1
+    )
+    import numpy as np  # the adaptation windows are the corpus's tokens right after the pretraining ones
+
+    train = np.fromfile(long["files"]["train"], dtype=np.uint16)
+    assert np.array_equal(np.fromfile(long["files"]["adapt"], dtype=np.uint16), train[pretrain : pretrain + adapt])
+    with pytest.raises(ValueError, match="less than one pretraining batch"):
+        pipeline.prepare_data(tmp_path, replace(TINY, adapt_steps=steps), workers=1)

@@ -20,7 +20,7 @@ from bench.reproduce.stages import OutOfTime, export_all, log, train
 from ratplus_titan import cli
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
-               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows", "seed")  # fmt: skip
+               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows", "repeat_share", "seed")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     types = {f.name: f.type for f in fields(Scale)}
     for name in OVERRIDABLE:
         kind = {"int": cli.positive_int, "float": POSITIVE, "str": str}[str(types[name])]
+        if name == "repeat_share":
+            kind = cli.number_in(0, 1)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
     parser.add_argument(
         "--models",

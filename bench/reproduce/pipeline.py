@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench.common import REPO
+from bench.reproduce import repeats as repeats_module
 from bench.reproduce.scales import MODELS, Model, Scale
 from bench.reproduce.stages import TrainRun, file_digest, log, run, stage_dir, train_run
 
@@ -64,12 +65,19 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
             f"steps of {scale.batch} x {window}, less than one pretraining batch is left: fewer steps, or a larger corpus"
         )
     cuts = {"pretrain": (0, pretrain_cut), "adapt": (pretrain_cut, pretrain_cut + need["adapt"])}
-    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "cuts": cuts})
-    for name, (lo, hi) in cuts.items():
+    repeats = {"share": scale.repeat_share, "min_distance": local_window(scale) + 1, "seed": scale.seed,
+               "source": file_digest(Path(repeats_module.__file__))}  # fmt: skip
+    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "cuts": cuts, "repeats": repeats})
+    for i, (name, (lo, hi)) in enumerate(cuts.items()):
         path = cuts_dir / f"{name}.bin"
         if not path.is_file() or path.stat().st_size != 2 * (hi - lo):
             partial = path.with_suffix(".partial")
-            tokens[lo:hi].tofile(partial)
+            windows = np.asarray(tokens[lo:hi]).reshape(-1, window)
+            if scale.repeat_share > 0:  # the same share of each cut, drawn apart
+                windows = repeats_module.add_repeats(
+                    windows, scale.repeat_share, repeats["min_distance"], scale.seed + i
+                )
+            windows.tofile(partial)
             partial.rename(path)
         files[name] = path
     validation = np.memmap(files["validation"], dtype=np.uint16, mode="r")

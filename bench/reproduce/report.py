@@ -211,11 +211,16 @@ def readme_section(result: dict, json_name: str) -> str:
         if cfg.get("niah", True) else "no NIAH fine-tuning or evaluation (`--no-niah`)."
     )  # fmt: skip
     epochs = f", {cfg['pretrain_epochs']:.2g} epochs" if cfg.get("pretrain_epochs", 1) > 1 else ""
+    repeats = (
+        f"; {cfg['repeat_share']:.0%} of the windows, here and in adaptation, repeat their beginning from a distance "
+        f"of {cfg['local_window'] + 1}-{(cfg['seq_len'] + 1) // 2} tokens on (`bench/reproduce/repeats.py`)"
+        if cfg.get("repeat_share") else ""
+    )  # fmt: skip
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
         f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor ({params} parameters), T={cfg['seq_len']}. "
         f"Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens{epochs} ({cfg['pretrain_steps']} steps of {cfg['batch']} windows "
-        f"in a seeded random order); adaptation: {cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} "
+        f"in a seeded random order{repeats}); adaptation: {cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} "
         f"steps, lr {cfg['adapt_lr']:g}); {niah_settings}",
     ]
     if niah:

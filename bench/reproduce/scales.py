@@ -57,6 +57,7 @@ class Scale:
     compile_short: bool = False  # adaptation and SFT: short runs, where compiling costs more than it saves
     checkpoint_interval: int = 100  # a run cut off resumes from its last checkpoint
     seed: int = 0  # data order and NIAH samples
+    repeat_share: float = 0.0  # training windows that repeat their beginning beyond the window (repeats.py)
     models: tuple[str, ...] = tuple(MODELS)  # which of MODELS to train
     sparse_runs: bool = True  # adapt to and fine-tune under each sparse pattern (False: dense fine-tuning only)
     niah: bool = True  # NIAH fine-tuning and evaluation (False: the language-model stages alone)
@@ -74,7 +75,7 @@ SCALES = {
         adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
         eval_windows=128, eval_batch=16, recall_windows=32, niah_tasks=("single", "multikey"), niah_train_samples=1920,
-        niah_eval_samples=200, log_freq=10,
+        niah_eval_samples=200, log_freq=10, repeat_share=0.25,
     ),
     "tiny": Scale(
         flavor="debugmodel", seq_len=256, batch=4, micro_batch=4, short_micro_batch=4, pretrain_steps=4, warmup_steps=1,

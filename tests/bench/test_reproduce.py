@@ -267,3 +267,19 @@ def test_pretraining_past_the_corpus_takes_epochs_and_keeps_adaptation_unseen(tm
     assert np.array_equal(np.fromfile(long["files"]["adapt"], dtype=np.uint16), train[pretrain : pretrain + adapt])
     with pytest.raises(ValueError, match="less than one pretraining batch"):
         pipeline.prepare_data(tmp_path, replace(TINY, adapt_steps=steps), workers=1)
+
+
+def test_repeat_share_makes_that_share_of_each_cut_periodic_beyond_the_window(tmp_path):
+    scale = replace(TINY, repeat_share=0.5)
+    plain, mixed = pipeline.prepare_data(tmp_path, TINY, workers=1), pipeline.prepare_data(tmp_path, scale, workers=1)
+    window, low = TINY.seq_len + 1, pipeline.local_window(TINY) + 1
+    import numpy as np
+
+    for name in ("pretrain", "adapt"):
+        a = np.fromfile(plain["files"][name], dtype=np.uint16).reshape(-1, window)
+        b = np.fromfile(mixed["files"][name], dtype=np.uint16).reshape(-1, window)
+        changed = [r for r in range(len(a)) if not np.array_equal(a[r], b[r])]
+        assert len(changed) == round(0.5 * len(a))
+        for r in changed:  # the smallest period is beyond the local window, and the first period is the text's
+            period = next(d for d in range(1, window) if np.array_equal(b[r, d:], b[r, :-d]))
+            assert low <= period <= window // 2 and np.array_equal(b[r, :period], a[r, :period])

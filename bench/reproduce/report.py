@@ -96,16 +96,20 @@ def recall_losses(result: dict) -> dict[str, dict[str, float]]:
     """``{model: {"checkpoint:pattern": loss on the repeats}}``, plus ``"guess"``: the dense pretrained
     model's loss on the first period (random tokens: nothing to recall)."""
     cfg = result["config"]
-    distance, seq_len = cfg.get("recall_distance"), cfg["seq_len"]
     out: dict[str, dict[str, float]] = {}
     for row in result.get("recall", []):
-        by_position = row.get("by_position", {})
-        out.setdefault(row["model"], {})[f"{row['checkpoint']}:{row['pattern']}"] = by_position.get(
-            f"{distance}-{seq_len}", math.nan
+        repeats = repeats_loss(row, cfg)
+        out.setdefault(row["model"], {})[f"{row['checkpoint']}:{row['pattern']}"] = (
+            math.nan if repeats is None else repeats
         )
         if (row["checkpoint"], row["pattern"]) == ("pretrained", DENSE):
-            out[row["model"]]["guess"] = by_position.get(f"0-{distance}", math.nan)
+            out[row["model"]]["guess"] = row.get("by_position", {}).get(f"0-{cfg['recall_distance']}", math.nan)
     return out
+
+
+def repeats_loss(row: dict, cfg: dict) -> float | None:
+    """A recall row's loss on the repeats: its position bucket from ``recall_distance`` to the end (None if failed)."""
+    return row.get("by_position", {}).get(f"{cfg['recall_distance']}-{cfg['seq_len']}")
 
 
 RECALL_WORKS = 0.5
@@ -258,7 +262,7 @@ def readme_section(result: dict, json_name: str) -> str:
                   f"{cfg['recall_windows']} windows of random tokens that repeat every {distance} positions "
                   f"(`eval/repeated_tokens.py`; guessing, the first half: {guess}). Low means the pattern still "
                   "delivers the exact past beyond its window:", "",
-                  *loss_table(result, result["recall"], lambda row: row.get("by_position", {}).get(f"{distance}-{cfg['seq_len']}"))]  # fmt: skip
+                  *loss_table(result, result["recall"], lambda row: repeats_loss(row, cfg))]  # fmt: skip
     expected = result["summary"]["expected"]
     verdict = {True: "yes", False: "no", None: "not testable"}
     lines += ["", "The paper's expectations, beyond the local window: " + "; ".join(

@@ -23,4 +23,5 @@ fi
 "$PY" -c 'import torch, triton; print(f"test-gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")'
 export PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then set -- tests; fi
-exec "$PY" -m pytest -q -n "$JOBS" -p no:cacheprovider "$@"
+export RATPLUS_LIVE_FAILURES=1  # each failure named as it happens (tests/conftest.py), also in a run cut off
+exec "$PY" -m pytest -q -n "$JOBS" -p no:cacheprovider --durations=20 "$@"

@@ -59,3 +59,15 @@ def _leaves_global_state_alone():
         pytest.fail(
             "the test left process-wide state changed (restore it, e.g. with monkeypatch): " + "; ".join(changed)
         )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """``RATPLUS_LIVE_FAILURES=1`` (``make test-gpu`` sets it): name each failure the moment it happens, so a
+    run cut off by a time limit still says what failed (pytest's own summary comes only at the end)."""
+    if os.environ.get("RATPLUS_LIVE_FAILURES") == "1" and report.failed:
+        print(f"\nLIVE-FAILED {report.nodeid} ({report.when}): {_first_line(report)}", flush=True)
+
+
+def _first_line(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return (crash.message if crash else str(report.longrepr)).splitlines()[0][:300] if report.longrepr else ""

@@ -93,9 +93,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
     ("name", "content", "message"),
     [
         ("latin1.txt", "café au lait".encode("latin-1"), "latin1.txt is not UTF-8 text (invalid continuation byte: byte b'\\xe9')"),
-        ("latin1.jsonl.gz", gzip.compress(b'{"text": "caf\xe9"}\n'), "latin1.jsonl.gz is not UTF-8 text"),
+        ("latin1.jsonl.gz", gzip.compress(b'{"text": "caf\xe9"}\n', mtime=0), "latin1.jsonl.gz is not UTF-8 text"),
         ("broken.jsonl.xz", b"\xfd7zXZ\x00 not really xz", "broken.jsonl.xz cannot be read as .jsonl.xz"),
-        ("broken.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 50)[:30], "broken.jsonl.gz cannot be read as .jsonl.gz"),
+        ("broken.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 50, mtime=0)[:30], "broken.jsonl.gz cannot be read as .jsonl.gz"),
         ("empty.txt", b"", "no documents in {tmp}/empty.txt: every input is empty; nothing written"),
         ("blank.txt", b" \n\t\n", "no documents in {tmp}/blank.txt: every input is empty"),
     ],

@@ -1,6 +1,6 @@
 """Small-scale reproduction of "train dense, infer sparse", end to end through the package's entry points.
 
-    python -m bench.reproduce --scale 50m --readme       # one H100/H200: ~10 minutes
+    python -m bench.reproduce --scale 50m --readme       # one H100/H200: ~20 minutes (rerun to continue)
     python -m bench.reproduce --scale tiny --out /tmp/r  # CPU: the debug model, a few steps of each stage
 
 1. data      the corpus (data/README.md; ``tiny``: the bundled one) -> ``.bin`` tokens

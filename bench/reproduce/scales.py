@@ -69,13 +69,17 @@ class Scale:
 
 
 SCALES = {
-    # one H100/H200 in one device call: 3 pretrained models, 6 adaptations, 9 fine-tunings, all evaluations
+    # one H100/H200, two device calls of 10 min (rerun continues): 3 pretrained models, 6 adaptations, 9 fine-tunings,
+    # all evaluations
     "50m": Scale(
-        flavor="50M", seq_len=2048, batch=32, micro_batch=16, short_micro_batch=8, pretrain_steps=320, warmup_steps=16,
-        adapt_steps=40, sft_steps=120, patterns=("d16w256s4", "d64w256s4"),
+        # round 4: round 3's 320 steps of 32 windows formed no copying circuit; 3000 steps of 8 (49M tokens, about
+        # 1.2 passes) and half the windows repeated, as copying formed only after 1-3K steps at toy size
+        # (bench/induction.py); adaptation and fine-tuning keep their tokens and samples in 4x the steps
+        flavor="50M", seq_len=2048, batch=8, micro_batch=8, short_micro_batch=8, pretrain_steps=3000, warmup_steps=150,
+        adapt_steps=160, sft_steps=480, patterns=("d16w256s4", "d64w256s4"),
         corpus=("data/gutenberg/train.jsonl.xz", "data/gutenberg/validation.jsonl.xz"),
         eval_windows=128, eval_batch=16, recall_windows=32, niah_tasks=("single", "multikey"), niah_train_samples=1920,
-        niah_eval_samples=200, log_freq=10, repeat_share=0.25,
+        niah_eval_samples=200, log_freq=50, repeat_share=0.5, checkpoint_interval=250,
     ),
     "tiny": Scale(
         flavor="debugmodel", seq_len=256, batch=4, micro_batch=4, short_micro_batch=4, pretrain_steps=4, warmup_steps=1,

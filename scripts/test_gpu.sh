@@ -24,4 +24,8 @@ fi
 export PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then set -- tests; fi
 export RATPLUS_LIVE_FAILURES=1  # each failure named as it happens (tests/conftest.py), also in a run cut off
-exec "$PY" -m pytest -q -n "$JOBS" -p no:cacheprovider --durations=20 "$@"
+# A test that hangs (a GPU run waiting on a peer, say) fails after TEST_TIMEOUT seconds with its stacks, where
+# pytest-timeout is installed (the device image has it), instead of holding the whole run past its limit.
+TIMEOUT_ARGS=()
+if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_ARGS=(--timeout "${TEST_TIMEOUT:-300}"); fi
+exec "$PY" -m pytest -q -n "$JOBS" -p no:cacheprovider --durations=20 "${TIMEOUT_ARGS[@]}" "$@"

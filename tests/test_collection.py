@@ -6,13 +6,13 @@ import subprocess
 import sys
 import time
 
-from tests.repo_files import REPO_ROOT as REPO
+from tests.repo_files import REPO_ROOT
 
 
 def _ids() -> list[str]:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/data", "tests/eval"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [line for line in done.stdout.splitlines() if "::" in line]

@@ -73,7 +73,7 @@ SCALES = {
     # all evaluations
     "50m": Scale(
         # round 4: round 3's 320 steps of 32 windows formed no copying circuit; 3000 steps of 8 (49M tokens, about
-        # 1.2 passes) and half the windows repeated, as copying formed only after 1-3K steps at toy size
+        # 1.2 passes) and half the windows repeated, as copying formed only after 1.5-4K steps at toy size
         # (bench/induction.py); adaptation and fine-tuning keep their tokens and samples in 4x the steps
         flavor="50M", seq_len=2048, batch=8, micro_batch=8, short_micro_batch=8, pretrain_steps=3000, warmup_steps=150,
         adapt_steps=160, sft_steps=480, patterns=("d16w256s4", "d64w256s4"),

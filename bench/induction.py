@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from bench.common import device_slug, environment, log, out_dir, write_json
 from bench.reproduce.repeats import add_repeats
 from ratplus_titan import cli
+from ratplus_titan.eval.perplexity import heldout_loss
 from ratplus_titan.eval.repeated_tokens import FIRST_ID, repeated_windows
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusModel
@@ -78,13 +79,11 @@ def training_windows(batch: int, seq_len: int, vocab: int, share: float, min_dis
 
 
 def recall_losses(model: RATPlusModel, windows: torch.Tensor, distance: int) -> tuple[float, float]:
-    """(mean loss on the first ``distance`` targets, mean loss on the rest) of ``windows [N, T + 1]``."""
-    with torch.no_grad():
-        logits = model(windows[:, :-1]).float()  # [N, T, V]
-        nll = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none").view(windows.shape[0], -1)
-    # target i (0-based) is token i + 1: a repeat when i + 1 >= distance
-    repeat = torch.arange(nll.shape[1]) + 1 >= distance
-    return nll[:, ~repeat].mean().item(), nll[:, repeat].mean().item()
+    """(guessing loss, loss on the repeats) of ``windows [N, T + 1]``: the reproduction's recall buckets,
+    ``heldout_loss`` with one edge at ``distance`` (targets before it, and those from it on)."""
+    by_position = heldout_loss(model, windows, batch_size=windows.shape[0], edges=(distance,))["by_position"]
+    seq_len = windows.shape[1] - 1
+    return by_position[f"0-{distance}"], by_position[f"{distance}-{seq_len}"]
 
 
 def copies_at(curve: list[dict]) -> int | None:

@@ -39,11 +39,12 @@ def test_recall_losses_split_the_targets_at_the_distance():
     model.init_weights()
     windows = torch.randint(FIRST_ID, 40, (3, 17))
     guess, repeats = induction.recall_losses(model, windows, distance=6)
-    # independently: each target's loss in float64, targets 1..5 (tokens 1..5) are the first period
+    # independently, in float64: targets 0..5 (tokens 1..6) are guessing, token 6 included: it repeats
+    # token 0, but its predecessor (token 5) has no earlier occurrence, so no copying circuit can predict it
     logits = model(windows[:, :-1]).double()
     nll = F.cross_entropy(logits.reshape(-1, 40), windows[:, 1:].reshape(-1), reduction="none").view(3, 16)
-    assert guess == pytest.approx(nll[:, :5].mean().item(), rel=1e-5)
-    assert repeats == pytest.approx(nll[:, 5:].mean().item(), rel=1e-5)
+    assert guess == pytest.approx(nll[:, :6].mean().item(), rel=1e-5)
+    assert repeats == pytest.approx(nll[:, 6:].mean().item(), rel=1e-5)
 
 
 def test_a_short_run_writes_the_curve(tmp_path):

@@ -24,6 +24,7 @@ Writes ``induction_<device><tag>.json`` into ``--out`` (``$OUT`` or bench/result
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 
@@ -38,6 +39,7 @@ from ratplus_titan.eval.perplexity import heldout_loss
 from ratplus_titan.eval.repeated_tokens import FIRST_ID, repeated_windows
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusModel
+from ratplus_titan.pattern import DENSE, Pattern
 
 MODELS = {"ratplus": True, "attention": False}
 """Model name -> ``apply_re`` (the attention baseline has no recurrence)."""
@@ -63,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AdamW learning rate, constant (default: %(default)s)")  # fmt: skip
     parser.add_argument("--eval-every", type=cli.positive_int, default=250, help="steps between evaluations")
     parser.add_argument("--eval-windows", type=cli.positive_int, default=32, help="recall windows per evaluation")
+    parser.add_argument("--eval-patterns", type=cli.comma_list(Pattern.parse), default=[],
+                        help="comma-separated patterns (e.g. d-1w16s2,d4w16s2) whose recall is also evaluated, "
+                             "each as a dense-trained model switched at inference (default: none)")  # fmt: skip
+    parser.add_argument("--adapt-steps", type=cli.int_at_least(0), default=0,
+                        help="after training, adapt a copy of each model to each --eval-patterns pattern for this "
+                             "many steps (that pattern only) and evaluate its recall under it (default: 0, none)")  # fmt: skip
+    parser.add_argument("--joint-dilation", type=cli.int_at_least(0), default=0,
+                        help="joint training as the trainer's (DESIGN §3): per batch an optimizer step under "
+                             "dilation D (no window, no sinks), then a dense one; 0 = off (default)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the evaluation")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="CPU intra-op threads (default: torch's); one per process avoids oversubscription")  # fmt: skip
@@ -78,10 +89,15 @@ def training_windows(batch: int, seq_len: int, vocab: int, share: float, min_dis
     return torch.from_numpy(add_repeats(windows, share, min_distance, int(generator.integers(2**31))))
 
 
-def recall_losses(model: RATPlusModel, windows: torch.Tensor, distance: int) -> tuple[float, float]:
-    """(guessing loss, loss on the repeats) of ``windows [N, T + 1]``: the reproduction's recall buckets,
-    ``heldout_loss`` with one edge at ``distance`` (targets before it, and those from it on)."""
-    by_position = heldout_loss(model, windows, batch_size=windows.shape[0], edges=(distance,))["by_position"]
+def recall_losses(model: RATPlusModel, windows: torch.Tensor, distance: int,
+                  pattern: Pattern = DENSE) -> tuple[float, float]:  # fmt: skip
+    """(guessing loss, loss on the repeats) of ``windows [N, T + 1]`` under ``pattern``: the reproduction's
+    recall buckets, ``heldout_loss`` with one edge at ``distance`` (targets before it, and those from it on)."""
+
+    def lm(tokens: torch.Tensor) -> torch.Tensor:
+        return model(tokens, pattern)
+
+    by_position = heldout_loss(lm, windows, batch_size=windows.shape[0], edges=(distance,))["by_position"]
     seq_len = windows.shape[1] - 1
     return by_position[f"0-{distance}"], by_position[f"{distance}-{seq_len}"]
 
@@ -103,24 +119,67 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     distance = args.seq_len // 2
     held_out = repeated_windows(args.eval_windows, args.seq_len, distance, args.vocab, args.seed + 1).to(device)
     curve, started = [], time.monotonic()
+    # the trainer's joint training: the sparse phase, then the dense one (ratplus_titan/train.py)
+    phases = [Pattern(args.joint_dilation), DENSE] if args.joint_dilation else [DENSE]
     for step in range(1, args.steps + 1):
         windows = training_windows(args.batch, args.seq_len, args.vocab, args.repeat_share, args.min_distance, data)
         windows = windows.to(device)
-        logits = model(windows[:, :-1]).float()
+        loss = optimize(model, optimizer, windows, phases, f"{name} at step {step}")
+        if step % args.eval_every == 0 or step == args.steps:
+            guess, repeats = recall_losses(model, held_out, distance)
+            point = {
+                "step": step,
+                "train": round(loss.item(), 4),
+                "guess": round(guess, 4),
+                "repeats": round(repeats, 4),
+            }
+            # the same model switched to each pattern at inference: loss on the repeats
+            point["patterns"] = {
+                str(p): round(recall_losses(model, held_out, distance, p)[1], 4) for p in args.eval_patterns
+            }
+            curve.append(point)
+            sparse = "".join(f"  {spec} {value:.3f}" for spec, value in point["patterns"].items())
+            log(f"{name:9s} step {step:5d}/{args.steps}  train {loss.item():.3f}  recall: guess {guess:.3f} "
+                f"repeats {repeats:.3f}{sparse}  ({time.monotonic() - started:.0f} s)")  # fmt: skip
+    result = {"params": sum(p.numel() for p in model.parameters()), "seconds": round(time.monotonic() - started, 1),
+              "copies_at": copies_at(curve), "curve": curve}  # fmt: skip
+    if args.adapt_steps:
+        result["adapted"] = {}
+        for pattern in args.eval_patterns:
+            result["adapted"][str(pattern)] = adapt(model, args, pattern, held_out, device)
+            log(f"{name:9s} adapted {args.adapt_steps} steps to {pattern}: recall under it: "
+                f"{result['adapted'][str(pattern)]}")  # fmt: skip
+    return result
+
+
+def optimize(model: RATPlusModel, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
+             phases: list[Pattern], where: str) -> torch.Tensor:  # fmt: skip
+    """One optimizer step per pattern of ``phases`` on ``windows [B, T + 1]``; the last step's loss."""
+    for pattern in phases:
+        logits = model(windows[:, :-1], pattern).float()
         loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
         if not torch.isfinite(loss):
-            raise RuntimeError(f"{name}: loss is {loss.item()} at step {step}; try a lower --lr")
+            raise RuntimeError(f"{where}: loss is {loss.item()}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            guess, repeats = recall_losses(model, held_out, distance)
-            curve.append({"step": step, "train": round(loss.item(), 4), "guess": round(guess, 4), "repeats": round(repeats, 4)})
-            log(f"{name:9s} step {step:5d}/{args.steps}  train {loss.item():.3f}  recall: guess {guess:.3f} "
-                f"repeats {repeats:.3f}  ({time.monotonic() - started:.0f} s)")  # fmt: skip
-    return {"params": sum(p.numel() for p in model.parameters()), "seconds": round(time.monotonic() - started, 1),
-            "copies_at": copies_at(curve), "curve": curve}  # fmt: skip
+    return loss
+
+
+def adapt(model: RATPlusModel, args: argparse.Namespace, pattern: Pattern, held_out: torch.Tensor,
+          device: torch.device) -> dict:  # fmt: skip
+    """A copy of ``model`` trained ``--adapt-steps`` more steps under ``pattern`` alone (the paper's short
+    adaptation, DESIGN §3) on fresh windows of the same kind, the same ones for every model and pattern;
+    ``{"guess", "repeats"}``: its recall losses under ``pattern``."""
+    adapted = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(adapted.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    data = np.random.default_rng(args.seed + 2)
+    for step in range(1, args.adapt_steps + 1):
+        windows = training_windows(args.batch, args.seq_len, args.vocab, args.repeat_share, args.min_distance, data)
+        optimize(adapted, optimizer, windows.to(device), [pattern], f"adaptation to {pattern} at step {step}")
+    guess, repeats = recall_losses(adapted, held_out, args.seq_len // 2, pattern)
+    return {"guess": round(guess, 4), "repeats": round(repeats, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--min-distance {args.min_distance} must be at most half the window, {(args.seq_len + 1) // 2}")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         parser.error(f"--dim {args.dim} must split into --heads {args.heads} heads of an even width")
+    if args.adapt_steps and not args.eval_patterns:
+        parser.error("--adapt-steps needs --eval-patterns: the patterns to adapt to")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

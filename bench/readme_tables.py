@@ -21,8 +21,8 @@ SOURCES = {  # table: JSON file in bench/results/ (written by)
     "training": "train_1B_NVIDIA_H100_80GB_HBM3.json",  # python -m bench.train_throughput
     "layouts": "parallel_layouts_NVIDIA_H200.json",  # python -m bench.parallel_layouts
     "layer": "layer_H100.json",  # python -m bench.layer
-    "attention": "attention_H100.json",  # python -m bench.kernels attention
-    "scan": "kernels_H100.json",  # python -m bench.kernels scan
+    "attention": "kernels_H100_all.json",  # python -m bench.kernels attention
+    "scan": "kernels_H100_all.json",  # python -m bench.kernels scan
     "decode": "decode_h100.json",  # python -m bench.decode
     "decode_kernel": "gpu_decode_sweep_h100.json",  # python -m bench.decode --phases kernel
     "decode_kernel_repeat": "gpu_decode_sweep_h100_repeat.json",  # the same, a second call (optional)
@@ -108,7 +108,7 @@ def attention() -> list[str]:
     flash = {r["T"]: r for r in rows if r["method"] == "sdpa_flash"}
     lines = [
         f"**Pattern attention prefill** (Triton, one pass) — {data['env']['device']}, torch {data['env']['torch']}, "
-        f"{data['env']['date']}; B=1, 16 heads x 128, bf16; speedup over dense causal SDPA (default backend; "
+        f"{data['env']['date'][:10]}; B=1, 16 heads x 128, bf16; speedup over dense causal SDPA (default backend; "
         f"FlashAttention-2 in brackets) (`bench/kernels.py`, `{SOURCES['attention']}`).",
         "",
         "| T | d16w256s4 fwd | d16w256s4 bwd | d64w256s4 fwd | d64w256s4 bwd |",

@@ -48,6 +48,18 @@ def _has_option(args: list[str], *names: str) -> bool:
     return any(a in names or a.split("=", 1)[0] in names for a in args)
 
 
+def lm_eval_cli() -> Any:
+    """lm-eval's ``cli_evaluate``; a one-line error (status 2) where lm-eval is not installed."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        cli.fail(PROG, "lm-eval is not installed; it comes with the eval extra: pip install -e '.[eval]' in the "
+                       "checkout, or the wheel with [eval] (README, Installing by hand)")  # fmt: skip
+    return cli_evaluate
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's CLI with the ``ratplus`` model registered.
 
@@ -57,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     the model folder) is reported in one line (``cli.user_errors``); the evaluation itself is not
     wrapped. Help (``-h``), ``ls`` and ``validate`` go to lm-eval as they are, without the model.
     """
-    from lm_eval.__main__ import cli_evaluate
-
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(
@@ -72,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{', '.join(sorted(local_task_names()))}\n\nlm-eval's own help follows.\n"
         )
         args = args or ["--help"]
+    cli_evaluate = lm_eval_cli()
     saved_argv = sys.argv
     if args[0] in ("ls", "validate") or _has_option(args, "-h", "--help"):
         sys.argv = ["lm-eval", *args]

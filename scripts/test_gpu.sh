@@ -28,4 +28,4 @@ export RATPLUS_LIVE_FAILURES=1  # each failure named as it happens (tests/confte
 # pytest-timeout is installed (the device image has it), instead of holding the whole run past its limit.
 TIMEOUT_ARGS=()
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_ARGS=(--timeout "${TEST_TIMEOUT:-300}"); fi
-exec "$PY" -m pytest -q -n "$JOBS" -p no:cacheprovider --durations=20 "${TIMEOUT_ARGS[@]}" "$@"
+exec "$PY" -m pytest -q -n "$JOBS" --dist loadgroup -p no:cacheprovider --durations=20 "${TIMEOUT_ARGS[@]}" "$@"

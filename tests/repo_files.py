@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,3 +22,9 @@ def checkout_files() -> list[str]:
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
     return [name for name in listed if (REPO_ROOT / name).is_file()]  # a deleted, not yet committed file: gone
+
+
+def pythonpath_with_checkout() -> str:
+    """``PYTHONPATH`` for a child process: the checkout first, then this process's own entries (on the GPU
+    machines the wheelhouse's packages, torchtitan among them, come from ``PYTHONPATH``, not site-packages)."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))

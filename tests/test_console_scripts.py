@@ -5,6 +5,7 @@ for lengths past the model's ``max_seq_len``, and no NaN weights run silently.""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from ratplus_titan.data.tokenizer import DEFAULT_TOKENIZER
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusModel
 from tests.cli_errors import cli_error
+from tests.repo_files import pythonpath_with_checkout
 
 try:
     import tomllib
@@ -52,13 +54,29 @@ def test_every_console_script_is_checked():
 def test_help_imports_no_heavy_module(command):
     """``--help`` parses before torch, torchtitan, datasets or lm-eval's model API are imported
     (5-7 s of imports that a user asking for help must not wait for)."""
+    if command == "ratplus-lm-eval" and importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed here (the GPU machines): test_lm_eval_help_without_lm_eval checks that")
     module, function = COMMANDS[command].split(":")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
     code = HELP.format(module=module, function=function, heavy=HEAVY)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage: " in proc.stdout and "--help" in proc.stdout, proc.stdout[:500]
     assert proc.stdout.splitlines()[-1] == "heavy modules: []", proc.stdout.splitlines()[-1]
+
+
+def test_lm_eval_help_without_lm_eval_is_our_usage_and_one_line():
+    """Without the eval extra, ``ratplus-lm-eval --help`` prints its own usage, then says what to install."""
+    code = "import sys\nsys.modules['lm_eval'] = None  # as if not installed\n" + HELP.format(
+        module="ratplus_titan.eval.lm_eval_cli", function="main", heavy=HEAVY).replace("(0, None)", "(2,)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: ratplus-lm-eval")
+    assert proc.stderr.strip().splitlines() == [
+        "ratplus-lm-eval: error: lm-eval is not installed; it comes with the eval extra: pip install -e '.[eval]' "
+        "in the checkout, or the wheel with [eval] (README, Installing by hand)"
+    ]
 
 
 INFERENCE = {  # command -> (module, the arguments it needs besides --pattern)

@@ -12,6 +12,7 @@ import torch
 
 from ratplus_titan.adapters import export
 from ratplus_titan.training_record import RECORD_KEY, TrainingRecord
+from tests.repo_files import pythonpath_with_checkout
 from tests.torchtitan_cpu import trainer_session
 from tests.trainer_utils import register_test_flavor, trainer_args
 
@@ -109,7 +110,7 @@ def test_run_train_then_export_without_pattern(tmp_path: Path) -> None:
 
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": pythonpath_with_checkout(),
         "OMP_NUM_THREADS": "1",
     }
     env.pop("RANK", None)

@@ -434,6 +434,23 @@ def _spawn_entry(
         raise SystemExit(1)
 
 
+@contextlib.contextmanager
+def no_cuda_in_children() -> Iterator[None]:
+    """``CUDA_VISIBLE_DEVICES=""`` in this process's environment while children are spawned, so that they
+    start with it. Set only in the child (``_spawn_entry``), it came too late on a GPU machine: unpickling
+    ``fn`` imports modules that ask ``torch.cuda``, whose device count is then cached as 1, and
+    ``torch.compile`` later failed on the hidden device (``IndexError`` in ``get_device_properties``)."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def spawn_gloo(
     fn: Callable, *args: Any, world_size: int = 2, env: dict[str, str] | None = None, timeout: float = 300
 ) -> list[Any]:
@@ -451,7 +468,7 @@ def spawn_gloo(
     import torch.multiprocessing as mp
 
     port = find_free_port()
-    with tempfile.TemporaryDirectory(prefix="tt_gloo_") as out_dir:
+    with tempfile.TemporaryDirectory(prefix="tt_gloo_") as out_dir, no_cuda_in_children():
         ctx = mp.start_processes(
             _spawn_entry,
             args=(world_size, port, fn, args, out_dir, dict(env or {}), max(1, torch.get_num_threads() // world_size)),

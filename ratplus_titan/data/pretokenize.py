@@ -84,7 +84,11 @@ def pretokenize(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     total_chars, done_chars, n_tokens, start = sum(map(len, docs)), 0, 0, time.monotonic()
-    with open(tmp, "wb") as out, multiprocessing.Pool(max(1, workers), _init_worker, (tokenizer_path,)) as pool:
+    # not fork: forking a process that runs threads (torch's, CUDA's) can deadlock the children, and Python
+    # 3.12 warns about it on stderr; forkserver (spawn where there is none) starts them clean
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with open(tmp, "wb") as out, context.Pool(max(1, workers), _init_worker, (tokenizer_path,)) as pool:
         for i, (text, ids) in enumerate(zip(docs, pool.imap(_encode, docs, chunksize=max(1, len(docs) // (64 * workers))))):
             ids.tofile(out)
             n_tokens += len(ids)

@@ -18,6 +18,7 @@ import pytest
 from ratplus_titan.adapters import export, folder
 from ratplus_titan.adapters.layout import load_export
 from tests.cli_errors import cli_error
+from tests.repo_files import pythonpath_with_checkout
 
 REPO = Path(__file__).resolve().parents[2]
 PROG = "ratplus-export"
@@ -119,7 +120,7 @@ def siblings(out: Path) -> list[str]:
 def test_killed_re_export_leaves_the_old_or_the_new_export(sources, references, tmp_path, point, capsys) -> None:
     out = tmp_path / "model"
     export.main(old_args(sources, out))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, point, *new_args(sources, out)], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _, err = proc.communicate(timeout=300)

@@ -82,6 +82,14 @@ def test_runs_carry_each_models_flags(tmp_path):
         assert d[d.index("--ratplus.dilation") + 1] == "1" and d[d.index("--ratplus.local_window") + 1] == "0"
 
 
+# The tests of the tiny run share one module-scoped run (``result``), minutes on a loaded GPU machine:
+# under pytest-xdist they go to one worker (``make test-gpu`` runs ``--dist loadgroup``), where each
+# worker of another test would otherwise run it again, and the limit of ``make test-gpu``'s hung-test
+# timeout (pytest-timeout) is raised for them, as it counts the fixture's set-up in the first test's time.
+def tiny_run(test):
+    return pytest.mark.xdist_group("reproduce_tiny_run")(pytest.mark.timeout(900)(test))
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
@@ -96,6 +104,7 @@ slow = pytest.mark.slow
 
 
 @slow
+@tiny_run
 def test_every_stage_is_recorded(result):
     assert {"env", "config", "models", "training", "heldout", "recall", "summary", "niah", "timing"} <= result.keys()
     assert {"device", "torch", "date", "triton"} <= result["env"].keys()
@@ -132,6 +141,7 @@ def test_every_stage_is_recorded(result):
 
 
 @slow
+@tiny_run
 def test_every_model_pattern_pair_is_evaluated(result):
     specs = result["config"]["specs"]
     expected = {(m, "pretrained", label) for m in reproduce.MODELS for label in specs}
@@ -157,6 +167,7 @@ def test_every_model_pattern_pair_is_evaluated(result):
 
 
 @slow
+@tiny_run
 def test_recall_rows_cover_every_pair_and_score_the_repeats(result):
     distance, T = pipeline.recall_distance(TINY), TINY.seq_len
     assert result["config"]["recall_distance"] == distance
@@ -177,6 +188,7 @@ def test_recall_rows_cover_every_pair_and_score_the_repeats(result):
 
 
 @slow
+@tiny_run
 def test_niah_rows_and_summary(result):
     plan_rows = pipeline.niah_plan(TINY)
     got = {(r["model"], r["tuned"], r["pattern"]): r for r in result["niah"]}
@@ -200,6 +212,7 @@ def test_niah_rows_and_summary(result):
 
 
 @slow
+@tiny_run
 def test_readme_section(result, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{reproduce.README_BEGIN}\nold\n{reproduce.README_END}\ntail\n")
@@ -221,6 +234,7 @@ def test_no_niah_drops_fine_tuning_and_its_report(tmp_path):
 
 
 @slow
+@tiny_run
 def test_report_without_niah(result):
     bare = {**result, "niah": [], "config": {**result["config"], "niah": False}}
     summary = reproduce.summarize(bare)

@@ -3,7 +3,11 @@
 import gzip
 import json
 import lzma
+import multiprocessing
+import os
 import random
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -15,6 +19,7 @@ from ratplus_titan.data.pretokenize import main, pretokenize, read_documents
 from ratplus_titan.data.token_file import open_token_file
 from ratplus_titan.data.tokenizer import load_tokenizer
 from tests.cli_errors import cli_error
+from tests.repo_files import pythonpath_with_checkout
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +123,35 @@ def test_an_empty_txt_beside_text_is_skipped_with_a_warning(tmp_path, capsys, to
     expected = [tokenizer.bos_id, *tokenizer.encode("Call me Ishmael."), tokenizer.eos_id]
     assert np.fromfile(out, dtype=np.uint16).tolist() == expected
     assert f"wrote {len(expected)} tokens" in captured.out
+
+
+# A process with a second thread running (as torch's, or CUDA's, are in a trainer or a test worker): from
+# Python 3.12 on, os.fork() warns there ("This process ... is multi-threaded, use of fork() may lead to
+# deadlocks in the child"); -W error makes that warning fail the run.
+THREADED = """
+import sys, threading
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()
+from ratplus_titan.data.pretokenize import main
+code = main(sys.argv[1:])
+stop.set()
+sys.exit(code)
+"""
+
+
+def test_workers_start_cleanly_from_a_threaded_process(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "book.txt").write_text("Call me Ishmael.")
+    out = tmp_path / "out.bin"
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
+    run = subprocess.run([sys.executable, "-W", "error:This process:DeprecationWarning", "-c", THREADED,
+                          str(tmp_path / "book.txt"), str(out), "--workers", "2", "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
+    expected = [tokenizer.bos_id, *tokenizer.encode("Call me Ishmael."), tokenizer.eos_id]
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
+    # Python 3.11 does not warn: the start method itself must not be fork
+    methods = []
+    get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: methods.append(method) or get_context(method))
+    assert main([str(tmp_path / "book.txt"), str(tmp_path / "again.bin"), "--workers", "1", "--quiet"]) == 0
+    assert methods in (["forkserver"], ["spawn"])

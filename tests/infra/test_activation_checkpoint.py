@@ -27,7 +27,7 @@ from ratplus_titan.infra.activation_checkpoint import (
 from ratplus_titan.model.args import RATPlusModelArgs
 from ratplus_titan.model.model import RATPlusBlock, RATPlusModel
 from tests.device import needs_interpreter
-from tests.model.test_saved_memory import BATCH, SEQ, _triton_recurrence, describe, measure  # noqa: F401  (fixture)
+from tests.model.test_saved_memory import BATCH, SEQ, describe, measure, triton_recurrence  # noqa: F401  (fixture)
 
 # (AC mode, compiled): op-level selective AC, no AC, every block recomputed whole.
 MODES = [("op", True), ("op", False), ("none", True), ("none", False), ("full", True), ("full", False)]
@@ -41,6 +41,7 @@ def sizes(result: dict) -> Counter:
 
 
 @needs_interpreter
+@pytest.mark.usefixtures("triton_recurrence")
 @pytest.mark.parametrize("kind", ["ratplus", "attention"])
 @pytest.mark.parametrize("mode, compiled", MODES, ids=MODE_IDS)
 def test_recompute_fc1_keeps_no_ffn_hidden_and_nothing_more(kind, mode, compiled, device):
@@ -61,6 +62,7 @@ def test_recompute_fc1_keeps_no_ffn_hidden_and_nothing_more(kind, mode, compiled
 
 
 @needs_interpreter
+@pytest.mark.usefixtures("triton_recurrence")
 @pytest.mark.parametrize("kind", ["ratplus", "attention"])
 @pytest.mark.parametrize("mode, compiled", MODES, ids=MODE_IDS)
 def test_recompute_fc1_gives_the_same_gradients(kind, mode, compiled, device):

@@ -24,6 +24,7 @@ from ratplus_titan.config import RATPlus
 from ratplus_titan.infra import cpu
 from tests import global_state
 from tests.cli_errors import cli_error
+from tests.repo_files import pythonpath_with_checkout
 from tests.trainer_utils import DEBUG_TOML, REPO, register_test_flavor, trainer_args
 
 try:
@@ -135,7 +136,7 @@ def test_values_of_the_right_type_are_taken(tmp_path, name, kind):
 def test_quoted_booleans_through_run_train_sh(tmp_path):
     """The issue's case, end to end: ``apply_re = "false"`` once built RAT+ with the recurrence."""
     toml = toml_with(tmp_path / "bad.toml", apply_re="false")
-    env = {**os.environ, "PYTHON": sys.executable, "CONFIG_FILE": str(toml), "NGPU": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG_FILE": str(toml), "NGPU": "0", "PYTHONPATH": pythonpath_with_checkout()}
     run = subprocess.run([str(REPO / "run_train.sh"), "--job.dump_folder", str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
@@ -180,7 +181,7 @@ def test_a_bad_value_through_run_train_sh_on_a_gpu_machine(tmp_path):
     """With GPUs run_train.sh (ratplus-train) checks the config before torchrun, whose report would bury
     the line. NGPU=1 on this machine: the check refuses the config, so torchrun never starts."""
     toml = toml_with(tmp_path / "bad.toml", joint_dilation=0)
-    env = {**os.environ, "PYTHON": sys.executable, "CONFIG_FILE": str(toml), "NGPU": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG_FILE": str(toml), "NGPU": "1", "PYTHONPATH": pythonpath_with_checkout()}
     run = subprocess.run([str(REPO / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Traceback" not in run.stdout + run.stderr and "torch.distributed" not in run.stdout + run.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from ratplus_titan.infra import cpu, entry, launch
 from tests.cli_errors import cli_error
+from tests.repo_files import pythonpath_with_checkout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "train_configs"
@@ -124,7 +125,7 @@ def test_bad_input_is_one_line(monkeypatch, capsys):
 
 
 def test_help_from_the_checkout_lists_the_shipped_configs():
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
     run = subprocess.run(
         [sys.executable, "-m", "ratplus_titan.infra.launch", "--help"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,

@@ -235,13 +235,20 @@ def describe(seen: dict[tuple, tuple]) -> str:
     return ", ".join(f"{shape} {dtype} ({nbytes / row:.2f} rows)" for nbytes, shape, dtype in seen.values())
 
 
-@pytest.fixture(autouse=True)
-def _triton_recurrence(monkeypatch):
+@pytest.fixture
+def triton_recurrence(monkeypatch):
     """The model's recurrence goes to the Triton op on either device (on the CPU the model would send its
-    tensors to the reference); interpreted, it scans whole slices at a time (same order)."""
+    tensors to the reference); interpreted, it scans whole slices at a time (same order). Other modules
+    import this one by name and request it per test: an imported autouse fixture would apply to every test
+    there, CPU-tensor tests included, which the compiled op refuses on a GPU machine."""
     monkeypatch.setattr(model_module, "gated_recurrence", recurrence_triton.recurrence_triton)
     if isinstance(recurrence_triton._scan_fwd_kernel, interpreter.InterpretedFunction):
         monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _vectorized_scan)
+
+
+@pytest.fixture(autouse=True)
+def _every_test_here_uses_the_triton_recurrence(triton_recurrence):
+    """Every test of this module measures the Triton recurrence (``triton_recurrence``)."""
 
 
 # ----------------------------------------------------------------------------------------------

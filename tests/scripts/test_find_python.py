@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.repo_files import pythonpath_with_checkout
 from tests.trainer_utils import REPO
 
 
@@ -33,7 +34,7 @@ def bare_python_on_path(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     executable(bin_dir / "python", f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
-    return {**env, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "NGPU": "0"}
+    return {**env, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": pythonpath_with_checkout(), "NGPU": "0"}
 
 
 def test_adapt_chain_without_a_venv_says_how_to_get_one(tmp_path):

@@ -146,7 +146,7 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     if args.adapt_steps:
         result["adapted"] = {}
         for pattern in args.eval_patterns:
-            result["adapted"][str(pattern)] = adapt(model, args, pattern, held_out, device)
+            result["adapted"][str(pattern)] = adapt(model, args, pattern, held_out, distance, device)
             log(f"{name:9s} adapted {args.adapt_steps} steps to {pattern}: recall under it: "
                 f"{result['adapted'][str(pattern)]}")  # fmt: skip
     return result
@@ -167,7 +167,7 @@ def optimize(model: RATPlusModel, optimizer: torch.optim.Optimizer, windows: tor
     return loss
 
 
-def adapt(model: RATPlusModel, args: argparse.Namespace, pattern: Pattern, held_out: torch.Tensor,
+def adapt(model: RATPlusModel, args: argparse.Namespace, pattern: Pattern, held_out: torch.Tensor, distance: int,
           device: torch.device) -> dict:  # fmt: skip
     """A copy of ``model`` trained ``--adapt-steps`` more steps under ``pattern`` alone (the paper's short
     adaptation, DESIGN §3) on fresh windows of the same kind, the same ones for every model and pattern;
@@ -178,7 +178,7 @@ def adapt(model: RATPlusModel, args: argparse.Namespace, pattern: Pattern, held_
     for step in range(1, args.adapt_steps + 1):
         windows = training_windows(args.batch, args.seq_len, args.vocab, args.repeat_share, args.min_distance, data)
         optimize(adapted, optimizer, windows.to(device), [pattern], f"adaptation to {pattern} at step {step}")
-    guess, repeats = recall_losses(adapted, held_out, args.seq_len // 2, pattern)
+    guess, repeats = recall_losses(adapted, held_out, distance, pattern)
     return {"guess": round(guess, 4), "repeats": round(repeats, 4)}
 
 

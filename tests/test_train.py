@@ -131,11 +131,10 @@ def assert_same_losses(single, ranks):
     for losses in ranks:
         assert len(losses) == len(single)
         for expected, actual in zip(single, losses):
-            # fp32 sums in another order (sharded, or over another thread count: the GPU machine's CPU
-            # differed by 1.2e-6 relative after 4 steps); a missing or doubled gradient sync moves the
-            # loss by 1e-3 or more within these steps
+            # fp32 sums in another order (sharded, or over another thread count): the GPU machine's CPU
+            # differed by 1.2e-6 relative after 4 steps (1.24e-5 absolute, past the old abs=1e-5)
             for key in ("loss_sparse", "loss"):
-                assert actual[key] == pytest.approx(expected[key], rel=1e-5), (key, single, ranks)
+                assert actual[key] == pytest.approx(expected[key], rel=5e-6), (key, single, ranks)
 
 
 LAYOUTS = {  # the same global batch of 2 windows a step: rank r of W reads windows r, r + W, ...

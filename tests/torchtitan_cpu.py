@@ -400,9 +400,9 @@ def _spawn_entry(
     env: dict[str, str],
     threads: int,
 ) -> None:
-    # CPU ranks on gloo, also on a GPU machine: no CUDA device is visible to them (set before anything asks
-    # torch.cuda), so nothing (torchtitan's device choice at import, DCP, our SAC list) takes a CUDA path.
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # CPU ranks on gloo, also on a GPU machine: they start with no CUDA device visible (``spawn_gloo``'s
+    # ``no_cuda_in_children``), so nothing (torchtitan's device choice at import, DCP, our SAC list) takes a
+    # CUDA path.
     os.environ.update(env)
     os.environ.update(
         {

@@ -20,7 +20,6 @@ from ratplus_titan.adapters.layout import load_export
 from tests.cli_errors import cli_error
 from tests.repo_files import pythonpath_with_checkout
 
-REPO = Path(__file__).resolve().parents[2]
 PROG = "ratplus-export"
 
 # Runs ``ratplus-export`` with a SIGKILL at the point named by argv[1]; the export's arguments follow.

@@ -99,10 +99,11 @@ def test_joint_training_steps_sparse_then_dense_and_evaluates_each_pattern(tmp_p
     # joint training, then each adaptation under its pattern alone
     assert trained_under == [Pattern(4), DENSE] * 3 + [Pattern.parse("d-1w4s1")] * 2 + [Pattern.parse("d4w4s1")] * 2
     (path,) = tmp_path.glob("induction_*_j.json")
-    (point,) = json.loads(path.read_text())["models"]["ratplus"]["curve"]
+    run = json.loads(path.read_text())["models"]["ratplus"]
+    (point,) = run["curve"]
     assert list(point["patterns"]) == ["d-1w4s1", "d4w4s1"]
     assert all(math.isfinite(value) for value in point["patterns"].values())
-    adapted = json.loads(path.read_text())["models"]["ratplus"]["adapted"]
+    adapted = run["adapted"]
     assert list(adapted) == ["d-1w4s1", "d4w4s1"] and all(set(a) == {"guess", "repeats"} for a in adapted.values())
 
 
@@ -115,7 +116,7 @@ def test_adaptation_trains_a_copy():
     model.init_weights()
     before = [p.detach().clone() for p in model.parameters()]
     windows = torch.randint(FIRST_ID, 40, (2, 17))
-    found = induction.adapt(model, args, Pattern.parse("d4w2s1"), windows, torch.device("cpu"))
+    found = induction.adapt(model, args, Pattern.parse("d4w2s1"), windows, 8, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     # and the copy did change: its recall differs from the unadapted model's under the same pattern
     assert found["repeats"] != pytest.approx(induction.recall_losses(model, windows, 8, Pattern.parse("d4w2s1"))[1], rel=1e-4)

@@ -4,7 +4,7 @@
 # Offline (the lent GPU machines): a wheelhouse in .whl/ (../shared/tools/device-wheels.sh builds it)
 # is installed into .gpu-site/ and the checkout is used from PYTHONPATH, with the machine's own torch.
 # Online: `make install` builds .venv with the CUDA torch from pyproject.toml's range.
-#   JOBS=8 bash scripts/test_gpu.sh [pytest args]     (default: every test under tests/)
+#   JOBS=8 [SUITE_TIMEOUT=540] bash scripts/test_gpu.sh [pytest args]     (default: every test under tests/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-8}
@@ -28,4 +28,10 @@ export RATPLUS_LIVE_FAILURES=1  # each failure named as it happens (tests/confte
 # pytest-timeout is installed (the device image has it), instead of holding the whole run past its limit.
 TIMEOUT_ARGS=()
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_ARGS=(--timeout "${TEST_TIMEOUT:-300}"); fi
-exec "$PY" -m pytest -q -n "$JOBS" --dist loadgroup -p no:cacheprovider --durations=20 "${TIMEOUT_ARGS[@]}" "$@"
+# SUITE_TIMEOUT=<seconds>: interrupt the whole run then (SIGINT): pytest still prints its summary, and
+# tests/conftest.py names the tests still running (LIVE-RUNNING); tests over 30 s are named as they end (LIVE-SLOW).
+PYTEST=("$PY" -m pytest -q -n "$JOBS" --dist loadgroup -p no:cacheprovider --durations=20 "${TIMEOUT_ARGS[@]}" "$@")
+if [ -n "${SUITE_TIMEOUT:-}" ]; then
+  exec timeout -s INT -k 30 "$SUITE_TIMEOUT" "${PYTEST[@]}"
+fi
+exec "${PYTEST[@]}"

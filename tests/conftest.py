@@ -10,6 +10,7 @@ collection error, and a test that leaves it changed fails (in its teardown) and 
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -61,11 +62,39 @@ def _leaves_global_state_alone():
         )
 
 
+def _live() -> bool:
+    """``RATPLUS_LIVE_FAILURES=1`` (``make test-gpu`` sets it): report as the run goes, so that a run cut off
+    by a time limit still says what failed and what was slow (pytest's own summary comes only at the end)."""
+    return os.environ.get("RATPLUS_LIVE_FAILURES") == "1" and "PYTEST_XDIST_WORKER" not in os.environ
+
+
+LIVE_SLOW_S = float(os.environ.get("RATPLUS_LIVE_SLOW_S", "30"))
+"""A test (set-up, call and teardown) that takes longer is named as it ends (``LIVE-SLOW``)."""
+_RUNNING: dict[str, float] = {}  # node id -> time.monotonic() at its start, in the controlling process
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """``RATPLUS_LIVE_FAILURES=1`` (``make test-gpu`` sets it): name each failure the moment it happens, so a
-    run cut off by a time limit still says what failed (pytest's own summary comes only at the end)."""
-    if os.environ.get("RATPLUS_LIVE_FAILURES") == "1" and report.failed:
+    """Name each failure the moment it happens (``LIVE-FAILED``)."""
+    if _live() and report.failed:
         print(f"\nLIVE-FAILED {report.nodeid} ({report.when}): {_first_line(report)}", flush=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if _live():
+        _RUNNING[nodeid] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    started = _RUNNING.pop(nodeid, None)
+    if started is not None and time.monotonic() - started >= LIVE_SLOW_S:
+        print(f"\nLIVE-SLOW {nodeid}: {time.monotonic() - started:.0f} s", flush=True)
+
+
+def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo) -> None:
+    """Interrupted (``make test-gpu`` sends SIGINT at ``SUITE_TIMEOUT``): the tests still running, longest first."""
+    now = time.monotonic()
+    for nodeid, started in sorted(_RUNNING.items(), key=lambda item: item[1]):
+        print(f"\nLIVE-RUNNING {nodeid}: {now - started:.0f} s when interrupted", flush=True)
 
 
 def _first_line(report: pytest.TestReport) -> str:

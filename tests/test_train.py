@@ -131,10 +131,12 @@ def assert_same_losses(single, ranks):
     for losses in ranks:
         assert len(losses) == len(single)
         for expected, actual in zip(single, losses):
-            # fp32 sums in another order (sharded, or over another thread count): the GPU machine's CPU
-            # differed by 1.2e-6 relative after 4 steps (1.24e-5 absolute, past the old abs=1e-5)
+            # fp32 sums in another order (sharded, or over another thread count). Measured on the GPU
+            # machine's CPU: 1.2e-6 relative after 4 steps, 5.6e-6 after a resume across layouts (2026-12-07).
+            # Resuming without the optimizer state, the lr scheduler or the data position moves the loss by
+            # 1.2e-3 to 5.3e-2 relative (measured on the CPU by excluding each from loading), 60x the bound or more.
             for key in ("loss_sparse", "loss"):
-                assert actual[key] == pytest.approx(expected[key], rel=5e-6), (key, single, ranks)
+                assert actual[key] == pytest.approx(expected[key], rel=2e-5), (key, single, ranks)
 
 
 LAYOUTS = {  # the same global batch of 2 windows a step: rank r of W reads windows r, r + W, ...

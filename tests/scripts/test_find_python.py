@@ -29,18 +29,20 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-def bare_python_on_path(tmp_path: Path) -> dict[str, str]:
-    """An environment whose ``python`` is an interpreter without torch/torchtitan (no site-packages)."""
+def bare_python_on_path(tmp_path: Path, pythonpath: str) -> dict[str, str]:
+    """An environment whose ``python`` is an interpreter without site-packages, with ``pythonpath``."""
     bin_dir = tmp_path / "bin"
     executable(bin_dir / "python", f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
-    return {**env, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": pythonpath_with_checkout(), "NGPU": "0"}
+    return {**env, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": pythonpath, "NGPU": "0"}
 
 
 def test_adapt_chain_without_a_venv_says_how_to_get_one(tmp_path):
     root = checkout(tmp_path)
+    # only the checkout on PYTHONPATH: neither torch nor torchtitan importable, also where the process's own
+    # PYTHONPATH holds them (make test-gpu's wheelhouse, .gpu-site)
     run = subprocess.run(["bash", str(root / "scripts" / "adapt_chain.sh"), str(tmp_path / "out")],
-                         env=bare_python_on_path(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
+                         env=bare_python_on_path(tmp_path, str(REPO)), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "ModuleNotFoundError" not in run.stderr
     assert run.stderr.strip().splitlines() == [
@@ -63,7 +65,8 @@ exit 3
 """,
     )
     run = subprocess.run(["bash", str(root / "scripts" / "adapt_chain.sh"), str(tmp_path / "out")],
-                         env=bare_python_on_path(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
+                         env=bare_python_on_path(tmp_path, pythonpath_with_checkout()), capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
     assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
     check = "-c import importlib.util as u"  # find_python.sh's check, in adapt_chain.sh and in run_train.sh
     assert calls.read_text().splitlines() == [check, check, "-m ratplus_titan.infra.launch"]

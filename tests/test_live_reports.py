@@ -1,0 +1,44 @@
+"""tests/conftest.py's live reports (``make test-gpu``): failures and slow tests named as they end, and
+the tests still running named when the run is interrupted at ``SUITE_TIMEOUT``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.repo_files import pythonpath_with_checkout
+
+
+def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp_path):
+    pytest.importorskip("xdist")
+    (tmp_path / "test_cases.py").write_text(
+        "import time\n"
+        "def test_fails():\n    assert 1 == 2, 'one is not two'\n"
+        "def test_slow():\n    time.sleep(2.5)\n"
+        "def test_hangs():\n    time.sleep(600)\n"
+    )
+    env = {**os.environ, "RATPLUS_LIVE_FAILURES": "1", "RATPLUS_LIVE_SLOW_S": "2",
+           "PYTHONPATH": pythonpath_with_checkout()}  # fmt: skip
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "-n", "3",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_cases.py")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, deadline = "", time.monotonic() + 240
+    while "LIVE-SLOW" not in output and time.monotonic() < deadline:  # the slow test has ended: interrupt
+        output += run.stdout.readline()
+    run.send_signal(signal.SIGINT)
+    output += run.communicate(timeout=120)[0]
+    lines = output.splitlines()
+    assert "LIVE-FAILED test_cases.py::test_fails (call): AssertionError: one is not two" in lines, output
+    assert any(line.startswith("LIVE-SLOW test_cases.py::test_slow: ") for line in lines), output
+    running = [line for line in lines if line.startswith("LIVE-RUNNING ")]
+    assert len(running) == 1 and running[0].startswith("LIVE-RUNNING test_cases.py::test_hangs: "), output
+    assert not any("test_fails:" in line or "test_slow:" in line for line in running)

@@ -62,6 +62,13 @@ def _leaves_global_state_alone():
         )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, tests marked ``slow`` go first (a stable sort, the same in every worker, as xdist
+    requires): started last, one of them would hold the whole run past its end (``make test-gpu``)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _live() -> bool:
     """``RATPLUS_LIVE_FAILURES=1`` (``make test-gpu`` sets it): report as the run goes, so that a run cut off
     by a time limit still says what failed and what was slow (pytest's own summary comes only at the end)."""

@@ -42,3 +42,28 @@ def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp
     running = [line for line in lines if line.startswith("LIVE-RUNNING ")]
     assert len(running) == 1 and running[0].startswith("LIVE-RUNNING test_cases.py::test_hangs: "), output
     assert not any("test_fails:" in line or "test_slow:" in line for line in running)
+
+
+def test_slow_tests_are_collected_first_under_xdist_only(tmp_path):
+    (tmp_path / "test_order.py").write_text(
+        "import pytest\n"
+        "def test_a():\n    pass\n"
+        "@pytest.mark.slow\ndef test_b():\n    pass\n"
+        "def test_c():\n    pass\n"
+        "@pytest.mark.slow\ndef test_d():\n    pass\n"
+    )
+
+    def collected(worker: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+        env["PYTHONPATH"] = pythonpath_with_checkout()
+        if worker:
+            env["PYTEST_XDIST_WORKER"] = worker
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "tests.conftest", "-p", "no:cacheprovider",
+             "--rootdir", str(tmp_path), "-W", "ignore::pytest.PytestUnknownMarkWarning", str(tmp_path / "test_order.py")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        return [line.split("::")[1] for line in run.stdout.splitlines() if "::" in line]
+
+    assert collected(None) == ["test_a", "test_b", "test_c", "test_d"]
+    assert collected("gw0") == ["test_b", "test_d", "test_a", "test_c"]

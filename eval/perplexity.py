@@ -29,10 +29,14 @@ DEFAULT_BUCKETS = (256, 1024)
 """Bucket edges: positions [0, 256), [256, 1024), [1024, seq_len)."""
 
 
-def read_windows(path: str | Path, seq_len: int, windows: int, vocab_size: int | None = None) -> torch.Tensor:
+def read_windows(
+    path: str | Path, seq_len: int, windows: int, vocab_size: int | None = None, seed: int | None = None
+) -> torch.Tensor:
     """The first ``windows`` windows (0 = all) of ``seq_len + 1`` tokens of a uint16 ``.bin`` file -> ``[N, seq_len + 1]``
     (``[training] dataset = "bin"``'s windows, in file order), after checking the file (its size; its ids
-    below ``vocab_size`` when given): a bad file is a ``ValueError`` naming it."""
+    below ``vocab_size`` when given): a bad file is a ``ValueError`` naming it. With ``seed``: ``windows``
+    of them drawn by that seed (without replacement, kept in file order), from every part of the file
+    rather than its beginning alone."""
     import numpy as np
     import torch
 
@@ -42,6 +46,8 @@ def read_windows(path: str | Path, seq_len: int, windows: int, vocab_size: int |
     if len(available) == 0:
         raise ValueError(f"{path} holds fewer than seq_len + 1 = {seq_len + 1} tokens")
     n = len(available) if windows <= 0 else min(windows, len(available))
+    if seed is not None:
+        available = available[np.sort(np.random.default_rng(seed).choice(len(available), n, replace=False))]
     return torch.from_numpy(available[:n].astype(np.int64))
 
 

@@ -20,7 +20,8 @@
              attention at the first pattern's KV budget: RAT+, Quest and MoBA block scores); held-out LM loss
              by position of every (model, pattern); exact recall beyond the window of every (model, pattern):
              the loss on random tokens that repeat every T/2 positions (``ratplus_titan.eval.repeated_tokens``),
-             which needs no fine-tuning;
+             which needs no fine-tuning; and recall of natural text the same way: held-out windows (drawn by the
+             seed) whose second half repeats their first, where the first half's loss is ordinary LM loss;
 7. report    ``reproduce_<device>.json``, a PNG, and the README section (``--readme``; from a JSON file alone
              with ``--readme-only``).
 

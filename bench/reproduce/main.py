@@ -20,11 +20,12 @@ from bench.reproduce.stages import OutOfTime, export_all, log, train
 from ratplus_titan import cli
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
-               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows", "repeat_share", "seed")  # fmt: skip
+               "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows",
+               "repeat_share", "seed", "joint_dilation", "patterns")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
 
 
-STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout", "recall")
+STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout", "recall", "recall_text")
 """The stages in the order they run (the package docstring)."""
 
 POSITIVE = cli.number_in(0, low_open=True)
@@ -38,12 +39,49 @@ class StopAfter(Exception):
     """The stage named by ``--stop-after`` is done."""
 
 
+DILATED_FORM = "d<D>w<W>s<S> with dilation D >= 2, e.g. d16w256s4"
+"""The form of each ``--patterns`` item: a sparse pattern with dilated rows, as the first one's dilation is the
+top-k block size (``pipeline.topk_specs``) and its window the local window of the report."""
+
+
+def dilated_pattern(text: str) -> str:
+    """One ``--patterns`` item: a spec ``Pattern.parse`` reads, with dilation >= 2, spelt as ``str(Pattern)``
+    spells it (stage keys and labels name it, so one pattern has one name)."""
+    from ratplus_titan.pattern import Pattern
+
+    try:
+        pattern = Pattern.parse(text)
+    except (TypeError, ValueError):
+        pattern = None
+    if pattern is None or pattern.dilation < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are patterns {DILATED_FORM}")
+    return str(pattern)
+
+
+def pattern_specs(text: str) -> tuple[str, ...]:
+    """``--patterns``: comma-separated ``dilated_pattern`` items, each named once (a tuple, as ``Scale.patterns``)."""
+    specs = tuple(cli.comma_list(dilated_pattern)(text))
+    if len(set(specs)) < len(specs):
+        raise argparse.ArgumentTypeError(f"{text!r} names a pattern twice: give each pattern once")
+    return specs
+
+
+FLAG_TYPES = {
+    "repeat_share": cli.number_in(0, 1),
+    "joint_dilation": cli.int_at_least(2),  # 1 would be a second dense step
+    "patterns": pattern_specs,
+}
+"""The argparse types of the ``OVERRIDABLE`` fields that allow less than their Python type (the rest: ``FIELD_TYPES``)."""
+FIELD_TYPES = {"int": cli.positive_int, "float": POSITIVE, "str": str}
+FLAG_HELP = {"patterns": f"override the scale's sparse patterns: comma-separated, each {DILATED_FORM}"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench import reproduce
 
     doc = reproduce.__doc__ or ""
-    parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=doc.split("\n\n")[0],
-                                     epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = cli.ArgumentParser(prog="python -m bench.reproduce", description=doc.split("\n\n")[0],
+                                epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument(
         "--scale", choices=sorted(SCALES), default="50m", help="model and data size (default: %(default)s)"
     )
@@ -53,10 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     types = {f.name: f.type for f in fields(Scale)}
     for name in OVERRIDABLE:
-        kind = {"int": cli.positive_int, "float": POSITIVE, "str": str}[str(types[name])]
-        if name == "repeat_share":
-            kind = cli.number_in(0, 1)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override the scale's {name}")
+        kind = FLAG_TYPES.get(name) or FIELD_TYPES[str(types[name])]
+        description = FLAG_HELP.get(name, f"override the scale's {name}")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=description)
     parser.add_argument(
         "--models",
         type=cli.comma_list(cli.one_of(tuple(MODELS))),
@@ -96,6 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_scale(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Scale:
+    """The ``--scale`` with the flags' overrides; a scale they make unusable is ``parser.error`` (exit 2)."""
+    overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
+    if "pretrain_steps" in overrides:
+        overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
+    if args.models:
+        overrides["models"] = tuple(args.models)
+    if args.dense_only:
+        overrides["sparse_runs"] = False
+    if args.no_niah:
+        overrides["niah"] = False
+    scale = replace(SCALES[args.scale], **overrides)
+    problem = scale_problem(scale)
+    if problem:
+        parser.error(problem)
+    return scale
+
+
+def scale_problem(scale: Scale) -> str | None:
+    """What makes ``scale`` (after the overrides) unusable, naming the flags to change; None when nothing does."""
+    from ratplus_titan.pattern import Pattern
+
+    for name in ("micro_batch", "short_micro_batch"):
+        if scale.batch % getattr(scale, name):
+            return f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}"
+    distance = pipeline.recall_distance(scale)
+    for spec in scale.patterns:  # recall, NIAH's far needles and the repeats in training lie beyond the window
+        if Pattern.parse(spec).local_window >= distance:
+            return (f"--patterns {spec}: the local window must be below the recall distance {distance} "
+                    f"(seq_len {scale.seq_len} / 2)")  # fmt: skip
+    return None
+
+
 def concurrency(requested: int | None) -> tuple[int, int]:
     """(pretraining runs, short runs) side by side: on a GPU, 3 and as many short runs as its memory holds at
     ``SHORT_RUN_GIB`` each (<= 9); on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
@@ -116,21 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         report.write_readme(result, args.readme_only.name)
         log(f"README section and figure rewritten from {args.readme_only}")
         return 0
-    overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
-    if "pretrain_steps" in overrides:
-        overrides["warmup_steps"] = max(1, overrides["pretrain_steps"] // 20)
-    if args.models:
-        overrides["models"] = tuple(args.models)
-    if args.dense_only:
-        overrides["sparse_runs"] = False
-    if args.no_niah:
-        overrides["niah"] = False
-    scale = replace(SCALES[args.scale], **overrides)
-    for name in ("micro_batch", "short_micro_batch"):
-        if scale.batch % getattr(scale, name):
-            parser.error(
-                f"--batch {scale.batch} must be a multiple of --{name.replace('_', '-')} {getattr(scale, name)}"
-            )
+    scale = chosen_scale(parser, args)
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
     long, short = concurrency(args.concurrent)
     started = time.monotonic()
@@ -200,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         result["recall"] = pipeline.recall_all(work, scale, lm_exports)
         save("recall", t0)
+
+        t0 = time.monotonic()
+        result["recall_text"] = pipeline.recall_text_all(work, scale, data, lm_exports)
+        save("recall_text", t0)
     except StopAfter as e:
         log(f"stopped after the {e} stage (--stop-after); rerun without it to continue")
         return 0

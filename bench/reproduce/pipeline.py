@@ -273,6 +273,27 @@ def recall_all(work: Path, scale: Scale, exports: dict[tuple[str, str], Path]) -
     return loss_all(work, scale, exports, windows, "recall", source, edges=(distance,))
 
 
+def recall_text_windows(scale: Scale, validation: Path) -> torch.Tensor:
+    """``recall_windows`` windows of held-out text (drawn by ``scale.seed`` from the validation tokens), each
+    its beginning repeated with period ``recall_distance`` (``eval/repeated_tokens.py``)."""
+    from ratplus_titan.eval.perplexity import read_windows
+    from ratplus_titan.eval.repeated_tokens import repeated_text
+
+    text = read_windows(validation, scale.seq_len, scale.recall_windows, seed=scale.seed)
+    return repeated_text(text, recall_distance(scale))
+
+
+def recall_text_all(work: Path, scale: Scale, data: dict, exports: dict[tuple[str, str], Path]) -> list[dict]:
+    """Recall of natural text beyond the local window: loss on ``recall_text_windows``, whose repeats a model
+    predicts by copying the text ``recall_distance`` back; the first period is ordinary LM loss, the
+    reference. Rows as ``recall_all``'s."""
+    validation = Path(data["files"]["validation"])
+    distance = recall_distance(scale)
+    windows = recall_text_windows(scale, validation)
+    source = {"validation": file_digest(validation), "repeated_text": [scale.recall_windows, distance, scale.seed]}
+    return loss_all(work, scale, exports, windows, "recall_text", source, edges=(distance,))
+
+
 def loss_all(
     work: Path, scale: Scale, exports: dict[tuple[str, str], Path], windows: torch.Tensor, name: str,
     source: dict, edges: tuple[int, ...],

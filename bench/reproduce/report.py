@@ -3,6 +3,7 @@ section (regenerated from the JSON alone with ``python -m bench.reproduce --read
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def summarize(result: dict) -> dict:
     patterns, models = cfg["patterns"], cfg.get("models", list(MODELS))
     loss = {(r["model"], r["checkpoint"], r["pattern"]): r.get("loss", math.nan) for r in result["heldout"]}
     niah = niah_table(result)
-    summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}, "recall_loss": recall_losses(result)}
+    summary: dict = {"loss_gap_pct": {}, "niah": {}, "niah_far": {}, "recall_loss": recall_losses(result),
+                     "recall_text_loss": recall_losses(result, "recall_text", "first_half")}  # fmt: skip
     # expectations are judged on needles beyond the window, the ones only the dilated or selected rows reach
     for model in models:
         dense = loss.get((model, "pretrained", DENSE), math.nan)
@@ -92,19 +94,25 @@ def summarize(result: dict) -> dict:
     return summary
 
 
-def recall_losses(result: dict) -> dict[str, dict[str, float]]:
-    """``{model: {"checkpoint:pattern": loss on the repeats}}``, plus ``"guess"``: the dense pretrained
-    model's loss on the first period (random tokens: nothing to recall)."""
+def recall_losses(result: dict, section: str = "recall", reference: str = "guess") -> dict[str, dict[str, float]]:
+    """``{model: {"checkpoint:pattern": loss on the repeats}}`` of the rows of ``result[section]`` (none when
+    the JSON predates that stage), plus ``reference``: the dense pretrained model's loss on the first period
+    (random tokens: guessing, nothing to recall; text: ordinary LM loss, nothing to copy yet)."""
     cfg = result["config"]
     out: dict[str, dict[str, float]] = {}
-    for row in result.get("recall", []):
+    for row in result.get(section, []):
         repeats = repeats_loss(row, cfg)
         out.setdefault(row["model"], {})[f"{row['checkpoint']}:{row['pattern']}"] = (
             math.nan if repeats is None else repeats
         )
         if (row["checkpoint"], row["pattern"]) == ("pretrained", DENSE):
-            out[row["model"]]["guess"] = row.get("by_position", {}).get(f"0-{cfg['recall_distance']}", math.nan)
+            out[row["model"]][reference] = row.get("by_position", {}).get(f"0-{cfg['recall_distance']}", math.nan)
     return out
+
+
+def references(losses: dict[str, dict[str, float]], reference: str) -> str:
+    """The models' ``reference`` losses of ``recall_losses``, ``" / "``-joined for a caption."""
+    return " / ".join(f"{v[reference]:.2f}" for v in losses.values() if reference in v)
 
 
 def repeats_loss(row: dict, cfg: dict) -> float | None:
@@ -123,8 +131,7 @@ def recall_works(losses: dict[str, float]) -> bool:
 def plot(result: dict, path: Path) -> None:
     cfg = result["config"]
     fig, axes = figure(2, 3, figsize=(24, 10))
-    (curves, depth, recall_bars), (bars, losses, unused) = axes
-    unused.axis("off")
+    (curves, depth, recall_bars), (bars, losses, text_bars) = axes
     for model, color in COLORS.items():
         curve = result["training"].get(f"pretrain_{model}")
         if not curve:
@@ -142,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
     curves.set(title="pretraining", xlabel="tokens (M)", ylabel="training loss")
 
     niah = niah_table(result)
-    styles = dict(zip([DENSE, *cfg["patterns"]], ("-", "--", ":", "-.")))
+    styles = dict(zip([DENSE, *cfg["patterns"]], itertools.cycle(("-", "--", ":", "-."))))
     for (model, tuned, label), row in niah.items():
         if tuned != label or "by_depth" not in row:
             continue
@@ -169,22 +176,12 @@ def plot(result: dict, path: Path) -> None:
     losses.axhline(0, color="black", lw=0.8)
     losses.set(title="held-out LM loss vs the model's own dense loss", ylabel="change (%)")
 
-    recall = result["summary"].get("recall_loss", {})
-    keys = [
-        f"pretrained:{DENSE}",
-        "pretrained:window",
-        *(f"{c}:{p}" for p in cfg["patterns"] for c in ("pretrained", f"adapted_{p}")),
-    ]
-    grouped_bars(recall_bars, {m: [recall.get(m, {}).get(k, math.nan) for k in keys] for m in models})
-    recall_bars.set_xticks(
-        range(len(keys)), [k.split(":")[1] + ("\nadapted" if k.startswith("adapted") else "") for k in keys], fontsize=8
-    )
-    guess = [recall[m]["guess"] for m in models if "guess" in recall.get(m, {})]
-    if guess:
-        recall_bars.axhline(sum(guess) / len(guess), color="black", lw=0.8, ls="--", label="first period (guessing)")
-    recall_bars.set(title=f"exact recall {cfg.get('recall_distance')} tokens back: loss on repeated random tokens",
-                    ylabel="loss on the repeats (nats)")  # fmt: skip
-    for ax in (curves, depth, bars, losses, recall_bars):
+    distance = cfg.get("recall_distance")
+    recall_panel(recall_bars, result, "recall_loss", ("guess", "first period (guessing)"),
+                 f"exact recall {distance} tokens back: loss on repeated random tokens")  # fmt: skip
+    recall_panel(text_bars, result, "recall_text_loss", ("first_half", "first half (ordinary LM loss)"),
+                 f"recall of held-out text {distance} tokens back: loss on its repeat")  # fmt: skip
+    for ax in (curves, depth, bars, losses):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     env = result["env"]
@@ -192,6 +189,33 @@ def plot(result: dict, path: Path) -> None:
         f"RAT+ vs attention, {cfg['flavor']} flavor, T={cfg['seq_len']}, {env['device']}, torch {env['torch']}, {env['date'][:10]}"
     )
     save_figure(fig, path, dpi=100)
+
+
+def recall_panel(ax, result: dict, summary_key: str, reference: tuple[str, str], title: str) -> None:
+    """Bars of the loss on the repeats (``result["summary"][summary_key]``) by pattern, not adapted and
+    adapted, for each model; a dashed line at the models' mean ``reference`` (key, legend label): the
+    first period's loss. An empty panel when the JSON has no such rows (it predates the stage)."""
+    cfg, recall = result["config"], result["summary"].get(summary_key, {})
+    if not recall:
+        ax.axis("off")
+        return
+    models = cfg.get("models", list(MODELS))
+    keys = [
+        f"pretrained:{DENSE}",
+        "pretrained:window",
+        *(f"{c}:{p}" for p in cfg["patterns"] for c in ("pretrained", f"adapted_{p}")),
+    ]
+    grouped_bars(ax, {m: [recall.get(m, {}).get(k, math.nan) for k in keys] for m in models})
+    ax.set_xticks(
+        range(len(keys)), [k.split(":")[1] + ("\nadapted" if k.startswith("adapted") else "") for k in keys], fontsize=8
+    )
+    key, label = reference
+    first = [recall[m][key] for m in models if key in recall.get(m, {})]
+    if first:
+        ax.axhline(sum(first) / len(first), color="black", lw=0.8, ls="--", label=label)
+    ax.set(title=title, ylabel="loss on the repeats (nats)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def grouped_bars(ax, values: dict[str, list[float]]) -> None:
@@ -255,14 +279,7 @@ def readme_section(result: dict, json_name: str) -> str:
     lines += ["", "Held-out LM loss (nats, "
               f"{result['heldout'][0].get('tokens', 0):,} tokens); in brackets the change from the model's own dense loss:",
               "", *loss_table(result, result["heldout"], lambda row: row.get("loss"))]  # fmt: skip
-    if result.get("recall"):
-        distance = cfg["recall_distance"]
-        guess = " / ".join(f"{v['guess']:.2f}" for m, v in result["summary"]["recall_loss"].items() if "guess" in v)
-        lines += ["", f"Exact recall {distance} tokens back, no fine-tuning: loss (nats) on the repeated half of "
-                  f"{cfg['recall_windows']} windows of random tokens that repeat every {distance} positions "
-                  f"(`eval/repeated_tokens.py`; guessing, the first half: {guess}). Low means the pattern still "
-                  "delivers the exact past beyond its window:", "",
-                  *loss_table(result, result["recall"], lambda row: repeats_loss(row, cfg))]  # fmt: skip
+    lines += recall_tables(result)
     expected = result["summary"]["expected"]
     verdict = {True: "yes", False: "no", None: "not testable"}
     lines += ["", "The paper's expectations, beyond the local window: " + "; ".join(
@@ -271,6 +288,30 @@ def readme_section(result: dict, json_name: str) -> str:
         lines[-1] += (f" (*not testable*: the dense model it is judged against fails, NIAH below {DENSE_OK:g}% or "
                       f"its loss on the repeats above {RECALL_WORKS:g}x guessing.)")  # fmt: skip
     return "\n".join(lines)
+
+
+def recall_tables(result: dict) -> list[str]:
+    """The README lines of the two recall stages, random tokens and held-out text; none for a stage the JSON
+    predates."""
+    cfg, summary = result["config"], result["summary"]
+    distance, windows = cfg.get("recall_distance"), cfg.get("recall_windows")
+    guess = references(summary.get("recall_loss", {}), "guess")
+    first_half = references(summary.get("recall_text_loss", {}), "first_half")
+    captions = {
+        "recall": f"Exact recall {distance} tokens back, no fine-tuning: loss (nats) on the repeated half of "
+        f"{windows} windows of random tokens that repeat every {distance} positions "
+        f"(`eval/repeated_tokens.py`; guessing, the first half: {guess}). Low means the pattern still "
+        "delivers the exact past beyond its window:",
+        "recall_text": f"Recall of held-out text {distance} tokens back, no fine-tuning: loss (nats) on the repeated "
+        f"half of {windows} windows of held-out text whose second half repeats their first (`eval/repeated_tokens.py`; "
+        f"the first half is ordinary LM loss, not guessing: {first_half}). Well below the first half means the "
+        "pattern still copies text from beyond its window:",
+    }  # fmt: skip
+    lines = []
+    for section, caption in captions.items():
+        if result.get(section):
+            lines += ["", caption, "", *loss_table(result, result[section], lambda row: repeats_loss(row, cfg))]
+    return lines
 
 
 def loss_table(result: dict, rows: list[dict], value) -> list[str]:

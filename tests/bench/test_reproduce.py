@@ -9,11 +9,14 @@ computed here by hand; the stage keys are checked without training.
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import reproduce
-from bench.reproduce import pipeline
+from bench.reproduce import pipeline, report
+from bench.reproduce.main import DILATED_FORM, build_parser, chosen_scale
 from bench.reproduce.stages import stage_dir
 
 TINY = reproduce.SCALES["tiny"]
@@ -56,6 +59,119 @@ def test_a_changed_setting_redoes_its_stage_and_everything_after_it(tmp_path):
     assert "--training.dataset" in settings["args"] and any("$WORK" in a for a in settings["args"])
 
 
+def scale_of(*flags: str) -> reproduce.Scale:
+    """The scale ``python -m bench.reproduce --scale tiny FLAGS`` runs."""
+    parser = build_parser()
+    return chosen_scale(parser, parser.parse_args(["--scale", "tiny", *flags]))
+
+
+def dumps(runs: dict) -> dict:
+    return {key: run.dump for key, run in runs.items()}
+
+
+def test_joint_dilation_rekeys_the_joint_pretraining_and_what_follows_it(tmp_path):
+    base = plan(tmp_path, TINY)
+    scale = scale_of("--joint-dilation", "8")
+    assert scale == replace(TINY, joint_dilation=8)
+    pretrained, adapted, tuned = plan(tmp_path, scale)
+    args = pretrained["ratplus"].args
+    assert args[args.index("--ratplus.joint_dilation") + 1] == "8"
+    for stage, old in zip((pretrained, adapted, tuned), base):  # attention without joint training never sees D
+        for key, run in stage.items():
+            model = key if isinstance(key, str) else key[0]
+            assert (run.dump != old[key].dump) == reproduce.MODELS[model].joint_train, key
+
+
+def test_patterns_rekey_the_adaptation_to_a_changed_pattern_alone(tmp_path):
+    first, second = TINY.patterns
+    base = plan(tmp_path, TINY)
+    scale = scale_of("--patterns", f"{first},d8w16s2")
+    assert scale.patterns == (first, "d8w16s2")
+    pretrained, adapted, tuned = plan(tmp_path, scale)
+    assert dumps(pretrained) == dumps(base[0])  # the first pattern's window sets the data: unchanged
+    old = set(dumps(base[1]).values()) | set(dumps(base[2]).values())
+    for model in reproduce.MODELS:
+        assert adapted[(model, first)].dump == base[1][(model, first)].dump
+        assert tuned[(model, first)].dump == base[2][(model, first)].dump
+        assert tuned[(model, pipeline.DENSE)].dump == base[2][(model, pipeline.DENSE)].dump
+        assert adapted[(model, "d8w16s2")].dump not in old and tuned[(model, "d8w16s2")].dump not in old
+        a = adapted[(model, "d8w16s2")].args
+        assert a[a.index("--ratplus.dilation") + 1] == "8"
+    assert (model, second) not in adapted
+
+
+def test_patterns_given_as_the_scale_has_them_keep_every_key(tmp_path):
+    """The flag's value is the field's tuple in its canonical spelling, so it keys the stages as the scale does."""
+    scale = scale_of("--patterns", " d04w16s2 , d16w16s2")
+    assert scale == TINY and isinstance(scale.patterns, tuple)
+    assert [dumps(stage) for stage in plan(tmp_path, scale)] == [dumps(stage) for stage in plan(tmp_path, TINY)]
+
+
+def test_topk_takes_the_first_given_patterns_block_and_kv_budget():
+    from ratplus_titan.cli import parse_patterns
+    from ratplus_titan.eval.perplexity import pattern_rows
+    from ratplus_titan.pattern import Pattern
+
+    scale = scale_of("--patterns", "d8w32s3,d4w16s2")
+    specs = pipeline.sparse_specs(scale)
+    assert list(specs) == ["dense", "window", "d8w32s3", "d4w16s2", "topk-ratplus", "topk-quest", "topk-moba"]
+    assert specs["window"] == "d-1w32s3" and pipeline.local_window(scale) == 32
+    rows = Pattern.parse("d8w32s3").cache_rows(TINY.seq_len)  # 3 + 32 + 256 / 8 = 67
+    for score in ("ratplus", "quest", "moba"):
+        spec = specs[f"topk-{score}"]
+        assert spec.startswith("topk8k") and spec.endswith(f"s3-{score}")
+        assert rows - 8 < pattern_rows(parse_patterns(spec)[0], TINY.seq_len) <= rows  # the same budget, in blocks of 8
+
+
+@pytest.mark.parametrize(
+    "flag,value,form",
+    [
+        ("--joint-dilation", "1", "integers >= 2"),
+        ("--joint-dilation", "two", "integers >= 2"),
+        ("--patterns", "dense", DILATED_FORM),
+        ("--patterns", "d1w16s2", DILATED_FORM),
+        ("--patterns", "d-1w16s2", DILATED_FORM),
+        ("--patterns", "d4w16s2,topk4k8s2", DILATED_FORM),
+        ("--patterns", "d4w16", DILATED_FORM),
+        ("--patterns", "d4w16s2,d4w16s2", "give each pattern once"),
+        ("--patterns", ",", "comma-separated"),
+        ("--patterns", "d4w128s2", "below the recall distance 128"),  # the window must end before the repeats
+    ],
+)
+def test_bad_overrides_are_refused_in_one_line_naming_the_flag(flag, value, form, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--scale", "tiny", "--work", str(tmp_path / "work"), "--out", str(tmp_path), flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m bench.reproduce: error:"), err
+    assert flag in err and form in err, err
+    assert not (tmp_path / "work").exists()
+
+
+def test_recall_text_windows_repeat_held_out_text_at_the_distance(tmp_path):
+    """Every element against the definition: window n is the validation file's window k (whole windows of
+    T + 1, as ``read_windows`` cuts them), its first ``distance`` tokens kept and repeated from there on."""
+    T, distance = TINY.seq_len, pipeline.recall_distance(TINY)
+    tokens = np.random.default_rng(5).integers(3, 32000, size=40 * (T + 1) + 7, dtype=np.uint16)
+    validation = tmp_path / "validation.bin"
+    tokens.tofile(validation)
+    scale = replace(TINY, recall_windows=6)
+    windows = pipeline.recall_text_windows(scale, validation)
+    assert windows.shape == (6, T + 1)
+    text = tokens[: 40 * (T + 1)].reshape(40, T + 1)
+    starts = {tuple(row[:distance]): k for k, row in enumerate(text)}  # random tokens: each beginning is unique
+    drawn = []
+    for n, row in enumerate(windows.tolist()):
+        k = starts[tuple(row[:distance])]  # the first half is a held-out window's own beginning
+        drawn.append(k)
+        for i in range(T + 1):
+            assert row[i] == text[k, i % distance], (n, i)
+        assert row[distance:] != text[k, distance:].tolist()  # the second half is the repeat, not the text
+    assert drawn == sorted(set(drawn)) and drawn != list(range(6))  # distinct windows, drawn from the whole file
+    assert windows.equal(pipeline.recall_text_windows(scale, validation))  # from the seed alone
+    assert not windows.equal(pipeline.recall_text_windows(replace(scale, seed=1), validation))
+
+
 def test_stage_dir_keys_by_every_setting(tmp_path):
     a = stage_dir(tmp_path, "x", "s", {"lr": 1e-3, "steps": 2})
     assert stage_dir(tmp_path, "x", "s", {"steps": 2, "lr": 1e-3}) == a  # key order does not matter
@@ -91,9 +207,15 @@ def tiny_run(test):
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def tiny_argv(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    argv = ["--scale", "tiny", "--out", str(out), "--work", str(work), "--workers", "2", "--progress-s", "60"]
+    return ["--scale", "tiny", "--out", str(out), "--work", str(work), "--workers", "2", "--progress-s", "60"]
+
+
+@pytest.fixture(scope="module")
+def result(tiny_argv):
+    argv = tiny_argv
+    out = Path(argv[argv.index("--out") + 1])
     assert reproduce.main(argv) == 0
     (path,) = out.glob("reproduce_*.json")
     assert path.with_suffix(".png").stat().st_size > 10_000
@@ -106,7 +228,8 @@ slow = pytest.mark.slow
 @slow
 @tiny_run
 def test_every_stage_is_recorded(result):
-    assert {"env", "config", "models", "training", "heldout", "recall", "summary", "niah", "timing"} <= result.keys()
+    sections = {"env", "config", "models", "training", "heldout", "recall", "recall_text", "summary", "niah", "timing"}
+    assert sections <= result.keys()
     assert {"device", "torch", "date", "triton"} <= result["env"].keys()
     window = TINY.seq_len + 1
     assert result["config"]["pretrain_tokens"] == TINY.pretrain_steps * TINY.batch * window
@@ -120,6 +243,7 @@ def test_every_stage_is_recorded(result):
         "niah_s",
         "heldout_s",
         "recall_s",
+        "recall_text_s",
         "total_s",
     } <= result["timing"].keys()
     for model in reproduce.MODELS:
@@ -168,12 +292,14 @@ def test_every_model_pattern_pair_is_evaluated(result):
 
 @slow
 @tiny_run
-def test_recall_rows_cover_every_pair_and_score_the_repeats(result):
+@pytest.mark.parametrize("section,reference", [("recall", "guess"), ("recall_text", "first_half")])
+def test_recall_rows_cover_every_pair_and_score_the_repeats(result, section, reference):
     distance, T = pipeline.recall_distance(TINY), TINY.seq_len
     assert result["config"]["recall_distance"] == distance
     keys = {(r["model"], r["checkpoint"], r["pattern"]) for r in result["heldout"]}
-    rows = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result["recall"]}
-    assert rows.keys() == keys and len(result["recall"]) == len(keys)
+    rows = {(r["model"], r["checkpoint"], r["pattern"]): r for r in result[section]}
+    assert rows.keys() == keys and len(result[section]) == len(keys)
+    losses = result["summary"][f"{section}_loss"]
     for key, row in rows.items():
         assert "error" not in row, row
         assert row["tokens"] == TINY.recall_windows * T
@@ -181,10 +307,38 @@ def test_recall_rows_cover_every_pair_and_score_the_repeats(result):
         # the two buckets split the positions: their weighted mean is the overall loss
         assert row["loss"] == pytest.approx((first * distance + repeats * (T - distance)) / T)
         model, checkpoint, label = key
-        assert result["summary"]["recall_loss"][model][f"{checkpoint}:{label}"] == repeats
+        assert losses[model][f"{checkpoint}:{label}"] == repeats
     for model in reproduce.MODELS:
-        guess = rows[(model, "pretrained", "dense")]["by_position"][f"0-{distance}"]
-        assert result["summary"]["recall_loss"][model]["guess"] == guess
+        assert losses[model][reference] == rows[(model, "pretrained", "dense")]["by_position"][f"0-{distance}"]
+
+
+@slow
+@tiny_run
+def test_a_rerun_computes_only_the_missing_text_recall(result, tiny_argv):
+    """A work folder that lacks text recall rows (one from before the stage, or cut off in it) gains those
+    rows and nothing else; one model's rows stand for them all (the others' cost the run more time)."""
+    import shutil
+
+    work = Path(tiny_argv[tiny_argv.index("--work") + 1])
+    cached = {p: p.stat().st_mtime_ns for p in work.glob("eval/*/*.json") if p.name != "settings.json"}
+    assert sum(p.parent.name.startswith("recall_text_") for p in cached) == len(result["recall_text"])
+    text = [p for p in cached if p.parent.name.startswith("recall_text_attention_joint_")]
+    assert len(text) == sum(row["model"] == "attention_joint" for row in result["recall_text"])
+    folders = set(work.glob("*/*"))
+    for path in text:
+        shutil.rmtree(path.parent)
+    logs = {p: p.stat().st_mtime_ns for p in work.glob("runs/*/train.log")}
+    assert reproduce.main(tiny_argv) == 0
+    assert set(work.glob("*/*")) == folders  # the text recall's folders again, under the same keys, and no others
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs  # no training
+    for path, mtime in cached.items():  # every other cached row read, not written
+        assert path.is_file() and (path in text) != (path.stat().st_mtime_ns == mtime), path
+    (path,) = Path(tiny_argv[tiny_argv.index("--out") + 1]).glob("reproduce_*.json")
+    again = json.loads(path.read_text())["recall_text"]
+    assert [(r["model"], r["checkpoint"], r["pattern"]) for r in again] == [
+        (r["model"], r["checkpoint"], r["pattern"]) for r in result["recall_text"]
+    ]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in result["recall_text"]], rel=1e-6)
 
 
 @slow
@@ -221,6 +375,7 @@ def test_readme_section(result, tmp_path):
     assert "old" not in text and text.endswith(f"{reproduce.README_END}\ntail\n")
     assert "| dense -> `dense` |" in text and f"| `{TINY.patterns[0]}` |" in text
     assert "NIAH accuracy" in text and "Held-out LM loss" in text and "Exact recall" in text
+    assert "Recall of held-out text" in text and "ordinary LM loss" in text
 
 
 def test_no_niah_drops_fine_tuning_and_its_report(tmp_path):
@@ -245,6 +400,20 @@ def test_report_without_niah(result):
     assert "NIAH accuracy" not in text and "--no-niah" in text and "Exact recall" in text
 
 
+@slow
+@tiny_run
+def test_report_of_a_json_from_before_the_text_recall(result, tmp_path):
+    """Older JSON files have no ``recall_text``: the summary, the README section and the plot do without it."""
+    old = {k: v for k, v in result.items() if k not in ("recall_text", "summary")}
+    old["summary"] = reproduce.summarize(old)
+    assert old["summary"]["recall_text_loss"] == {}
+    text = reproduce.readme_section(old, "old.json")
+    assert "Exact recall" in text and "Recall of held-out text" not in text
+    assert text == reproduce.readme_section({**result, "summary": old["summary"], "recall_text": []}, "old.json")
+    report.plot(old, tmp_path / "old.png")
+    assert (tmp_path / "old.png").stat().st_size > 10_000
+
+
 def test_stop_after_ends_the_run_at_that_stage(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--scale", "tiny", "--out", str(out), "--work", str(work), "--workers", "1", "--stop-after", "data"]
@@ -254,7 +423,7 @@ def test_stop_after_ends_the_run_at_that_stage(tmp_path):
     assert "data_s" in timing and "pretrain_s" not in timing
     assert (work / "data").is_dir() and not (work / "runs").exists()
     with pytest.raises(SystemExit):  # the last stage is not a stopping point: the run ends there anyway
-        reproduce.main([*argv[:-1], "recall"])
+        reproduce.main([*argv[:-1], "recall_text"])
 
 
 def test_pretraining_past_the_corpus_takes_epochs_and_keeps_adaptation_unseen(tmp_path):

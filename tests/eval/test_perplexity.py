@@ -59,6 +59,17 @@ def test_windows_are_the_bin_files_first_windows(model_and_data):
     assert read_windows(data, SEQ_LEN, 0).shape[0] == 7  # 0 = all whole windows; the 5 left over are not one
 
 
+def test_seeded_windows_are_whole_windows_of_the_file_drawn_by_the_seed(model_and_data):
+    _, data, tokens, _, _ = model_and_data
+    whole = tokens[: 7 * (SEQ_LEN + 1)].reshape(7, SEQ_LEN + 1)
+    drawn = read_windows(data, SEQ_LEN, 3, seed=4)
+    rows = [next(k for k in range(7) if np.array_equal(whole[k], w)) for w in drawn.numpy()]
+    assert rows == sorted(set(rows))  # three distinct windows, in file order
+    assert torch.equal(drawn, read_windows(data, SEQ_LEN, 3, seed=4))
+    assert any(not torch.equal(drawn, read_windows(data, SEQ_LEN, 3, seed=s)) for s in range(5, 10))
+    assert torch.equal(read_windows(data, SEQ_LEN, 0, seed=4), read_windows(data, SEQ_LEN, 0))  # all: file order
+
+
 def test_bucket_edges_cover_every_position_once():
     for seq_len in (5, 256, 300, 2048):
         cuts = bucket_edges(seq_len)

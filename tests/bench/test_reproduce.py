@@ -172,6 +172,40 @@ def test_recall_text_windows_repeat_held_out_text_at_the_distance(tmp_path):
     assert not windows.equal(pipeline.recall_text_windows(replace(scale, seed=1), validation))
 
 
+ROUND4 = Path(__file__).resolve().parents[2] / "bench" / "results" / "reproduce_H100_r4.json"
+
+
+def round4(models: tuple[str, ...], rename: dict[str, str] | None = None) -> dict:
+    """Round 4's measured JSON, its rows cut to ``models`` and its pattern names changed by ``rename``."""
+    text = ROUND4.read_text()
+    for old, new in (rename or {}).items():
+        text = text.replace(old, new)
+    result = json.loads(text)
+    result["config"]["models"] = list(models)
+    for section in ("niah", "heldout", "recall"):
+        result[section] = [row for row in result[section] if row["model"] in models]
+    return result
+
+
+def test_expectations_are_judged_on_the_models_and_patterns_of_the_run():
+    """Round 4's JSON cut to two models and given a denser second pattern: every expectation names the run's own
+    patterns, 'every model' means the models run, and a comparison with an absent model is not testable."""
+    both = report.summarize(round4(("ratplus", "attention"), {"d64w256s4": "d4w256s4"}))["expected"]
+    assert both == {
+        "dense_at_least_90_every_model": False,  # attention 0% dense
+        "attention_d16w256s4_far_below_its_dense": None,  # its dense failed
+        "ratplus_d16w256s4_within_10_points_of_its_dense": False,  # 0% vs 98.3%
+        "ratplus_d4w256s4_at_least_ratplus_d16w256s4": True,  # 0% >= 0%
+        "topk_ratplus_score_on_ratplus_at_least_attention_best": None,
+        "recall_ratplus_d16w256s4_adapted_below_attention_d16w256s4_adapted": None,
+    }
+    alone = report.summarize(round4(("ratplus",)))["expected"]
+    assert alone["dense_at_least_90_every_model"] is True  # RAT+ 98.3% beyond the window
+    assert alone["attention_d16w256s4_far_below_its_dense"] is None
+    assert alone["ratplus_d64w256s4_between_ratplus_d16w256s4_and_attention_d64w256s4"] is None
+    assert alone["topk_ratplus_score_on_ratplus_at_least_attention_best"] is None  # no attention model to beat
+
+
 def test_stage_dir_keys_by_every_setting(tmp_path):
     a = stage_dir(tmp_path, "x", "s", {"lr": 1e-3, "steps": 2})
     assert stage_dir(tmp_path, "x", "s", {"steps": 2, "lr": 1e-3}) == a  # key order does not matter

@@ -10,6 +10,7 @@ collection error, and a test that leaves it changed fails (in its teardown) and 
 """
 
 import os
+import signal
 import time
 
 import pytest
@@ -78,6 +79,14 @@ def _live() -> bool:
 LIVE_SLOW_S = float(os.environ.get("RATPLUS_LIVE_SLOW_S", "30"))
 """A test (set-up, call and teardown) that takes longer is named as it ends (``LIVE-SLOW``)."""
 _RUNNING: dict[str, float] = {}  # node id -> time.monotonic() at its start, in the controlling process
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``SUITE_TIMEOUT`` interrupts the run with SIGINT. A shell that starts a command in the background starts it
+    with SIGINT ignored, and Python leaves an ignored SIGINT ignored: take it back in the controlling process, so
+    that the interrupt still ends the run with its summary (and ``timeout -k`` need not kill it)."""
+    if _live() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -26,16 +26,21 @@ def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp
            "PYTHONPATH": pythonpath_with_checkout()}  # fmt: skip
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    # started with SIGINT ignored, as a shell starts a background job: the conftest must take SIGINT back
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "-n", "3",
          "--rootdir", str(tmp_path), str(tmp_path / "test_cases.py")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
-    output, deadline = "", time.monotonic() + 240
-    while "LIVE-SLOW" not in output and time.monotonic() < deadline:  # the slow test has ended: interrupt
-        output += run.stdout.readline()
-    run.send_signal(signal.SIGINT)
-    output += run.communicate(timeout=120)[0]
+    try:
+        output, deadline = "", time.monotonic() + 240
+        while "LIVE-SLOW" not in output and time.monotonic() < deadline:  # the slow test has ended: interrupt
+            output += run.stdout.readline()
+        run.send_signal(signal.SIGINT)  # as SUITE_TIMEOUT does; started in the background, SIGINT was ignored
+        output += run.communicate(timeout=120)[0]
+    finally:
+        run.kill()  # a run the interrupt did not end
     lines = output.splitlines()
     assert "LIVE-FAILED test_cases.py::test_fails (call): AssertionError: one is not two" in lines, output
     assert any(line.startswith("LIVE-SLOW test_cases.py::test_slow: ") for line in lines), output

@@ -102,8 +102,9 @@ def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
 
 def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
     started = _RUNNING.pop(nodeid, None)
-    if started is not None and time.monotonic() - started >= LIVE_SLOW_S:
-        print(f"\nLIVE-SLOW {nodeid}: {time.monotonic() - started:.0f} s", flush=True)
+    took = None if started is None else time.monotonic() - started
+    if took is not None and took >= LIVE_SLOW_S:
+        print(f"\nLIVE-SLOW {nodeid}: {took:.0f} s", flush=True)
 
 
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo) -> None:

@@ -14,6 +14,13 @@ import pytest
 from tests.repo_files import pythonpath_with_checkout
 
 
+def pytest_env(**extra: str) -> dict[str, str]:
+    """The environment of a child pytest run: this one's, outside any xdist worker of ours, with the checkout
+    importable (``-p tests.conftest``) and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**env, "PYTHONPATH": pythonpath_with_checkout(), **extra}
+
+
 def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp_path):
     pytest.importorskip("xdist")
     (tmp_path / "test_cases.py").write_text(
@@ -22,10 +29,7 @@ def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp
         "def test_slow():\n    time.sleep(2.5)\n"
         "def test_hangs():\n    time.sleep(600)\n"
     )
-    env = {**os.environ, "RATPLUS_LIVE_FAILURES": "1", "RATPLUS_LIVE_SLOW_S": "2",
-           "PYTHONPATH": pythonpath_with_checkout()}  # fmt: skip
-    env.pop("PYTEST_XDIST_WORKER", None)
-    env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    env = pytest_env(RATPLUS_LIVE_FAILURES="1", RATPLUS_LIVE_SLOW_S="2")
     # started with SIGINT ignored, as a shell starts a background job: the conftest must take SIGINT back
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "-n", "3",
@@ -59,10 +63,7 @@ def test_slow_tests_are_collected_first_under_xdist_only(tmp_path):
     )
 
     def collected(worker: str | None) -> list[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-        env["PYTHONPATH"] = pythonpath_with_checkout()
-        if worker:
-            env["PYTEST_XDIST_WORKER"] = worker
+        env = pytest_env(**({"PYTEST_XDIST_WORKER": worker} if worker else {}))
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "tests.conftest", "-p", "no:cacheprovider",
              "--rootdir", str(tmp_path), "-W", "ignore::pytest.PytestUnknownMarkWarning", str(tmp_path / "test_order.py")],

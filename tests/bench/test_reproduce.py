@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench import reproduce
 from bench.reproduce import pipeline, report
@@ -372,7 +373,11 @@ def test_a_rerun_computes_only_the_missing_text_recall(result, tiny_argv):
     assert [(r["model"], r["checkpoint"], r["pattern"]) for r in again] == [
         (r["model"], r["checkpoint"], r["pattern"]) for r in result["recall_text"]
     ]
-    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in result["recall_text"]], rel=1e-6)
+    # The same computation again: float32 on a CPU repeats to rounding. On a GPU the run evaluates in bfloat16,
+    # and cuBLAS / SDPA pick their kernels per call, so a row may move by a few 1e-6 (3.7e-6 measured on an
+    # H100, bench/results/suite_gpu_H100_e1eacef.log.xz).
+    rel = 5e-5 if torch.cuda.is_available() else 1e-6
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in result["recall_text"]], rel=rel)
 
 
 @slow

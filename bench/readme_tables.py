@@ -19,6 +19,7 @@ BEGIN, END = "<!-- results:begin (python -m bench.readme_tables) -->", "<!-- res
 
 SOURCES = {  # table: JSON file in bench/results/ (written by)
     "training": "train_1B_NVIDIA_H100_80GB_HBM3.json",  # python -m bench.train_throughput
+    "training_recompute": "train_1B_H100_recompute.json",  # python -m bench.train_throughput --tag _recompute ...
     "layouts": "parallel_layouts_NVIDIA_H200.json",  # python -m bench.parallel_layouts
     "layer": "layer_H100.json",  # python -m bench.layer
     "attention": "kernels_H100_all.json",  # python -m bench.kernels attention
@@ -40,31 +41,39 @@ def env_of(data: dict) -> dict:
     return data.get("env", data)
 
 
-def training() -> list[str]:
-    data = load("training")
+TRAINING_LABELS = {
+    "ratplus": "RAT+ (joint training off)", "attention": "attention baseline (`apply_re = false`)",
+    "llama3": "torchtitan llama3, same width/depth/heads/FFN", "ratplus_joint": "RAT+ joint training (2 passes a batch)",
+    "ratplus_float8": "RAT+ float8 (torchao)",
+    "ratplus_fc1_recompute": "RAT+, `recompute = \"fc1\"` (joint training off)",
+    "ratplus_joint_fc1_recompute": "RAT+ joint training, `recompute = \"fc1\"`",
+}  # fmt: skip
+
+
+def training(table: str = "training") -> list[str]:
+    """The 1B training table of ``bench/train_throughput.py``'s JSON: tokens/s and peak memory against llama3."""
+    data = load(table)
     if not data:
         return []
     env = env_of(data)
-    base = data["variants"]["llama3"]["summary"]["tokens_per_s_per_gpu"]
-    labels = {
-        "ratplus": "RAT+ (joint training off)", "attention": "attention baseline (`apply_re = false`)",
-        "llama3": "torchtitan llama3, same width/depth/heads/FFN", "ratplus_joint": "RAT+ joint training (2 passes a batch)",
-        "ratplus_float8": "RAT+ float8 (torchao)",
-    }  # fmt: skip
+    llama3 = data["variants"]["llama3"]["summary"]
+    title = "Training, 1B flavor" if table == "training" else "Training memory, 1B flavor, `[ratplus] recompute`"
     lines = [
-        f"**Training, 1B flavor** — {env['device']}, torch {env['torch']}, {env['date']}; seq {data['seq_len']}, "
+        f"**{title}** — {env['device']}, torch {env['torch']}, {env['date'][:10]}; seq {data['seq_len']}, "
         "bf16, compile, selective AC, local batch 8 (largest that fits), mean of steps 7–18 in one call "
-        "(`bench/train_throughput.py`, `train_1B_*.json`).",
+        f"(`bench/train_throughput.py`, `{SOURCES[table]}`).",
         "",
-        "| run | tokens/s/GPU | vs llama3 | MFU % | peak memory GiB |",
-        "|---|---|---|---|---|",
+        "| run | tokens/s/GPU | vs llama3 | MFU % | peak memory GiB | vs llama3 |",
+        "|---|---|---|---|---|---|",
     ]
     for name, run in data["variants"].items():
         s = run["summary"]
-        lines.append(f"| {labels.get(name, name)} | {s['tokens_per_s_per_gpu']:,.0f} | {s['tokens_per_s_per_gpu'] / base:.3f}x "
-                     f"| {s['mfu']:.1f} | {s['peak_memory_gib']:.1f} |")  # fmt: skip
-    lines += ["", "MFU is torchtitan's (peak 989 TFLOP/s); RAT+ counts each layer's real attention pairs (causal: T/2 keys a query) "
-              "and the recurrence, torchtitan's llama3 counts T keys a query, so compare tokens/s."]  # fmt: skip
+        lines.append(f"| {TRAINING_LABELS.get(name, name)} | {s['tokens_per_s_per_gpu']:,.0f} "
+                     f"| {s['tokens_per_s_per_gpu'] / llama3['tokens_per_s_per_gpu']:.3f}x | {s['mfu']:.1f} "
+                     f"| {s['peak_memory_gib']:.1f} | {s['peak_memory_gib'] / llama3['peak_memory_gib']:.2f}x |")  # fmt: skip
+    if table == "training":
+        lines += ["", "MFU is torchtitan's (peak 989 TFLOP/s); RAT+ counts each layer's real attention pairs (causal: T/2 keys a "
+                  "query) and the recurrence, torchtitan's llama3 counts T keys a query, so compare tokens/s."]  # fmt: skip
     return lines
 
 
@@ -261,7 +270,7 @@ def evaluation() -> list[str]:
 
 
 def section() -> str:
-    parts = [training(), layouts(), layer(), attention(), scan(), decode(), evaluation()]
+    parts = [training(), training("training_recompute"), layouts(), layer(), attention(), scan(), decode(), evaluation()]
     return "\n\n".join("\n".join(p) for p in parts if p)
 
 

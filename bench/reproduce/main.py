@@ -30,11 +30,6 @@ STAGES = ("data", "pretrain", "adapt", "sft", "export", "niah", "heldout", "reca
 
 POSITIVE = cli.number_in(0, low_open=True)
 """The type of every float flag (learning rates, minutes, seconds)."""
-SHORT_RUN_GIB = 14
-"""GPU memory of one adaptation or fine-tuning run of the 50M flavor at micro-batch 8: 12.4-12.7 GiB each on the H100
-(round 3), where 7 side by side (sized at 10 GiB) ran out of its 79 GiB; 14 leaves room: 5 on an H100, 9 on an H200."""
-
-
 class StopAfter(Exception):
     """The stage named by ``--stop-after`` is done."""
 
@@ -115,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no training run after this many minutes; exit 3 (rerun to continue)",
     )
     parser.add_argument(
-        "--workers", type=cli.positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer and export processes"
+        "--workers", type=cli.positive_int, default=min(16, os.cpu_count() or 1), help="tokenizer processes"
     )
     parser.add_argument(
         "--progress-s", type=POSITIVE, default=20.0, help="seconds between progress lines (default: %(default)s)"
@@ -166,14 +161,14 @@ def scale_problem(scale: Scale) -> str | None:
     return None
 
 
-def concurrency(requested: int | None) -> tuple[int, int]:
-    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many short runs as its memory holds at
-    ``SHORT_RUN_GIB`` each (<= 9); on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
+def concurrency(requested: int | None, scale: Scale) -> tuple[int, int]:
+    """(pretraining runs, short runs) side by side: on a GPU, 3 and as many short runs as its free memory holds
+    at ``scale.short_run_gib`` each (<= 9); on a CPU, 1 and 2 (a short run spends most of its time starting up)."""
     if not torch.cuda.is_available():
         return requested or 1, requested or 2
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
     long = requested or 3
-    return long, max(1, min(3 * long, int(free_gib // SHORT_RUN_GIB)))
+    return long, max(1, min(3 * long, int(free_gib // scale.short_run_gib)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scale = chosen_scale(parser, args)
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
-    long, short = concurrency(args.concurrent)
+    long, short = concurrency(args.concurrent, scale)
     started = time.monotonic()
     deadline = started + 60 * args.deadline_min if args.deadline_min else None
     result: dict = {"env": environment(), "scale": args.scale}
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = {(m, "pretrained"): (r, "dense") for m, r in pretrained.items()}
         plan |= {(m, f"adapted_{p}"): (r, p) for (m, p), r in adapted.items()}
         plan |= {(m, f"sft_{p}"): (r, p) for (m, p), r in tuned.items()}
-        exports = export_all(plan, work, args.workers)
+        exports = export_all(plan, work)
         save("export", t0)
 
         t0 = time.monotonic()

@@ -62,6 +62,10 @@ class Scale:
     sparse_runs: bool = True  # adapt to and fine-tune under each sparse pattern (False: dense fine-tuning only)
     niah: bool = True  # NIAH fine-tuning and evaluation (False: the language-model stages alone)
     extra: tuple[str, ...] = field(default=())  # more torchtitan arguments for every run
+    short_run_gib: float = 14.0
+    """GPU memory one adaptation or fine-tuning run is given when choosing how many run side by side. The 50M
+    flavor at micro-batch 8 took 12.4-12.7 GiB each on the H100 (round 3), where 7 side by side (sized at
+    10 GiB) ran out of its 79 GiB; 14 leaves room: 5 on an H100, 9 on an H200."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,6 +92,6 @@ SCALES = {
                 "ratplus_titan/assets/corpus/en_pd_ccby.validation.jsonl.gz"),
         eval_windows=4, eval_batch=4, recall_windows=2, niah_tasks=("single", "multikey"), niah_train_samples=8, niah_eval_samples=2,
         log_freq=1, compile_pretrain=False, checkpoint_interval=2,
-        extra=("--training.mixed_precision_param", "float32"),
+        extra=("--training.mixed_precision_param", "float32"), short_run_gib=2.0,  # the debug model: well under 1 GiB
     ),
 }  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from bench import reproduce
 from bench.reproduce import pipeline, report
 from bench.reproduce.main import DILATED_FORM, build_parser, chosen_scale
-from bench.reproduce.stages import stage_dir
+from bench.reproduce.stages import TrainRun, export_all, stage_dir
 
 TINY = reproduce.SCALES["tiny"]
 
@@ -505,3 +505,19 @@ def test_repeat_share_makes_that_share_of_each_cut_periodic_beyond_the_window(tm
         for r in changed:  # the smallest period is beyond the local window, and the first period is the text's
             period = next(d for d in range(1, window) if np.array_equal(b[r, d:], b[r, :-d]))
             assert low <= period <= window // 2 and np.array_equal(b[r, :period], a[r, :period])
+
+
+def test_export_all_names_the_failed_export_and_skips_finished_ones(tmp_path):
+    """Exports run in this process (``stages.export_all``): a finished folder is left as it is, a failed
+    export raises with the command that failed (not the CLI's exit), and nothing is written for it."""
+
+    done = TrainRun("done", "x.toml", [], 4, tmp_path / "runs" / "done-1")
+    finished = tmp_path / "export" / "done-1-dense"
+    finished.mkdir(parents=True)
+    (finished / "config.json").write_text("{}")
+    missing = TrainRun("missing", "x.toml", [], 4, tmp_path / "runs" / "missing-2")
+    assert export_all({"a": (done, "dense")}, tmp_path) == {"a": finished}
+    assert (finished / "config.json").read_text() == "{}"
+    with pytest.raises(RuntimeError, match=r"export failed .*missing-2/checkpoint/step-4 .*--pattern d4w16s2"):
+        export_all({"a": (done, "dense"), "b": (missing, "d4w16s2")}, tmp_path)
+    assert not (tmp_path / "export" / "missing-2-d4w16s2").exists()

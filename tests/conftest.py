@@ -90,9 +90,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Name each failure the moment it happens (``LIVE-FAILED``)."""
-    if _live() and report.failed:
+    """Name each failure the moment it happens (``LIVE-FAILED``); print what a test recorded with pytest's
+    ``record_property`` (``LIVE-PROPERTY``: e.g. the tiny reproduction's seconds per stage on the GPU machine)."""
+    if not _live():
+        return
+    if report.failed:
         print(f"\nLIVE-FAILED {report.nodeid} ({report.when}): {_first_line(report)}", flush=True)
+    if report.when == "call":
+        for name, value in report.user_properties:
+            print(f"\nLIVE-PROPERTY {report.nodeid} {name}: {value}", flush=True)
 
 
 def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:

@@ -1,4 +1,4 @@
-"""tests/conftest.py's live reports (``make test-gpu``): failures and slow tests named as they end, and
+"""tests/conftest.py's live reports (``make test-gpu``): failures, slow tests and recorded properties as they end, and
 the tests still running named when the run is interrupted at ``SUITE_TIMEOUT``."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp
     (tmp_path / "test_cases.py").write_text(
         "import time\n"
         "def test_fails():\n    assert 1 == 2, 'one is not two'\n"
-        "def test_slow():\n    time.sleep(2.5)\n"
+        "def test_slow(record_property):\n    time.sleep(2.5)\n    record_property('stage_s', {'data_s': 1})\n"
         "def test_hangs():\n    time.sleep(600)\n"
     )
     env = pytest_env(RATPLUS_LIVE_FAILURES="1", RATPLUS_LIVE_SLOW_S="2")
@@ -48,6 +48,7 @@ def test_failures_slow_tests_and_the_tests_running_at_an_interrupt_are_named(tmp
     lines = output.splitlines()
     assert "LIVE-FAILED test_cases.py::test_fails (call): AssertionError: one is not two" in lines, output
     assert any(line.startswith("LIVE-SLOW test_cases.py::test_slow: ") for line in lines), output
+    assert "LIVE-PROPERTY test_cases.py::test_slow stage_s: {'data_s': 1}" in lines, output
     running = [line for line in lines if line.startswith("LIVE-RUNNING ")]
     assert len(running) == 1 and running[0].startswith("LIVE-RUNNING test_cases.py::test_hangs: "), output
     assert not any("test_fails:" in line or "test_slow:" in line for line in running)

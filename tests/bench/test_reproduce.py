@@ -262,7 +262,9 @@ slow = pytest.mark.slow
 
 @slow
 @tiny_run
-def test_every_stage_is_recorded(result):
+def test_every_stage_is_recorded(result, record_property):
+    # make test-gpu prints this (LIVE-PROPERTY): where the suite's longest set-up spends its time
+    record_property("stage_seconds", {k: round(v, 1) for k, v in result["timing"].items()})
     sections = {"env", "config", "models", "training", "heldout", "recall", "recall_text", "summary", "niah", "timing"}
     assert sections <= result.keys()
     assert {"device", "torch", "date", "triton"} <= result["env"].keys()

@@ -46,7 +46,8 @@ from ratplus_titan.topk import SCORES, TopKPattern
 # tile_m: query tile of the local kernels and gathered rows per tile of the key-block kernels; block_n: key
 # tile (shrinks to the block size); list_m: queries per selection program (the granularity of the pair
 # lists' counting sort); split: query rows per sink-gradient program. GPU values are untimed first
-# choices (bench/topk.py times them); the selection's rows per pass (sel_m) follow from the block count.
+# choices (bench/topk.py times them); the selection's rows per pass (sel_m) follow from the block count
+# (``topk_select_triton.SELECT_OVERRIDE`` changes them and its warps: bench/topk.py --phases select).
 _GPU_CONFIG = dict(tile_m=64, block_n=64, warps=4, stages=2, list_m=64, split=2048)
 _GPU_CONFIG_FP32 = dict(_GPU_CONFIG, tile_m=32, block_n=32)
 _CPU_CONFIG = dict(tile_m=16, block_n=16, warps=1, stages=1, list_m=16, split=32)

@@ -37,6 +37,12 @@ from ratplus_titan.kernels.pattern_attention_triton import _UPCAST_DOT, _interpr
 from ratplus_titan.topk import TopKPattern
 
 _SCORES_PER_PROGRAM = 16384  # fp32 scores a selection program holds at once (rows x padded blocks)
+_WARP_CHOICES = (1, 2, 4, 8, 16, 32)
+# Launch settings of ``select_prefill``'s two kernels, for tuning (``bench/topk.py --phases select``) and tests;
+# empty: the defaults of ``select_launch``. ``scores_per_program``: a power of two >= 16 in place of
+# ``_SCORES_PER_PROGRAM`` (rows per pass ``SEL_M`` = it // padded blocks, clamped to [16, list_m]);
+# ``num_warps``: warps of ``_select_kernel`` and ``_pair_list_kernel`` (both hold ``[SEL_M, NB_PAD]`` tiles).
+SELECT_OVERRIDE: dict = {}
 
 
 @triton.jit
@@ -182,6 +188,32 @@ def blocks_padded(num_blocks: int) -> int:
     return max(32, triton.next_power_of_2(max(num_blocks, 1)))
 
 
+def select_launch(nb_pad: int, list_m: int, sel_m: int | None = None) -> tuple[int, int]:
+    """``(SEL_M, num_warps)`` of ``select_prefill``'s kernels for ``nb_pad`` padded blocks and chunks of ``list_m``
+    queries: ``sel_m`` when given (``CONFIG_OVERRIDE["sel_m"]``), else from the scores a program holds; then
+    ``SELECT_OVERRIDE``, checked (``ValueError`` naming the key)."""
+    unknown = sorted(set(SELECT_OVERRIDE) - {"scores_per_program", "num_warps"})
+    if unknown:
+        raise ValueError(f"SELECT_OVERRIDE key {unknown[0]!r} is unknown: allowed keys are scores_per_program, num_warps")
+    per_program = SELECT_OVERRIDE.get("scores_per_program", _SCORES_PER_PROGRAM)
+    if type(per_program) is not int or per_program < 16 or per_program != triton.next_power_of_2(per_program):
+        raise ValueError(f"SELECT_OVERRIDE scores_per_program={per_program!r} is invalid: allowed values are powers "
+                         "of two >= 16")
+    if sel_m is None:  # rows of scores held at once
+        sel_m = max(16, min(list_m, per_program // nb_pad))
+    sel_m = min(sel_m, list_m)
+    if sel_m < 16 or sel_m != triton.next_power_of_2(sel_m) or list_m % sel_m:
+        raise ValueError(f"selection rows per pass SEL_M={sel_m} (list_m={list_m}) is invalid: allowed values are "
+                         "powers of two >= 16 that divide list_m")
+    warps = SELECT_OVERRIDE.get("num_warps")
+    if warps is None:
+        warps = 1 if _interpreting() else max(4, min(16, sel_m * nb_pad // 2048))  # 64 score registers a thread
+    elif type(warps) is not int or warps not in _WARP_CHOICES:
+        raise ValueError(f"SELECT_OVERRIDE num_warps={warps!r} is invalid: allowed values are "
+                         f"{', '.join(map(str, _WARP_CHOICES))}")
+    return sel_m, warps
+
+
 def select_prefill(
     q: torch.Tensor, k: torch.Tensor, pattern: TopKPattern, list_m: int, sel_m: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,6 +223,7 @@ def select_prefill(
     bs, top_k = pattern.block_size, pattern.top_k
     nb, nb_pad = seq_len // bs, blocks_padded(triton.cdiv(seq_len, bs))
     n_pairs = pair_count(seq_len, bs, top_k)
+    sel_m, warps = select_launch(nb_pad, list_m, sel_m)
     if seq_len * top_k >= 2**31:  # pairs are int32 t * top_k + slot
         raise ValueError(f"topk prefill needs T * top_k < 2^31, got T={seq_len}, top_k={top_k}")
     bits = torch.zeros(batch * heads, seq_len, nb_pad // 32, dtype=torch.int32, device=q.device)
@@ -201,10 +234,6 @@ def select_prefill(
     summaries = _unit_last(pattern.summaries(k))  # [B, H, NB, n, hd] (views for ratplus)
     n_chunks = triton.cdiv(seq_len, list_m)
     counts = torch.empty(batch * heads, nb, n_chunks, dtype=torch.int32, device=q.device)
-    if sel_m is None:  # rows of scores held at once
-        sel_m = max(16, min(list_m, _SCORES_PER_PROGRAM // nb_pad))
-    sel_m = min(sel_m, list_m)
-    warps = 1 if _interpreting() else max(4, min(16, sel_m * nb_pad // 2048))  # 64 score registers a thread
     _select_kernel[(batch * heads, n_chunks)](
         q, summaries, bits, counts,
         *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),

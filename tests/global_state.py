@@ -64,6 +64,7 @@ _KERNEL_KNOBS = (
     ("ratplus_titan.kernels.pattern_attention_triton", "CONFIG_OVERRIDE"),
     ("ratplus_titan.kernels.pattern_attention_triton", "FAR_SPLIT_TILES"),
     ("ratplus_titan.kernels.topk_attention_triton", "CONFIG_OVERRIDE"),
+    ("ratplus_titan.kernels.topk_select_triton", "SELECT_OVERRIDE"),
     ("ratplus_titan.kernels.decode_triton", "CONFIG"),
     ("ratplus_titan.kernels.recurrence_triton", "_FWD_CONFIG"),
     ("ratplus_titan.kernels.recurrence_triton", "_BWD_CONFIG"),

@@ -181,6 +181,42 @@ def test_larger_tiles_and_several_selection_chunks(monkeypatch, device):
 
 
 @needs_interpreter
+def test_select_override_keeps_the_outputs_bitwise(monkeypatch, device):
+    """``SELECT_OVERRIDE`` (the settings ``bench/topk.py --phases select`` sweeps) changes rows per pass and warps,
+    not the picks: bits, pairs and starts bitwise the default's. Chunks of 32 queries, 32 padded blocks: the
+    default holds 32 rows at once, 512 scores per program 16."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, _ = random_qkv(1, 2, 83, 16, torch.bfloat16, gen, device)
+    pattern, list_m = TopKPattern(4, 3, "quest", 1), 32
+    assert tsel.select_launch(32, list_m)[0] == 32
+    expected = tsel.select_prefill(q, k, pattern, list_m)
+    for settings, sel_m in (({"scores_per_program": 512}, 16), ({"scores_per_program": 512, "num_warps": 2}, 16),
+                            ({"num_warps": 8}, 32)):
+        monkeypatch.setattr(tsel, "SELECT_OVERRIDE", settings)
+        launch = tsel.select_launch(32, list_m)
+        assert launch[0] == sel_m and launch[1] == settings.get("num_warps", launch[1])
+        for name, got, want in zip(("bits", "pairs", "starts"), tsel.select_prefill(q, k, pattern, list_m), expected):
+            assert torch.equal(got, want), (settings, name)
+
+
+@pytest.mark.parametrize("key,value", [("scores_per_program", 1000), ("scores_per_program", 8),
+                                       ("scores_per_program", 1024.0), ("num_warps", 3), ("num_warps", 64),
+                                       ("sel_m", 16)])
+def test_bad_select_override_names_the_key(monkeypatch, key, value):
+    """A bad ``SELECT_OVERRIDE`` value is refused before any launch, naming the key, and so is a SEL_M that is not a
+    power of two >= 16 dividing list_m; the empty dict is today's launch (SEL_M: 16384 scores over the padded
+    blocks, within [16, list_m])."""
+    assert [tsel.select_launch(nb_pad, 64)[0] for nb_pad in (32, 256, 1024, 4096)] == [64, 64, 16, 16]
+    for list_m, sel_m in ((24, None), (8, None), (64, 24)):  # CONFIG_OVERRIDE's list_m, sel_m: SEL_M checked too
+        with pytest.raises(ValueError, match=f"SEL_M={sel_m or list_m} .list_m={list_m}"):
+            tsel.select_launch(32, list_m, sel_m)
+    monkeypatch.setattr(tsel, "SELECT_OVERRIDE", {key: value})
+    q = torch.zeros(1, 1, 40, 16)
+    with pytest.raises(ValueError, match=f"SELECT_OVERRIDE.*{key}"):
+        tsel.select_prefill(q, q, TopKPattern(4, 1), 16)
+
+
+@needs_interpreter
 def test_every_output_element_is_written(monkeypatch, device):
     """Outputs allocated full of NaN (and int buffers of garbage): the results still match."""
     real_empty, real_empty_like = torch.empty, torch.empty_like

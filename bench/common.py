@@ -97,6 +97,17 @@ def do_bench(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100, 
     return statistics.median(times)
 
 
+def kernel_times(fn: Callable[[], Any]) -> list[list]:
+    """``[name, ms]`` of each CUDA kernel of one call of ``fn``, in launch order (torch.profiler; after a warm call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [[e.name[:60], e.device_time / 1e3] for e in sorted(kernels, key=lambda e: e.time_range.start)]
+
+
 def copy_bandwidth(gib: float = 2.0) -> float:
     """A device-to-device copy of ``gib`` GiB: bytes read plus bytes written per second."""
     src = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda").normal_()

@@ -8,7 +8,8 @@
   and forward + backward ms at B=1, 16 x 128 heads, bf16, patterns d16w256s4 and d64w256s4, against dense
   causal SDPA (its default backend and FlashAttention-2 forced); ``--methods flex`` adds the FlexAttention
   path. Ends with the speedups over SDPA's default and issue 11's targets (``ATTENTION_TARGETS``); up to
-  ``--check-max-t`` the Triton output and gradients are checked against the fp32 reference (2 heads).
+  ``--check-max-t`` the Triton output and gradients are checked against the fp32 reference (2 heads). On
+  CUDA each Triton row lists its forward + backward kernel by kernel (``fwdbwd_kernels_ms``, torch.profiler).
 - ``topk``: the Triton top-k block attention (``kernels/topk_attention_triton.py``): ``bench/topk.py``'s
   check, decode and prefill phases (also standalone: ``python -m bench.topk``).
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,8 +234,12 @@ def time_attention(method: str, q, k, v, pattern, rep_ms: float) -> tuple[float,
     bwd = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
     bwd_ms = do_bench(bwd, **timing)
     out = None  # frees the retained graph before the next timing
-    both = lambda: torch.autograd.grad(fwd(), (q, k, v), grad)  # noqa: E731
-    return fwd_ms, bwd_ms, do_bench(both, **timing)
+    return fwd_ms, bwd_ms, do_bench(forward_backward(fwd, q, k, v, grad), **timing)
+
+
+def forward_backward(fwd: Callable[[], torch.Tensor], q, k, v, grad: torch.Tensor) -> Callable[[], Any]:
+    """One call of the forward ``fwd`` and its backward (the gradients of q, k, v)."""
+    return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -324,6 +331,13 @@ def bench_attention(results: dict, args: argparse.Namespace) -> None:
                     )
                     if method == "triton" and seq_len <= args.check_max_t:
                         row["check_vs_fp32_reference"] = check_attention(q, k, v, Pattern.parse(spec))
+                    if method == "triton" and args.device == "cuda":  # where the time goes, kernel by kernel
+                        fwd = attention_forward(method, q, k, v, Pattern.parse(spec))
+                        both = forward_backward(fwd, q, k, v, torch.randn_like(q))
+                        try:
+                            row["fwdbwd_kernels_ms"] = common.kernel_times(both)
+                        except Exception as err:  # noqa: BLE001 - the profiler's API moves between torch versions
+                            row["fwdbwd_kernels_ms"] = repr(err)[:200]
                 except Exception as err:  # noqa: BLE001 - keep the other rows (e.g. flex OOM at 262K)
                     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 rows.append(row)

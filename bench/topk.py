@@ -271,17 +271,6 @@ def work_ratio(seq_len: int, pattern: TopKPattern, starts: torch.Tensor, tile_m:
     return (picked + local) / attended
 
 
-def kernel_times(fn) -> list[list]:
-    """``[name, ms]`` of each CUDA kernel of one call of ``fn``, in launch order (torch.profiler; after a warm call)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [[e.name[:60], e.device_time / 1e3] for e in sorted(kernels, key=lambda e: e.time_range.start)]
-
-
 def fwd_bwd(attention, leaves: list[torch.Tensor], grad: torch.Tensor):
     return torch.autograd.grad(attention(*leaves), leaves, grad)
 
@@ -324,7 +313,7 @@ def bench_prefill(sizes: dict, device: str, clock: Clock, inputs=INPUTS, scores=
                     row["select_share"] = row["select_ms"] / row["fwd_ms"]
                     if device == "cuda":  # where the time goes (the forward's two pair passes share one kernel)
                         try:
-                            row["fwd_bwd_kernels_ms"] = kernel_times(functools.partial(fwd_bwd, attention, leaves, grad))
+                            row["fwd_bwd_kernels_ms"] = common.kernel_times(functools.partial(fwd_bwd, attention, leaves, grad))
                         except Exception as error:  # the profiler's API moves between torch versions
                             row["fwd_bwd_kernels_ms"] = repr(error)[:200]
                     row["fwd_speedup_vs_sdpa"] = base["sdpa_fwd_ms"] / row["fwd_ms"]
@@ -379,7 +368,7 @@ def select_numbers(q, k, pattern: TopKPattern, device: str, clock: Clock, expect
     numbers["ms"] = clock.ms(run, SELECT_REP_MS)
     if device == "cuda":
         try:
-            numbers["kernels_ms"] = kernel_times(run)
+            numbers["kernels_ms"] = common.kernel_times(run)
         except Exception as error:  # the profiler's API moves between torch versions
             numbers["kernels_ms"] = repr(error)[:200]
     return numbers

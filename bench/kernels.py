@@ -325,14 +325,13 @@ def bench_attention(results: dict, args: argparse.Namespace) -> None:
             rep_ms = 400 if seq_len <= 65536 else 1500
             for spec in ["dense"] if method.startswith("sdpa") else ATTENTION_PATTERNS:
                 row = {"T": seq_len, "method": method, "pattern": spec}
+                pattern = Pattern.parse(spec)
                 try:
-                    row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_attention(
-                        method, q, k, v, Pattern.parse(spec), rep_ms
-                    )
+                    row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_attention(method, q, k, v, pattern, rep_ms)
                     if method == "triton" and seq_len <= args.check_max_t:
-                        row["check_vs_fp32_reference"] = check_attention(q, k, v, Pattern.parse(spec))
+                        row["check_vs_fp32_reference"] = check_attention(q, k, v, pattern)
                     if method == "triton" and args.device == "cuda":  # where the time goes, kernel by kernel
-                        fwd = attention_forward(method, q, k, v, Pattern.parse(spec))
+                        fwd = attention_forward(method, q, k, v, pattern)
                         both = forward_backward(fwd, q, k, v, torch.randn_like(q))
                         try:
                             row["fwdbwd_kernels_ms"] = common.kernel_times(both)

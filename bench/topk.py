@@ -60,6 +60,7 @@ from bench.common import log
 
 common.import_without_train_spec()
 
+from ratplus_titan import cli  # noqa: E402
 from ratplus_titan.kernels import topk_attention_triton as tat  # noqa: E402
 from ratplus_titan.kernels import topk_select_triton as tsel  # noqa: E402
 from ratplus_titan.kernels.decode_triton import decode_attention_triton  # noqa: E402
@@ -593,35 +594,27 @@ def bench_topk(results: dict, tiny: bool = False, budget: float = 88.0, start: f
     results["elapsed_s"] = time.time() - clock.start
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)`` (argparse type)."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     start = time.time()
     parser = argparse.ArgumentParser(prog="python -m bench.topk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=common.out_dir(), help="output folder (default: $OUT or bench/results)")
-    parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+    parser.add_argument("--phases", type=cli.comma_list(cli.one_of(PHASES)), default=list(DEFAULT_PHASES),
                         help=f"comma-separated, of {', '.join(PHASES)} (default: {','.join(DEFAULT_PHASES)})")
     parser.add_argument("--inputs", default=",".join(INPUTS), help=f"prefill input kinds, comma-separated: {INPUTS}")
     parser.add_argument("--scores", default=",".join(SCORES), help=f"decode, prefill and select scores: {SCORES}")
-    parser.add_argument("--seq-lens", type=int_list, default=None,
+    parser.add_argument("--seq-lens", type=cli.comma_list(cli.positive_int), default=None,
                         help="decode contexts and prefill / select lengths, comma-separated (default: "
                              f"{','.join(map(str, FULL['seq_lens']))}; --tiny: {','.join(map(str, TINY['seq_lens']))})")
-    parser.add_argument("--select-scores", type=int_list, default=None,
+    parser.add_argument("--select-scores", type=cli.comma_list(cli.positive_int), default=None,
                         help="select: SELECT_OVERRIDE scores_per_program values, powers of two >= 16 (default: "
                              f"{','.join(map(str, FULL['select']['scores_per_program']))}; --tiny: "
                              f"{','.join(map(str, TINY['select']['scores_per_program']))})")
-    parser.add_argument("--select-warps", type=int_list, default=None,
+    parser.add_argument("--select-warps", type=cli.comma_list(cli.positive_int), default=None,
                         help="select: SELECT_OVERRIDE num_warps values, of 1, 2, 4, 8, 16, 32 (default: "
                              f"{','.join(map(str, FULL['select']['num_warps']))}; --tiny: "
                              f"{','.join(map(str, TINY['select']['num_warps']))})")
-    parser.add_argument("--select-list-m", type=int_list, default=None,
+    parser.add_argument("--select-list-m", type=cli.comma_list(cli.positive_int), default=None,
                         help="select: also sweep these queries per selection program (list_m of "
                              "topk_attention_triton.CONFIG_OVERRIDE; powers of two >= 16; default: only the "
                              f"config's, {tat._GPU_CONFIG['list_m']} on a GPU)")
@@ -635,9 +628,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="query tile and gathered rows per tile of the prefill kernels (16/32/64/128)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke run under TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
-    phases = tuple(args.phases.split(","))
-    if not set(phases) <= set(PHASES):
-        parser.error(f"--phases {args.phases!r}: allowed phases are {', '.join(PHASES)}")
     if args.tile_m:
         tat.CONFIG_OVERRIDE["tile_m"] = args.tile_m
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -646,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{env['device']}  torch {env['torch']}  triton {env['triton']}")
     path = Path(args.out) / f"topk_{common.device_slug(device)}{'_tiny' if args.tiny else ''}.json"
     try:
-        bench_topk(results, args.tiny, args.budget, start, phases, tuple(args.inputs.split(",")),
+        bench_topk(results, args.tiny, args.budget, start, args.phases, tuple(args.inputs.split(",")),
                    tuple(args.scores.split(",")), args.seq_lens, args.select_scores, args.select_warps,
                    args.select_jobs, args.select_list_m)
     finally:

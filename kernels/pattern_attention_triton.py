@@ -36,9 +36,13 @@ pairs by distance instead, so that no program loops over all T queries for a few
    buffer. Without splits one program would loop over all ``T / BLOCK_M`` query tiles (at T=16K: 252
    serial tiles on a grid of 32-128 programs for 132 SMs); ``far_split_len`` picks ``L`` for about
    ``FAR_WAVES`` programs per SM (kernels/NOTES_pattern_attention.md counts it).
-3. ``_bwd_near_kernel``: per block of positions, ``dK``/``dV`` from the queries within ``W``; for far
-   positions it adds the split partials in split order before the one final cast, so each pair is
-   counted once, each gradient rounded once, and the sum has a fixed order.
+3. ``_far_sum_kernel``: the partials of each far row summed in split order, into ``[B*H, far rows, hd]``
+   (skipped with one split). Summing them inside the near kernel, split by split, made every block of
+   positions loop over all splits for its few far rows: at T=16K that loop cost 0.3-0.5 ms of the near
+   kernel (kernels/NOTES_pattern_attention.md).
+4. ``_bwd_near_kernel``: per block of positions, ``dK``/``dV`` from the queries within ``W``; for far
+   positions it adds the summed partial before the one final cast, so each pair is counted once, each
+   gradient rounded once, and every sum has a fixed order.
 
 ``pattern_attention_triton`` is the public entry point (dense patterns go to SDPA); the op
 is ``torch.ops.ratplus.pattern_attention`` (``torch.library.custom_op`` with a fake and an
@@ -393,14 +397,40 @@ def _bwd_far_kernel(
 
 
 @triton.jit
+def _far_sum_kernel(
+    PARTS, SUMS, BH, T, D, W, S, R_LO, NF, SPLIT_LEN, NUM_SPLITS,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``SUMS[g, bh, f]`` = the sum, in split order, of ``PARTS[g, split, bh, f]`` (``g``: 0 dK, 1 dV) over
+    the splits ``_bwd_far_kernel`` wrote for the block of far rows ``[f0, f0 + BLOCK_N)``: those from the
+    split of the block's first query tile on, none for a block that no query sees as far."""
+    bh = tl.program_id(0)
+    f0 = tl.program_id(1) * BLOCK_N
+    g = tl.program_id(2)
+    rows = f0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < NF)[:, None]
+    lo = (_far_position(f0, S, R_LO, D) + W + 1) // BLOCK_M * BLOCK_M  # as in _bwd_far_kernel
+    first = lo // SPLIT_LEN
+    last = tl.where(lo < T, NUM_SPLITS, first)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for split in tl.range(first, last):
+        offs = (((g * NUM_SPLITS + split) * BH + bh).to(tl.int64) * NF + rows)[:, None] * BLOCK_D + offs_d[None, :]
+        acc += tl.load(PARTS + offs, mask=ok, other=0.0)
+    out = ((g * BH + bh).to(tl.int64) * NF + rows)[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(SUMS + out, acc, mask=ok)
+
+
+@triton.jit
 def _bwd_near_kernel(
     Q, K, V, DO, LSE, DELTA, DKF, DVF, DK, DV,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, T, D, W, S, R_LO, NF, SPLIT_LEN, NUM_SPLITS, qk_scale, scale,
+    H, T, D, W, S, R_LO, NF, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_FAR: tl.constexpr, HAS_DIL: tl.constexpr,
 ):
-    """dK/dV of positions ``[n0, n0 + BLOCK_N)`` from the queries ``t - W <= j <= t``, plus the far partials."""
+    """dK/dV of positions ``[n0, n0 + BLOCK_N)`` from the queries ``t - W <= j <= t``, plus the far rows' sums
+    (``DKF``, ``DVF``: ``[B*H, NF, BLOCK_D]`` fp32, ``_far_sum_kernel``)."""
     bh = tl.program_id(0)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
@@ -418,18 +448,15 @@ def _bwd_near_kernel(
     dk, dv = _dkdv_blocks(Q, DO, LSE, DELTA, k, v, pos, valid_k, bh, b64, h64, sqb, sqh, sqt, sdob, sdoh, sdot,
                           T, offs_d, n0, a, b, hi, W, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False)
     dk = dk * scale
-    if HAS_FAR:  # sinks and dilated positions: add the far kernel's fp32 partials, split by split
+    if HAS_FAR:  # sinks and dilated positions: add the far kernel's fp32 partials, summed over the splits
         is_far = pos < S
         if HAS_DIL:
             is_far = is_far | ((pos + 1) % D == 0)
         is_far = is_far & valid_k & (pos + W + 1 < T)  # rows no query sees as far have no partial
         f = tl.where(pos < S, pos, S + (pos + 1) // D - 1 - R_LO)
-        first = (pos + W + 1) // SPLIT_LEN  # earlier splits hold no query of the row (and maybe no partial)
-        for split in tl.range((n0 + W + 1) // SPLIT_LEN, NUM_SPLITS):
-            ok = is_far & (first <= split)
-            f_offs = ((split * tl.num_programs(0) + bh).to(tl.int64) * NF + f)[:, None] * BLOCK_D + offs_d[None, :]
-            dk += tl.load(DKF + f_offs, mask=ok[:, None], other=0.0)
-            dv += tl.load(DVF + f_offs, mask=ok[:, None], other=0.0)
+        f_offs = (bh.to(tl.int64) * NF + f)[:, None] * BLOCK_D + offs_d[None, :]
+        dk += tl.load(DKF + f_offs, mask=is_far[:, None], other=0.0)
+        dv += tl.load(DVF + f_offs, mask=is_far[:, None], other=0.0)
     kd_mask = valid_k[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DK + b64 * sdkb + h64 * sdkh + pos[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kd_mask)
@@ -529,7 +556,7 @@ def far_block_tiles(seq_len: int, dilation: int, local_window: int, sinks: int, 
 # Far-kernel splits: a block of far rows is seen by up to all T queries, a serial loop of T / BLOCK_M tiles
 # in one program; split s takes the queries [s * split_len, (s + 1) * split_len) of every block. The split
 # length gives about FAR_WAVES programs per SM, but no fewer than FAR_MIN_TILES query tiles a split: each
-# split writes (and the near kernel reads back) a 2 x BLOCK_N x BLOCK_D fp32 partial, about one tile's traffic.
+# split writes (and the sum kernel reads back) a 2 x BLOCK_N x BLOCK_D fp32 partial, about one tile's traffic.
 FAR_WAVES = 4
 FAR_MIN_TILES = 8
 # query tiles per far split, when set (tests force several splits at small T with it)
@@ -606,25 +633,35 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, dilation, local_window, sin
                               batch * heads, _slots(q.device))
     num_splits = triton.cdiv(seq_len, split_len)
     if num_far > 0:
-        dk_far = torch.empty(num_splits, batch * heads, num_far, block_d, dtype=torch.float32, device=q.device)
-        dv_far = torch.empty_like(dk_far)
+        # fp32 partials [dK | dV, split, B*H, far row, BLOCK_D], then their sums over the splits
+        parts = torch.empty(2, num_splits, batch * heads, num_far, block_d, dtype=torch.float32, device=q.device)
         if _interpreting():  # the tests: a read of a partial that no program wrote shows up as NaN
-            dk_far.fill_(float("nan"))
-            dv_far.fill_(float("nan"))
+            parts.fill_(float("nan"))
         _bwd_far_kernel[(batch * heads, triton.cdiv(num_far, block_n), num_splits)](
-            q, k, v, grad_out, lse, delta, dk_far, dv_far,
+            q, k, v, grad_out, lse, delta, parts[0], parts[1],
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
             heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, split_len, qk_scale, scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages,
         )
+        if num_splits == 1:  # nothing to sum; the near kernel reads only rows some query sees as far
+            sums = parts[:, 0]
+        else:
+            sums = torch.empty(2, batch * heads, num_far, block_d, dtype=torch.float32, device=q.device)
+            if _interpreting():
+                sums.fill_(float("nan"))
+            _far_sum_kernel[(batch * heads, triton.cdiv(num_far, block_n), 2)](
+                parts, sums, batch * heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, split_len,
+                num_splits, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_n >= 128 else 4,
+            )
+        dk_far, dv_far = sums[0], sums[1]
     else:
         dk_far = dv_far = delta  # unused
     _bwd_near_kernel[(batch * heads, triton.cdiv(seq_len, block_n))](
         q, k, v, grad_out, lse, delta, dk_far, dv_far, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3],
-        heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, split_len, num_splits, qk_scale, scale,
+        heads, seq_len, d_launch, local_window, sinks, r_lo, num_far, qk_scale, scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FAR=num_far > 0,
         HAS_DIL=has_dil, num_warps=warps, num_stages=stages,
     )

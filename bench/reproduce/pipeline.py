@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +11,8 @@ import torch
 from bench.common import REPO
 from bench.reproduce import repeats as repeats_module
 from bench.reproduce.scales import MODELS, Model, Scale
-from bench.reproduce.stages import TrainRun, file_digest, log, run, stage_dir, train_run
+from bench.reproduce.stages import TrainRun, file_digest, log, stage_dir, train_run
+from ratplus_titan.data.pretokenize import pretokenize
 
 DENSE = "dense"
 TOKENIZER = REPO / "ratplus_titan" / "assets" / "llama2" / "tokenizer.model"
@@ -43,17 +43,8 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     for split, source in corpus.items():
         files[split] = tokens_dir / f"{split}.bin"
         if not files[split].is_file():  # pretokenize writes under a temporary name and renames when complete
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "ratplus_titan.data.pretokenize",
-                    str(source),
-                    str(files[split]),
-                    "--workers",
-                    str(workers),
-                ]
-            )
+            log(f"tokenizing {source} into {files[split]}")
+            pretokenize([source], files[split], workers=workers)
     tokens = np.memmap(files["train"], dtype=np.uint16, mode="r")
     window = scale.seq_len + 1
     need = {"pretrain": scale.pretrain_steps * scale.batch * window, "adapt": scale.adapt_steps * scale.batch * window}

@@ -54,11 +54,6 @@ def stage_dir(work: Path, kind: str, name: str, settings: dict) -> Path:
     return path
 
 
-def run(cmd: list[str]) -> None:
-    log("$ " + " ".join(cmd))
-    subprocess.run(cmd, cwd=REPO, check=True)
-
-
 # ---- training runs ---------------------------------------------------------------------------------------
 @dataclass
 class TrainRun:

@@ -16,6 +16,7 @@ complete, so an interrupted run leaves no truncated ``.bin`` behind.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -55,7 +56,18 @@ def read_documents(path: Path) -> Iterator[str]:
         yield text
 
 
+# A worker process imports torch and torchtitan before its first document (~5 s of a core, more on a busy
+# machine), the time to tokenize ~3 M characters: each worker gets at least this much text, and a small input
+# is tokenized in this process, without a pool.
+CHARS_PER_WORKER = 4_000_000
+
 _worker_tokenizer = None
+
+
+def worker_count(requested: int, total_chars: int) -> int:
+    """Tokenizer processes for ``total_chars`` of text: at most ``requested``, one per ``CHARS_PER_WORKER``;
+    1 means no pool."""
+    return max(1, min(requested, total_chars // CHARS_PER_WORKER))
 
 
 def _init_worker(tokenizer_path: str | None) -> None:
@@ -63,15 +75,21 @@ def _init_worker(tokenizer_path: str | None) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
+def _encode_with(tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), dtype=TOKEN_DTYPE)
+
+
 def _encode(text: str) -> np.ndarray:
-    return np.asarray(_worker_tokenizer.encode(text, add_bos=True, add_eos=True), dtype=TOKEN_DTYPE)
+    return _encode_with(_worker_tokenizer, text)
 
 
 def pretokenize(
     inputs: Sequence[Path], output: Path, tokenizer_path: str | None = None, workers: int = 1, quiet: bool = False
 ) -> int:
-    """Tokenize ``inputs`` into ``output`` (uint16); returns the number of tokens written."""
-    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
+    """Tokenize ``inputs`` into ``output`` (uint16) with up to ``workers`` processes (``worker_count``);
+    returns the number of tokens written."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = tokenizer.get_vocab_size()
     if vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"tokenizer vocabulary of {vocab} ids does not fit uint16 token files (at most 65536)")
     per_input = [(str(path), list(read_documents(Path(path)))) for path in inputs]  # a path given twice is read twice
@@ -84,12 +102,19 @@ def pretokenize(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     total_chars, done_chars, n_tokens, start = sum(map(len, docs)), 0, 0, time.monotonic()
-    # not fork: forking a process that runs threads (torch's, CUDA's) can deadlock the children, and Python
-    # 3.12 warns about it on stderr; forkserver (spawn where there is none) starts them clean
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    with open(tmp, "wb") as out, context.Pool(max(1, workers), _init_worker, (tokenizer_path,)) as pool:
-        for i, (text, ids) in enumerate(zip(docs, pool.imap(_encode, docs, chunksize=max(1, len(docs) // (64 * workers))))):
+    workers = worker_count(workers, total_chars)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(tmp, "wb"))
+        if workers == 1:
+            encoded = (_encode_with(tokenizer, text) for text in docs)
+        else:
+            # not fork: forking a process that runs threads (torch's, CUDA's) can deadlock the children, and
+            # Python 3.12 warns about it on stderr; forkserver (spawn where there is none) starts them clean
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            pool = stack.enter_context(context.Pool(workers, _init_worker, (tokenizer_path,)))
+            encoded = pool.imap(_encode, docs, chunksize=max(1, len(docs) // (64 * workers)))
+        for i, (text, ids) in enumerate(zip(docs, encoded)):
             ids.tofile(out)
             n_tokens += len(ids)
             done_chars += len(text)
@@ -114,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="the .bin file to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the shipped LLaMA-2 tokenizer)")
     parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
-                        help="tokenizer processes (default: %(default)s)")  # fmt: skip
+                        help="tokenizer processes at most (default: %(default)s); each gets at least "
+                             f"{CHARS_PER_WORKER // 1_000_000} M characters, a smaller input is tokenized "
+                             "without starting any")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.output.suffix != ".bin":

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from ratplus_titan.data import pretokenize as pretokenize_module
 from ratplus_titan.data.dataset import BUNDLED_CORPUS, PackedTextDataset, TokenWindowDataset
-from ratplus_titan.data.pretokenize import main, pretokenize, read_documents
+from ratplus_titan.data.pretokenize import main, pretokenize, read_documents, worker_count
 from ratplus_titan.data.token_file import open_token_file
 from ratplus_titan.data.tokenizer import load_tokenizer
 from tests.cli_errors import cli_error
@@ -27,8 +28,12 @@ def tokenizer():
     return load_tokenizer()
 
 
-def test_bin_windows_equal_the_packed_text_windows(tmp_path, tokenizer):
-    """Every window of the .bin (read by TokenWindowDataset) equals the packer's window from the same documents."""
+@pytest.mark.parametrize("in_pool", [False, True], ids=["in_process", "pool"])
+def test_bin_windows_equal_the_packed_text_windows(tmp_path, tokenizer, monkeypatch, in_pool):
+    """Every window of the .bin (read by TokenWindowDataset) equals the packer's window from the same documents,
+    tokenized in this process or by worker processes."""
+    if in_pool:
+        monkeypatch.setattr(pretokenize_module, "CHARS_PER_WORKER", 1)
     source = BUNDLED_CORPUS["validation"]
     out = tmp_path / "validation.bin"
     n_tokens = pretokenize([source], out, workers=2, quiet=True)
@@ -132,8 +137,9 @@ THREADED = """
 import sys, threading
 stop = threading.Event()
 threading.Thread(target=stop.wait, daemon=True).start()
-from ratplus_titan.data.pretokenize import main
-code = main(sys.argv[1:])
+from ratplus_titan.data import pretokenize
+pretokenize.CHARS_PER_WORKER = 1  # worker processes for the few characters of the test
+code = pretokenize.main(sys.argv[1:])
 stop.set()
 sys.exit(code)
 """
@@ -150,8 +156,34 @@ def test_workers_start_cleanly_from_a_threaded_process(tmp_path, tokenizer, monk
     expected = [tokenizer.bos_id, *tokenizer.encode("Call me Ishmael."), tokenizer.eos_id]
     assert np.fromfile(out, dtype=np.uint16).tolist() == expected
     # Python 3.11 does not warn: the start method itself must not be fork
+    monkeypatch.setattr(pretokenize_module, "CHARS_PER_WORKER", 1)
     methods = []
     get_context = multiprocessing.get_context
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: methods.append(method) or get_context(method))
-    assert main([str(tmp_path / "book.txt"), str(tmp_path / "again.bin"), "--workers", "1", "--quiet"]) == 0
+    assert main([str(tmp_path / "book.txt"), str(tmp_path / "again.bin"), "--workers", "2", "--quiet"]) == 0
     assert methods in (["forkserver"], ["spawn"])
+
+
+def test_worker_count_gives_each_worker_its_share_of_text():
+    per = pretokenize_module.CHARS_PER_WORKER
+    rng = random.Random(0)
+    for _ in range(200):
+        requested, chars = rng.randint(1, 64), rng.randint(0, 80 * per)
+        n = worker_count(requested, chars)
+        assert 1 <= n <= requested
+        assert n == 1 or chars >= n * per  # every worker has its share
+        assert n == requested or chars < (n + 1) * per  # and one more would not
+
+
+def test_small_input_starts_no_process(tmp_path, tokenizer, monkeypatch):
+    """A few documents with many workers allowed: tokenized here, no pool (its start costs seconds)."""
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a small input")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    texts = ["Call me Ishmael.", "It was the best of times.", "Happy families are all alike."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "out.bin"
+    assert main([str(tmp_path / "docs.jsonl"), str(out), "--workers", "16", "--quiet"]) == 0
+    expected = [i for t in texts for i in (tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id)]
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected

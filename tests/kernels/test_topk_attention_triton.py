@@ -480,14 +480,21 @@ for ptx in prefill_kernels(f32, 32, 32, 2):
 ptx = compile_for_sm90(pat._fwd_kernel, fp32, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=32, BLOCK_S=16,
                                                    HAS_DIL=True), ("qk_scale",))
 assert ".tf32" not in ptx, "tf32 in the fp32 pattern forward"
+# the pattern backward's far-partial sum and the near kernel that reads it
+compile_for_sm90(pat._far_sum_kernel, {"PARTS": f32, "SUMS": f32}, dict(BLOCK_D=128, BLOCK_M=64, BLOCK_N=128), (), 8)
+near = {"Q": bf16, "K": bf16, "V": bf16, "DO": bf16, "DK": bf16, "DV": bf16, "LSE": f32, "DELTA": f32, "DKF": f32,
+        "DVF": f32}
+compile_for_sm90(pat._bwd_near_kernel, near, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=128, HAS_FAR=True,
+                                                 HAS_DIL=True), ("qk_scale", "scale"), 8)
 print("ok")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter runs code the compiler rejects: compile the selection and prefill kernels for an H100/H200
-    (Triton's own ptxas; no GPU needed), in a process without TRITON_INTERPRET; fp32 kernels have no tf32 dot."""
+    """The interpreter runs code the compiler rejects: compile the selection and prefill kernels, and some of the
+    pattern attention's, for an H100/H200 (Triton's own ptxas; no GPU needed), in a process without
+    TRITON_INTERPRET; fp32 kernels have no tf32 dot."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,

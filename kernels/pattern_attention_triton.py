@@ -360,6 +360,13 @@ def _far_position(f, S, R_LO, D):
 
 
 @triton.jit
+def _far_block_start(f0, W, S, R_LO, D, BLOCK_M: tl.constexpr):
+    """First query tile of the block of far rows starting at row ``f0``: the tile holding row ``f0``'s first
+    far query (``far_block_tiles`` in Python)."""
+    return (_far_position(f0, S, R_LO, D) + W + 1) // BLOCK_M * BLOCK_M
+
+
+@triton.jit
 def _bwd_far_kernel(
     Q, K, V, DO, LSE, DELTA, DKF, DVF,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
@@ -374,7 +381,7 @@ def _bwd_far_kernel(
     h64 = (bh % H).to(tl.int64)
     f0 = tl.program_id(1) * BLOCK_N  # heaviest (earliest) rows first
     split = tl.program_id(2)
-    lo = (_far_position(f0, S, R_LO, D) + W + 1) // BLOCK_M * BLOCK_M  # tile holding the first query of row f0
+    lo = _far_block_start(f0, W, S, R_LO, D, BLOCK_M)
     q0 = tl.maximum(lo, split * SPLIT_LEN)
     q1 = tl.minimum(T, (split + 1) * SPLIT_LEN)
     if q0 < q1:
@@ -410,7 +417,7 @@ def _far_sum_kernel(
     rows = f0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows < NF)[:, None]
-    lo = (_far_position(f0, S, R_LO, D) + W + 1) // BLOCK_M * BLOCK_M  # as in _bwd_far_kernel
+    lo = _far_block_start(f0, W, S, R_LO, D, BLOCK_M)
     first = lo // SPLIT_LEN
     last = tl.where(lo < T, NUM_SPLITS, first)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

@@ -16,7 +16,7 @@ import torch
 from bench.common import REPO, device_slug, environment, plot_or_skip, write_json
 from bench.reproduce import pipeline, report
 from bench.reproduce.scales import MODELS, SCALES, Scale
-from bench.reproduce.stages import OutOfTime, export_all, log, train
+from bench.reproduce.stages import OutOfTime, StageClock, export_all, log, train
 from ratplus_titan import cli
 
 OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
@@ -189,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"env": environment(), "scale": args.scale}
     out_json = args.out / f"reproduce_{device_slug()}{args.tag}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    timing: dict = {}
+    work.mkdir(parents=True, exist_ok=True)
+    clock = StageClock(work, result["env"]["date"])
 
-    def save(stage: str, t0: float) -> None:
-        timing[f"{stage}_s"] = round(time.monotonic() - t0, 1)
-        timing["total_s"] = round(time.monotonic() - started, 1)
-        result["timing"] = timing
+    def save(stage: str) -> None:
+        timing = clock.stop()
+        result["timing"], result["timing_calls"], result["timing_all_calls"] = timing, clock.calls, clock.all_calls()
         write_json(out_json, result)  # every stage leaves a readable file
         log(f"{stage} done ({timing[f'{stage}_s']:.0f} s, {timing['total_s']:.0f} s in all); wrote {out_json}")
         if stage == args.stop_after:
@@ -202,65 +202,70 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"scale {args.scale}: {scale}; work {work}; runs side by side: {long} long, {short} short")
     try:
-        t0 = time.monotonic()
+        clock.start("data")
         data = pipeline.prepare_data(work, scale, args.workers)
         manifest = REPO / Path(scale.corpus[0]).parent / "manifest.json"
         books = len(json.loads(manifest.read_text())["books"]["validation"]) if manifest.is_file() else None
         result["config"] = {**asdict(scale), "tokens_per_step": scale.tokens_per_step, "specs": pipeline.sparse_specs(scale),
                             "local_window": pipeline.local_window(scale), "recall_distance": pipeline.recall_distance(scale), "validation_books": books, **data}  # fmt: skip
         result["models"] = pipeline.model_counts(scale)
-        save("data", t0)
+        save("data")
 
-        t0 = time.monotonic()
+        clock.start("pretrain")
         with ProcessPoolExecutor(1) as pool:  # the NIAH samples are written while the models pretrain
             niah_data = pool.submit(pipeline.niah_splits, work, scale) if scale.niah else None
             pretrained = pipeline.pretrain_runs(work, scale, data)
             result["training"] = train(list(pretrained.values()), long, args.progress_s, deadline)
             data["files"].update(niah_data.result() if niah_data else {})
             result["config"]["files"] = data["files"]
-        save("pretrain", t0)
+        save("pretrain")
 
-        t0 = time.monotonic()
+        clock.start("adapt")
         adapted = pipeline.adapt_runs(work, scale, data, pretrained)
         result["training"].update(train(list(adapted.values()), short, args.progress_s, deadline))
-        save("adapt", t0)
+        save("adapt")
 
-        t0 = time.monotonic()
+        clock.start("sft")
         tuned = pipeline.sft_runs(work, scale, data, pretrained, adapted)
         result["training"].update(train(list(tuned.values()), short, args.progress_s, deadline))
-        save("sft", t0)
+        save("sft")
 
-        t0 = time.monotonic()
+        clock.start("export")
         plan = {(m, "pretrained"): (r, "dense") for m, r in pretrained.items()}
         plan |= {(m, f"adapted_{p}"): (r, p) for (m, p), r in adapted.items()}
         plan |= {(m, f"sft_{p}"): (r, p) for (m, p), r in tuned.items()}
         exports = export_all(plan, work)
-        save("export", t0)
+        save("export")
 
-        t0 = time.monotonic()
+        clock.start("niah")
         result["niah"] = pipeline.niah_all(
             work, scale, data, {k: v for k, v in exports.items() if k[1].startswith("sft_")}
         )
-        save("niah", t0)
+        save("niah")
 
-        t0 = time.monotonic()
+        clock.start("heldout")
         lm_exports = {k: v for k, v in exports.items() if not k[1].startswith("sft_")}
         result["heldout"] = pipeline.heldout_all(work, scale, data, lm_exports)
-        save("heldout", t0)
+        save("heldout")
 
-        t0 = time.monotonic()
+        clock.start("recall")
         result["recall"] = pipeline.recall_all(work, scale, lm_exports)
-        save("recall", t0)
+        save("recall")
 
-        t0 = time.monotonic()
+        clock.start("recall_text")
         result["recall_text"] = pipeline.recall_text_all(work, scale, data, lm_exports)
-        save("recall_text", t0)
+        save("recall_text")
     except StopAfter as e:
         log(f"stopped after the {e} stage (--stop-after); rerun without it to continue")
         return 0
     except OutOfTime as e:
+        clock.stop(cut=True)
         log(f"stopped: {e}. Rerun the same command to continue from the finished stages.")
         return 3
+    except KeyboardInterrupt:
+        clock.stop(cut=True)  # the seconds spent stay in work/calls.json
+        log(f"interrupted in the {clock.stage} stage; rerun the same command to continue from the finished stages")
+        raise
 
     result["summary"] = report.summarize(result)
     write_json(out_json, result)

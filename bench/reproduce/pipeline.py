@@ -319,11 +319,15 @@ def loss_all(
 
 def niah_plan(scale: Scale) -> list[tuple[str, str, str]]:
     """(model, fine-tuned under, evaluated under): each model fine-tuned and evaluated under each pattern;
-    the dense-fine-tuned models also under each sparse pattern and top-k block attention, not fine-tuned for it."""
+    the dense-fine-tuned models also under each sparse pattern and top-k block attention, not fine-tuned for it;
+    and the models fine-tuned under the first sparse pattern under top-k block attention too, whose blocks are
+    that pattern's dilation (the RAT+ score reads the very keys that model learned to retrieve through)."""
     plan = []
     for model in scale.models:
         plan += [(model, spec, spec) for spec in tuned_patterns(scale)]
         plan += [(model, DENSE, label) for label in ("window", *scale.patterns, *topk_specs(scale))]
+        if scale.sparse_runs:
+            plan += [(model, scale.patterns[0], label) for label in topk_specs(scale)]
     return plan
 
 

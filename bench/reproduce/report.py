@@ -234,8 +234,17 @@ def grouped_bars(ax, values: dict[str, list[float]]) -> None:
         ax.bar(offsets, heights, width, color=COLORS[model], label=MODELS[model].label)
 
 
+def run_time(result: dict) -> str:
+    """How long the run took: summed over the calls on its work folder (``timing_all_calls``); a JSON from
+    before that field has only the last call's time, where the stages earlier calls finished count ~0 s."""
+    if "timing_all_calls" in result:
+        calls = len(result["timing_calls"])
+        return f"{result['timing_all_calls']['total_s'] / 60:.1f} min in all" + (f" over {calls} calls" if calls > 1 else "")
+    return f"{result['timing']['total_s'] / 60:.1f} min in the call that finished it (earlier calls not counted)"
+
+
 def readme_section(result: dict, json_name: str) -> str:
-    cfg, env, counts, timing = result["config"], result["env"], result["models"], result["timing"]
+    cfg, env, counts = result["config"], result["env"], result["models"]
     niah = niah_table(result)
     window, models = cfg["local_window"], cfg.get("models", list(MODELS))
     params = ", ".join(f"{MODELS[m].label} {counts[m]['params'] / 1e6:.0f}M" for m in models)
@@ -254,7 +263,7 @@ def readme_section(result: dict, json_name: str) -> str:
     )  # fmt: skip
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]} (`bench/results/{json_name}`), "
-        f"{timing['total_s'] / 60:.1f} min in all: {cfg['flavor']} flavor ({params} parameters), T={cfg['seq_len']}. "
+        f"{run_time(result)}: {cfg['flavor']} flavor ({params} parameters), T={cfg['seq_len']}. "
         f"Pretraining: {cfg['pretrain_tokens'] / 1e6:.1f}M tokens{epochs} ({cfg['pretrain_steps']} steps of {cfg['batch']} windows "
         f"in a seeded random order{repeats}); adaptation: {cfg['adapt_tokens'] / 1e6:.1f}M unseen tokens ({cfg['adapt_steps']} "
         f"steps, lr {cfg['adapt_lr']:g}); {niah_settings}",

@@ -54,6 +54,43 @@ def stage_dir(work: Path, kind: str, name: str, settings: dict) -> Path:
     return path
 
 
+# ---- time ------------------------------------------------------------------------------------------------
+class StageClock:
+    """Seconds of each stage in this call, and the same for every call on one work folder (``calls.json``
+    there): a rerun reuses the stages an earlier call finished in about no time, so the sum over the calls
+    is what the whole run cost. A stage cut off (deadline, Ctrl-C) keeps the seconds it ran, as ``cut_in``."""
+
+    def __init__(self, work: Path, date: str):
+        self.path = work / "calls.json"
+        self.calls: list[dict] = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.this: dict = {"date": date, "timing": {}}
+        self.calls.append(self.this)
+        self.started = self.t0 = time.monotonic()
+        self.stage: str | None = None
+
+    def start(self, stage: str) -> None:
+        self.stage, self.t0 = stage, time.monotonic()
+
+    def stop(self, cut: bool = False) -> dict[str, float]:
+        """This call's ``{"<stage>_s": seconds, "total_s": seconds}`` with the running stage stopped; saved."""
+        timing = self.this["timing"]
+        timing[f"{self.stage}_s"] = round(time.monotonic() - self.t0, 1)
+        timing["total_s"] = round(time.monotonic() - self.started, 1)
+        if cut:
+            self.this["cut_in"] = self.stage
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.calls, indent=1) + "\n")
+        return timing
+
+    def all_calls(self) -> dict[str, float]:
+        """Each key of the calls' timings summed over the calls (``total_s``: the whole run's seconds)."""
+        summed: dict[str, float] = {}
+        for call in self.calls:
+            for key, seconds in call["timing"].items():
+                summed[key] = round(summed.get(key, 0.0) + seconds, 1)
+        return summed
+
+
 # ---- training runs ---------------------------------------------------------------------------------------
 @dataclass
 class TrainRun:

@@ -18,7 +18,7 @@ import torch
 from bench import reproduce
 from bench.reproduce import pipeline, report
 from bench.reproduce.main import DILATED_FORM, build_parser, chosen_scale
-from bench.reproduce.stages import TrainRun, export_all, stage_dir
+from bench.reproduce.stages import StageClock, TrainRun, export_all, stage_dir
 
 TINY = reproduce.SCALES["tiny"]
 
@@ -122,6 +122,39 @@ def test_topk_takes_the_first_given_patterns_block_and_kv_budget():
         spec = specs[f"topk-{score}"]
         assert spec.startswith("topk8k") and spec.endswith(f"s3-{score}")
         assert rows - 8 < pattern_rows(parse_patterns(spec)[0], TINY.seq_len) <= rows  # the same budget, in blocks of 8
+
+
+def test_niah_plan_evaluates_top_k_on_the_dense_and_the_first_pattern_fine_tuned_models():
+    scale = scale_of("--patterns", "d8w32s3,d4w16s2")
+    topk = ["topk-ratplus", "topk-quest", "topk-moba"]
+    for model in scale.models:
+        rows = [(t, p) for m, t, p in pipeline.niah_plan(scale) if m == model]
+        assert rows == [("dense", "dense"), ("d8w32s3", "d8w32s3"), ("d4w16s2", "d4w16s2"),
+                        *[("dense", p) for p in ("window", "d8w32s3", "d4w16s2", *topk)],
+                        *[("d8w32s3", p) for p in topk]]  # fmt: skip
+    bare = replace(scale, sparse_runs=False)  # nothing is fine-tuned under a sparse pattern
+    assert {t for _, t, _ in pipeline.niah_plan(bare)} == {"dense"}
+
+
+def test_stage_clock_sums_the_calls_on_one_work_folder(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("bench.reproduce.stages.time.monotonic", lambda: now[0])
+    first = StageClock(tmp_path, "day 1")
+    first.start("data")
+    now[0] += 7.0
+    assert first.stop() == {"data_s": 7.0, "total_s": 7.0}
+    first.start("pretrain")
+    now[0] += 50.0
+    first.stop(cut=True)  # cut off in pretraining: its seconds stay
+    second = StageClock(tmp_path, "day 2")  # a rerun reads the first call's record
+    for stage, seconds in (("data", 0.5), ("pretrain", 20.0), ("adapt", 3.0)):
+        second.start(stage)
+        now[0] += seconds
+        second.stop()
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    assert [c["date"] for c in calls] == ["day 1", "day 2"] and calls[0]["cut_in"] == "pretrain"
+    assert "cut_in" not in calls[1]
+    assert second.all_calls() == {"data_s": 7.5, "pretrain_s": 70.0, "adapt_s": 3.0, "total_s": 57.0 + 23.5}
 
 
 @pytest.mark.parametrize(
@@ -460,8 +493,14 @@ def test_stop_after_ends_the_run_at_that_stage(tmp_path):
     argv = ["--scale", "tiny", "--out", str(out), "--work", str(work), "--workers", "1", "--stop-after", "data"]
     assert reproduce.main(argv) == 0
     (path,) = out.glob("reproduce_*.json")
-    timing = json.loads(path.read_text())["timing"]
-    assert "data_s" in timing and "pretrain_s" not in timing
+    saved = json.loads(path.read_text())
+    assert "data_s" in saved["timing"] and "pretrain_s" not in saved["timing"]
+    assert reproduce.main(argv) == 0  # again: the data stage is reused, and the run's time sums both calls
+    again = json.loads(path.read_text())
+    assert len(again["timing_calls"]) == 2 and again["timing_calls"][0]["timing"] == saved["timing"]
+    assert again["timing_all_calls"]["data_s"] == pytest.approx(saved["timing"]["data_s"] + again["timing"]["data_s"], abs=0.11)
+    assert report.run_time(again).endswith("min in all over 2 calls")
+    assert report.run_time({"timing": {"total_s": 90.0}}) == "1.5 min in the call that finished it (earlier calls not counted)"
     assert (work / "data").is_dir() and not (work / "runs").exists()
     with pytest.raises(SystemExit):  # the last stage is not a stopping point: the run ends there anyway
         reproduce.main([*argv[:-1], "recall_text"])

@@ -10,6 +10,8 @@
   path. Ends with the speedups over SDPA's default and issue 11's targets (``ATTENTION_TARGETS``); up to
   ``--check-max-t`` the Triton output and gradients are checked against the fp32 reference (2 heads). On
   CUDA each Triton row lists its forward + backward kernel by kernel (``fwdbwd_kernels_ms``, torch.profiler).
+  ``--variants`` times (and checks) the Triton rows again under other launch settings, side by side in the
+  same run: tiles per kernel kind and the far kernel's split rule (``attention_variant``).
 - ``topk``: the Triton top-k block attention (``kernels/topk_attention_triton.py``): ``bench/topk.py``'s
   check, decode and prefill phases (also standalone: ``python -m bench.topk``).
 
@@ -21,6 +23,8 @@ pair and an entry in ``BENCHES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -271,6 +275,10 @@ def attention_summary(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["method"] != "triton" or "fwd_speedup_vs_dense" not in row:
             continue
+        if row.get("variant"):  # a launch setting other than the defaults: logged, not held to the targets
+            log(f"T={row['T']:>6} {row['pattern']} [{row['variant']}]: fwd+bwd {row.get('fwdbwd_ms', math.nan):.3f} ms"
+                f" = {row.get('fwdbwd_speedup_vs_dense', math.nan):.2f}x")
+            continue
         ratios = "  ".join(f"{part} {row[f'{part}_ms']:.3f} ms = {row[f'{part}_speedup_vs_dense']:.1f}x"
                            for part in ("fwd", "bwd", "fwdbwd") if f"{part}_speedup_vs_dense" in row)
         log(f"T={row['T']:>6} {row['pattern']}: {ratios}  (vs sdpa_dense)")
@@ -302,6 +310,63 @@ def check_attention(q, k, v, pattern, heads: int = 2) -> dict:
     return errors
 
 
+TILE_KINDS = ("fwd", "dq", "dkdv")
+"""Kernel kinds of ``pattern_attention_triton.CONFIG_OVERRIDE``: tiles ``BLOCK_MxBLOCK_NxWARPSxSTAGES``."""
+FAR_SETTINGS = {"far_split": "FAR_SPLIT_TILES", "far_waves": "FAR_WAVES", "far_min_tiles": "FAR_MIN_TILES"}
+"""``--variants`` keys for the far kernel's split rule -> the module constant each sets (positive integers)."""
+VARIANT_FORM = "key=value pairs joined by ',' (variants joined by ';'), e.g. 'dkdv=64x64x4x3,far_split=64'"
+
+
+def attention_variant(text: str) -> dict[str, Any]:
+    """One ``--variants`` item -> settings: ``fwd`` / ``dq`` / ``dkdv`` = tiles ``BMxBNxWxS`` (powers of two,
+    BM and BN >= 16), ``far_split`` / ``far_waves`` / ``far_min_tiles`` = a positive integer."""
+    settings: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key in TILE_KINDS:
+            parts = value.split("x")
+            tiles = tuple(int(p) for p in parts) if len(parts) == 4 and all(p.isdigit() for p in parts) else None
+            if tiles is None or any(t < 1 or t & (t - 1) for t in tiles) or min(tiles[:2]) < 16:
+                raise argparse.ArgumentTypeError(
+                    f"--variants {key}={value!r} is invalid: allowed values are BMxBNxWARPSxSTAGES, powers of two, "
+                    "BM and BN >= 16 (e.g. 64x64x4x3)")  # fmt: skip
+            settings[key] = tiles
+        elif key in FAR_SETTINGS:
+            if not value.isdigit() or int(value) < 1:
+                raise argparse.ArgumentTypeError(f"--variants {key}={value!r} is invalid: allowed values are positive integers")
+            settings[key] = int(value)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"--variants key {key!r} is unknown: allowed keys are {', '.join([*TILE_KINDS, *FAR_SETTINGS])} "
+                f"({VARIANT_FORM})")  # fmt: skip
+    return settings
+
+
+def attention_variants(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``--variants``: ``[(name, settings)]``, the name being the item as given."""
+    return [(item.strip(), attention_variant(item)) for item in text.split(";") if item.strip()]
+
+
+@contextlib.contextmanager
+def variant_settings(settings: dict[str, Any]):
+    """The Triton pattern attention's launch settings changed to ``settings`` inside the block, restored after."""
+    from ratplus_titan.kernels import pattern_attention_triton as pat
+
+    saved_tiles, saved_far = dict(pat.CONFIG_OVERRIDE), {name: getattr(pat, name) for name in FAR_SETTINGS.values()}
+    try:
+        for key, value in settings.items():
+            if key in TILE_KINDS:
+                pat.CONFIG_OVERRIDE[key] = value
+            else:
+                setattr(pat, FAR_SETTINGS[key], value)
+        yield
+    finally:
+        pat.CONFIG_OVERRIDE.clear()
+        pat.CONFIG_OVERRIDE.update(saved_tiles)
+        for name, value in saved_far.items():
+            setattr(pat, name, value)
+
+
 def bench_attention(results: dict, args: argparse.Namespace) -> None:
     """Forward/backward times (ms) and speedups over dense causal SDPA; bf16, B=1, 16 x 128 heads."""
     import torch._functorch.config as functorch_config
@@ -323,33 +388,41 @@ def bench_attention(results: dict, args: argparse.Namespace) -> None:
                 for _ in range(3)
             )
             rep_ms = 400 if seq_len <= 65536 else 1500
+            variants = [(None, {})] + (args.variants if method == "triton" else [])
             for spec in ["dense"] if method.startswith("sdpa") else ATTENTION_PATTERNS:
-                row = {"T": seq_len, "method": method, "pattern": spec}
-                pattern = Pattern.parse(spec)
-                try:
-                    row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_attention(method, q, k, v, pattern, rep_ms)
-                    if method == "triton" and seq_len <= args.check_max_t:
-                        row["check_vs_fp32_reference"] = check_attention(q, k, v, pattern)
-                    if method == "triton" and args.device == "cuda":  # where the time goes, kernel by kernel
-                        fwd = attention_forward(method, q, k, v, pattern)
-                        both = forward_backward(fwd, q, k, v, torch.randn_like(q))
-                        try:
-                            row["fwdbwd_kernels_ms"] = common.kernel_times(both)
-                        except Exception as err:  # noqa: BLE001 - the profiler's API moves between torch versions
-                            row["fwdbwd_kernels_ms"] = repr(err)[:200]
-                except Exception as err:  # noqa: BLE001 - keep the other rows (e.g. flex OOM at 262K)
-                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                rows.append(row)
-                add_speedups(rows)
-                log("attention", row)
+                for variant, settings in variants:
+                    row = {"T": seq_len, "method": method, "pattern": spec, **({"variant": variant} if variant else {})}
+                    with variant_settings(settings):
+                        time_attention_row(row, method, q, k, v, Pattern.parse(spec), rep_ms, args)
+                    rows.append(row)
+                    add_speedups(rows)
+                    log("attention", row)
             del q, k, v
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     table["targets"] = attention_summary(rows)
 
 
+def time_attention_row(row: dict, method: str, q, k, v, pattern, rep_ms: int, args: argparse.Namespace) -> None:
+    """Fill ``row`` with the forward, backward and forward + backward ms (Triton rows: the check against the
+    fp32 reference up to ``--check-max-t`` and, on CUDA, each kernel's time); an error is kept in the row."""
+    try:
+        row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_attention(method, q, k, v, pattern, rep_ms)
+        if method == "triton" and row["T"] <= args.check_max_t:
+            row["check_vs_fp32_reference"] = check_attention(q, k, v, pattern)
+        if method == "triton" and args.device == "cuda":  # where the time goes, kernel by kernel
+            fwd = attention_forward(method, q, k, v, pattern)
+            both = forward_backward(fwd, q, k, v, torch.randn_like(q))
+            try:
+                row["fwdbwd_kernels_ms"] = common.kernel_times(both)
+            except Exception as err:  # noqa: BLE001 - the profiler's API moves between torch versions
+                row["fwdbwd_kernels_ms"] = repr(err)[:200]
+    except Exception as err:  # noqa: BLE001 - keep the other rows (e.g. flex OOM at 262K, a tile that fails)
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+
+
 def plot_attention(results: dict, path: Path) -> None:
-    rows = [r for r in results.get("attention", {}).get("rows", []) if "fwd_speedup_vs_dense" in r]
+    rows = [r for r in results.get("attention", {}).get("rows", []) if "fwd_speedup_vs_dense" in r and not r.get("variant")]
     if not rows:
         return
     fig, axes = common.figure(1, 2, figsize=(11, 4))
@@ -403,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"attention: comma list of {', '.join([*SDPA_BACKENDS, 'triton', 'flex'])}",
     )  # fmt: skip
     parser.add_argument("--heads", type=int, default=HEADS, help="attention: heads (of 128 dims)")
+    parser.add_argument(
+        "--variants", type=attention_variants, default=[],
+        help=f"attention: the Triton rows again under other launch settings, side by side: {VARIANT_FORM}; "
+        f"keys {', '.join(TILE_KINDS)} (tiles BMxBNxWARPSxSTAGES) and {', '.join(FAR_SETTINGS)} (the far split rule)",
+    )  # fmt: skip
     parser.add_argument(
         "--check-max-t", type=int, default=16384,
         help="attention: check the Triton out and grads against the fp32 reference (2 heads) up to this T",

@@ -126,7 +126,8 @@ def attention() -> list[str]:
     for seq_len in sorted(dense):
         cells = []
         for pattern in ("d16w256s4", "d64w256s4"):
-            ours = next((r for r in rows if r["T"] == seq_len and r["method"] == "triton" and r["pattern"] == pattern), None)
+            ours = next((r for r in rows if r["T"] == seq_len and r["method"] == "triton" and r["pattern"] == pattern
+                         and not r.get("variant")), None)  # fmt: skip
             for key in ("fwd_ms", "bwd_ms"):
                 if ours is None:
                     cells.append("-")

@@ -3,9 +3,11 @@ else on the CPU in Triton's interpreter: ``tests/device.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
+import pytest
 import torch
 
 from bench import attention_tiles, common, kernels, readme_tables
@@ -85,3 +87,50 @@ def test_small_attention_run_writes_the_rows_the_readme_table_reads(tmp_path, mo
     cells = [f"{dense[k] / ours[p][k]:.1f}x ({flash[k] / ours[p][k]:.1f}x)" for p in ("d16w256s4", "d64w256s4")
              for k in ("fwd_ms", "bwd_ms")]  # fmt: skip
     assert table[-1] == "| 64 | " + " | ".join(cells) + " |"
+
+
+def test_variants_time_and_check_the_triton_rows_under_their_settings_then_restore_the_defaults(tmp_path, monkeypatch, device):
+    from ratplus_titan.kernels import pattern_attention_triton as pat
+
+    waves = pat.FAR_WAVES  # the default
+    seen = []  # the launch settings in force whenever a row is timed
+    timer = kernels.time_attention
+
+    def spy(method, *args):
+        seen.append((method, dict(pat.CONFIG_OVERRIDE), pat.FAR_SPLIT_TILES, pat.FAR_WAVES))
+        return timer(method, *args)
+
+    monkeypatch.setattr(kernels, "time_attention", spy)
+    variants = "dkdv=16x32x1x1,far_split=1;dq=32x16x1x1,far_waves=2"
+    argv = ["attention", "--device", device.type, "--seq-lens", "64", "--heads", "2", "--methods", "sdpa_dense,triton",
+            "--variants", variants, "--out", str(tmp_path)]  # fmt: skip
+    assert kernels.main(argv) == 0
+    rows = json.loads((tmp_path / f"kernels_{common.device_slug(device.type)}.json").read_text())["attention"]["rows"]
+    names = [None, "dkdv=16x32x1x1,far_split=1", "dq=32x16x1x1,far_waves=2"]
+    triton_rows = [r for r in rows if r["method"] == "triton"]
+    assert [(r["pattern"], r.get("variant")) for r in triton_rows] == [(p, n) for p in ("d16w256s4", "d64w256s4") for n in names]
+    for row in triton_rows:  # every variant timed, checked against the fp32 reference, compared with SDPA
+        check = row["check_vs_fp32_reference"]
+        assert check["finite"] and max(check[k] for k in ("out", "dq", "dk", "dv")) < 2e-2, row
+        assert row["fwdbwd_speedup_vs_dense"] > 0
+    settings = [s for s in seen if s[0] == "triton"]
+    expected = [({}, None, waves), ({"dkdv": (16, 32, 1, 1)}, 1, waves), ({"dq": (32, 16, 1, 1)}, None, 2)]
+    assert [s[1:] for s in settings] == expected * 2
+    assert pat.CONFIG_OVERRIDE == {} and (pat.FAR_SPLIT_TILES, pat.FAR_WAVES) == (None, waves)  # restored
+    summary = json.loads((tmp_path / f"kernels_{common.device_slug(device.type)}.json").read_text())["attention"]["targets"]
+    assert all("variant" not in s for s in summary)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("dkdv=64x64x4", "BMxBNxWARPSxSTAGES"),
+        ("dq=48x64x4x3", "powers of two"),
+        ("fwd=8x64x4x3", "BM and BN >= 16"),
+        ("far_split=0", "positive integers"),
+        ("tiles=64x64x4x3", "allowed keys are fwd, dq, dkdv, far_split, far_waves, far_min_tiles"),
+    ],
+)
+def test_a_bad_variant_names_the_key_and_the_allowed_values(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        kernels.attention_variants(f"far_waves=2;{text}")

@@ -26,10 +26,13 @@ work that would not fit is skipped):
    inputs, T from ``--seq-lens``, for each score: the default launch, then each setting of
    ``topk_select_triton.SELECT_OVERRIDE`` in ``--select-scores`` (scores a program holds: SEL_M = it / padded
    blocks, clamped to [16, list_m]) x ``--select-warps`` (warps of both kernels), x ``--select-list-m`` when
-   given (queries per selection program, ``list_m`` of ``CONFIG_OVERRIDE``). Each row: ms, ratio to the
-   default's, whether bits, pairs and starts are bitwise the default's (``equal``), on CUDA each kernel's time;
-   a setting that fails is recorded with its error. Settings with the launch of an earlier row (same SEL_M
-   and warps: the same compiled kernels) repeat its numbers (``same_launch_as``). On CUDA every launch is first
+   given (queries per selection program, ``list_m`` of ``CONFIG_OVERRIDE``), x ``--select-top-k`` when given
+   (how ``_select_kernel`` finds each row's top-k, ``SELECT_OVERRIDE["top_k"]``: ``radix``, the default's
+   radix search, and ``sorted``, a bitwise-equal bitonic top-k; e.g. ``--select-top-k radix,sorted`` times
+   both side by side). Each row: ms, ratio to the default's, whether bits, pairs and starts are bitwise the
+   default's (``equal``), on CUDA each kernel's time; a setting that fails is recorded with its error. Settings
+   with the launch of an earlier row (same list_m, SEL_M, warps and top-k algorithm: the same compiled kernels)
+   repeat its numbers (``same_launch_as``). On CUDA every launch is first
    compiled in parallel processes (``--select-jobs``; a compile takes 10 s to minutes, the fewer warps the
    longer), at most 240 s: a launch whose compile runs longer is stopped and its rows say so.
 
@@ -353,10 +356,11 @@ def select_override(settings: dict):
 
 def select_label(settings: dict) -> str:
     """How a row of the select phase names its setting: ``default`` or ``<scores_per_program>/<num_warps>``, then
-    ``/<list_m>`` when the setting has one."""
+    ``/<list_m>`` and ``/<top-k algorithm>`` when the setting has them."""
     if not settings:
         return "default"
-    return "/".join(str(settings[name]) for name in ("scores_per_program", "num_warps", "list_m") if name in settings)
+    names = ("scores_per_program", "num_warps", "list_m", "top_k")
+    return "/".join(str(settings[name]) for name in names if name in settings)
 
 
 def select_numbers(q, k, pattern: TopKPattern, device: str, clock: Clock, expected) -> dict:
@@ -375,9 +379,9 @@ def select_numbers(q, k, pattern: TopKPattern, device: str, clock: Clock, expect
     return numbers
 
 
-def select_launch_of(settings: dict, nb_pad: int, block: int) -> tuple[int, int, int]:
-    """``(list_m, SEL_M, warps)`` of the selection's kernels under ``settings`` (``topk_select_triton.select_launch``)
-    for bf16 inputs in blocks of ``block``."""
+def select_launch_of(settings: dict, nb_pad: int, block: int) -> tuple[int, int, int, str]:
+    """``(list_m, SEL_M, warps, top-k algorithm)`` of the selection's kernels under ``settings``
+    (``topk_select_triton.select_launch``) for bf16 inputs in blocks of ``block``."""
     with select_override(settings):
         config = tat._config(torch.bfloat16, block)
         return (config["list_m"], *tsel.select_launch(nb_pad, config["list_m"], config.get("sel_m")))
@@ -400,9 +404,9 @@ def _compile_select(conn, sizes: dict, seq_len: int, score: str, settings: dict,
 
 
 def precompile_select(sizes: dict, device: str, jobs: int, tasks: dict, score: str, timeout_s: float) -> dict:
-    """Compile the launches ``tasks`` (``{(seq_len, (list_m, SEL_M, warps)): settings}``) in up to ``jobs`` processes at
-    once, so that the sweep finds them in Triton's on-disk cache -> ``{task: None, or why it is not compiled}``;
-    compiles still running after ``timeout_s`` are stopped."""
+    """Compile the launches ``tasks`` (``{(seq_len, (list_m, SEL_M, warps[, top-k algorithm])): settings}``) in up to
+    ``jobs`` processes at once, so that the sweep finds them in Triton's on-disk cache -> ``{task: None, or why it is
+    not compiled}``; compiles still running after ``timeout_s`` are stopped."""
     begin = time.time()
     log(f"select: compiling {len(tasks)} launches, {jobs} at a time (at most {timeout_s:.0f} s)")
     spawn = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
@@ -410,9 +414,9 @@ def precompile_select(sizes: dict, device: str, jobs: int, tasks: dict, score: s
 
     def done(task, why):
         out[task] = why
-        (list_m, sel_m, warps) = task[1]
-        log(f"select T={task[0]} list_m {list_m} SEL_M {sel_m} warps {warps}: {why or 'compiled'} "
-            f"({time.time() - begin:.0f} s)")
+        list_m, sel_m, warps, *algorithm = task[1]
+        log(f"select T={task[0]} list_m {list_m} SEL_M {sel_m} warps {warps}"
+            + "".join(f" top_k {name}" for name in algorithm) + f": {why or 'compiled'} ({time.time() - begin:.0f} s)")
 
     try:
         while (waiting or running) and time.time() - begin < timeout_s:
@@ -446,14 +450,17 @@ def precompile_select(sizes: dict, device: str, jobs: int, tasks: dict, score: s
 
 
 def bench_select(sizes: dict, device: str, clock: Clock, scores=SCORES, scores_per_program=None,
-                 warps=None, jobs: int = 0, list_m=None) -> list[dict]:
+                 warps=None, jobs: int = 0, list_m=None, top_k_algorithms=None) -> list[dict]:
     """The select phase (module docstring): the default launch, then the grid ``scores_per_program`` x ``warps``
     (default: the sizes' ``select`` grid) of ``SELECT_OVERRIDE`` settings, x ``list_m`` (queries per selection
-    program) when given, for each length and score. ``jobs``: on CUDA, first compile every launch in that many
+    program) when given, x ``top_k_algorithms`` (of ``topk_select_triton.TOP_K_ALGORITHMS``: ``SELECT_OVERRIDE``'s
+    ``top_k``) when given, for each length and score. ``jobs``: on CUDA, first compile every launch in that many
     processes at once (``precompile_select``)."""
-    grid = [{}] + [dict(scores_per_program=n, num_warps=w, **({} if m is None else {"list_m": m}))
+    grid = [{}] + [dict(scores_per_program=n, num_warps=w, **({} if m is None else {"list_m": m}),
+                        **({} if a is None else {"top_k": a}))
                    for n in scores_per_program or sizes["select"]["scores_per_program"]
-                   for w in warps or sizes["select"]["num_warps"] for m in list_m or (None,)]
+                   for w in warps or sizes["select"]["num_warps"] for m in list_m or (None,)
+                   for a in top_k_algorithms or (None,)]
     compile_s = SELECT_COMPILE_S if device == "cuda" else 0
     compiles = {}  # (seq_len, launch) -> None (compiled) or why not; the score is a runtime flag of the kernels
     if device == "cuda" and jobs > 0:
@@ -480,7 +487,7 @@ def bench_select(sizes: dict, device: str, clock: Clock, scores=SCORES, scores_p
         for score in scores:
             pattern = prefill_pattern(sizes, seq_len, score)
             expected = default_ms = None  # the default's outputs and time
-            measured = {}  # (list_m, SEL_M, warps) -> (label of the first row with that launch, its numbers)
+            measured = {}  # (list_m, SEL_M, warps, top-k algorithm) -> (label of the first row with it, its numbers)
             for settings in grid:
                 label = select_label(settings)
                 row = {"seq_len": seq_len, "score": score, "top_k": pattern.top_k, "setting": label,
@@ -489,8 +496,8 @@ def bench_select(sizes: dict, device: str, clock: Clock, scores=SCORES, scores_p
                 head = f"select T={seq_len} {score:7s} {label:>13s}"
                 launch = None
                 try:
-                    row["list_m"], row["sel_m"], row["num_warps"] = launch = select_launch_of(settings, nb_pad,
-                                                                                              sizes["block"])
+                    launch = select_launch_of(settings, nb_pad, sizes["block"])
+                    row["list_m"], row["sel_m"], row["num_warps"], row["top_k_algorithm"] = launch
                     if launch in failed:
                         raise RuntimeError(failed[launch])
                     if launch in measured:  # the same compiled kernels: their numbers again
@@ -519,8 +526,8 @@ def bench_select(sizes: dict, device: str, clock: Clock, scores=SCORES, scores_p
                 if "error" in row:
                     log(f"{head}: error {row['error'][:200]}")
                 else:
-                    log(f"{head}: list_m {row['list_m']:>3} SEL_M {row['sel_m']:>3} warps {row['num_warps']:>2}: "
-                        f"{row['ms']:8.3f} ms"
+                    log(f"{head}: list_m {row['list_m']:>3} SEL_M {row['sel_m']:>3} warps {row['num_warps']:>2} "
+                        f"top_k {row['top_k_algorithm']}: {row['ms']:8.3f} ms"
                         + (f" = {row['vs_default']:.2f}x default" if "vs_default" in row else "")
                         + f", equal {row['equal']}"
                         + (f" (same launch as {row['same_launch_as']})" if row["same_launch_as"] else ""))
@@ -555,27 +562,29 @@ def print_table(results: dict) -> None:
                 + ", ".join(f"{s} {r[f'{s}_ms']:.3f} ms = {r[f'{s}_vs_dilated']:.2f}x" for s in SCORES
                             if f"{s}_ms" in r))
     if "select" in results:
-        log("\nselect (topk_select alone, iid inputs): ms per setting (scores per program / warps [/ list_m]); "
-            "kernels: _select_kernel, _pair_list_kernel (CUDA)")
-        log(f"{'T':>6} {'score':>7} {'setting':>13} {'list_m':>6} {'SEL_M':>5} {'warps':>5} {'ms':>8} {'x dflt':>6} "
-            f"{'select':>8} {'pairs':>8} {'equal':>5}  same launch as")
+        log("\nselect (topk_select alone, iid inputs): ms per setting (scores per program / warps [/ list_m] "
+            "[/ top-k algorithm]); kernels: _select_kernel, _pair_list_kernel (CUDA)")
+        log(f"{'T':>6} {'score':>7} {'setting':>13} {'list_m':>6} {'SEL_M':>5} {'warps':>5} {'top_k':>6} {'ms':>8} "
+            f"{'x dflt':>6} {'select':>8} {'pairs':>8} {'equal':>5}  same launch as")
         for r in results["select"]:
             if "error" in r:
                 log(f"{r['seq_len']:>6} {r['score']:>7} {r['setting']:>13}  error: {r['error'][:150]}")
                 continue
             log(f"{r['seq_len']:>6} {r['score']:>7} {r['setting']:>13} {r['list_m']:>6} {r['sel_m']:>5} {r['num_warps']:>5} "
-                f"{r['ms']:>8.3f} {r.get('vs_default', float('nan')):>6.2f} {kernel_ms(r, '_select_kernel'):>8.3f} "
-                f"{kernel_ms(r, '_pair_list_kernel'):>8.3f} {str(r['equal']):>5}  {r['same_launch_as'] or ''}")
+                f"{r['top_k_algorithm']:>6} {r['ms']:>8.3f} {r.get('vs_default', float('nan')):>6.2f} "
+                f"{kernel_ms(r, '_select_kernel'):>8.3f} {kernel_ms(r, '_pair_list_kernel'):>8.3f} {str(r['equal']):>5}  "
+                f"{r['same_launch_as'] or ''}")
 
 
 def bench_topk(results: dict, tiny: bool = False, budget: float = 88.0, start: float | None = None,
                phases=DEFAULT_PHASES, inputs=INPUTS, scores=SCORES, seq_lens: tuple[int, ...] | None = None,
                select_scores: tuple[int, ...] | None = None, select_warps: tuple[int, ...] | None = None,
-               select_jobs: int = 0, select_list_m: tuple[int, ...] | None = None) -> None:
+               select_jobs: int = 0, select_list_m: tuple[int, ...] | None = None,
+               select_top_k: tuple[str, ...] | None = None) -> None:
     """Fill ``results`` with the phases' rows (see the module docstring); stops starting work near ``budget`` s.
     ``seq_lens``, ``select_scores``, ``select_warps``: in place of the sizes' lengths and select grid;
-    ``select_jobs``, ``select_list_m``: processes that compile the select phase's launches at once, its queries per
-    selection program (``bench_select``)."""
+    ``select_jobs``, ``select_list_m``, ``select_top_k``: processes that compile the select phase's launches at
+    once, its queries per selection program, its top-k algorithms (``bench_select``)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = dict(TINY if tiny else FULL)
     if seq_lens:
@@ -590,7 +599,7 @@ def bench_topk(results: dict, tiny: bool = False, budget: float = 88.0, start: f
         results["prefill"] = bench_prefill(sizes, device, clock, inputs, scores)
     if "select" in phases:
         results["select"] = bench_select(sizes, device, clock, scores, select_scores, select_warps, select_jobs,
-                                         select_list_m)
+                                         select_list_m, select_top_k)
     results["elapsed_s"] = time.time() - clock.start
 
 
@@ -618,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="select: also sweep these queries per selection program (list_m of "
                              "topk_attention_triton.CONFIG_OVERRIDE; powers of two >= 16; default: only the "
                              f"config's, {tat._GPU_CONFIG['list_m']} on a GPU)")
+    parser.add_argument("--select-top-k", type=cli.comma_list(cli.one_of(tsel.TOP_K_ALGORITHMS)), default=None,
+                        help="select: also sweep these top-k algorithms of _select_kernel (SELECT_OVERRIDE top_k), "
+                             f"of {', '.join(tsel.TOP_K_ALGORITHMS)}: radix (the default's radix search), sorted "
+                             "(bitonic top-k, the same picks); e.g. radix,sorted times both side by side (default: "
+                             "only the default's)")
     parser.add_argument("--select-jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="select, on CUDA: first compile the sweep's launches in this many processes at once "
                              "(default: the cores; 0: each launch compiles in turn, in the sweep)")
@@ -638,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_topk(results, args.tiny, args.budget, start, args.phases, tuple(args.inputs.split(",")),
                    tuple(args.scores.split(",")), args.seq_lens, args.select_scores, args.select_warps,
-                   args.select_jobs, args.select_list_m)
+                   args.select_jobs, args.select_list_m, args.select_top_k)
     finally:
         common.write_json(path, results)
         print_table(results)

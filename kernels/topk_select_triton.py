@@ -12,6 +12,11 @@ count passes at most (each ``count(key >= x)`` over the row), fewer when every r
 has exactly ``k`` keys at or above its threshold, none when every row takes all its candidates. Exact, whatever the score distribution (no tolerance,
 no value bisection). Equal scores at the threshold go to the lowest block indices (``torch.topk`` leaves
 tie order unspecified; with real activations ties do not happen). ``-0.0`` counts as ``0.0``.
+The alternative ``_top_k_select_sorted`` (``SELECT_OVERRIDE["top_k"] = "sorted"``, prefill only; to be timed
+against the radix search, whose serial count passes are each a reduction over the whole tile) packs each
+candidate as the uint64 ``key << 32 | ~block`` (distinct, ordered as score descending then block ascending),
+takes the row's top ``next_power_of_2(top_k)`` with a bitonic top-k (``tl.topk``) and picks the candidates at or
+above the ``top_k``-th: the same picks, bit for bit.
 
 **Prefill** (``select_prefill``): ``_select_kernel`` writes each query's picks as bits (``bits [B*H, T, NW]``
 int32, bit ``b % 32`` of word ``b // 32``) and, per chunk of ``LIST_M`` queries, how many of them picked
@@ -41,8 +46,10 @@ _WARP_CHOICES = (1, 2, 4, 8, 16, 32)
 # Launch settings of ``select_prefill``'s two kernels, for tuning (``bench/topk.py --phases select``) and tests;
 # empty: the defaults of ``select_launch``. ``scores_per_program``: a power of two >= 16 in place of
 # ``_SCORES_PER_PROGRAM`` (rows per pass ``SEL_M`` = it // padded blocks, clamped to [16, list_m]);
-# ``num_warps``: warps of ``_select_kernel`` and ``_pair_list_kernel`` (both hold ``[SEL_M, NB_PAD]`` tiles).
+# ``num_warps``: warps of ``_select_kernel`` and ``_pair_list_kernel`` (both hold ``[SEL_M, NB_PAD]`` tiles);
+# ``top_k``: a name of ``TOP_K_ALGORITHMS``, how ``_select_kernel`` finds each row's top-k (the same picks).
 SELECT_OVERRIDE: dict = {}
+TOP_K_ALGORITHMS = ("radix", "sorted")  # _top_k_select (the default), _top_k_select_sorted
 
 
 @triton.jit
@@ -62,14 +69,19 @@ def _score_dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _order_key(s):
+    """fp32 scores -> uint32 keys in the order of the scores (the bit pattern, sign-flipped; ``-0.0`` as ``0.0``)."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)  # -0.0 -> 0.0
+    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+
+@triton.jit
 def _top_k_select(s, cand, top_k):
     """``s [M, N]`` fp32 scores, ``cand [M, N]`` candidates -> ``[M, N]`` bool: each row's ``min(top_k, #cand)``
     highest-scoring candidates (ties at the threshold: lowest indices first)."""
     n_cand = tl.sum(cand.to(tl.int32), 1)
     k = tl.minimum(n_cand, top_k)
-    bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)  # -0.0 -> 0.0
-    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)  # unsigned, in the order of the scores
-    key = tl.where(cand, key, 0)
+    key = tl.where(cand, _order_key(s), 0)
     # x: the largest value with count(key >= x) >= k, built from the top bit down (the k-th largest key)
     done = k == n_cand  # every candidate (or none): any x below the candidates' keys, which are all >= 1
     x = done.to(tl.uint32)
@@ -86,6 +98,25 @@ def _top_k_select(s, cand, top_k):
     need = k - tl.sum(above.to(tl.int32), 1)
     rank = tl.cumsum(at.to(tl.int32), 1)
     return (above | (at & (rank <= need[:, None]))) & cand & (k > 0)[:, None]
+
+
+@triton.jit
+def _top_k_select_sorted(s, cand, top_k, TOPK_PAD: tl.constexpr):
+    """``_top_k_select``'s picks (the same bits) from a bitonic top-k instead of the radix search. Each candidate
+    is packed as ``key << 32 | ~index`` (uint64; non-candidates 0): the packed values of a row are distinct and
+    ordered as (score descending, index ascending), so the picks are the candidates at or above the row's
+    ``top_k``-th largest packed value. ``TOPK_PAD``: a power of two >= ``top_k`` (or the columns ``N``, when
+    ``top_k`` exceeds them: then every candidate is picked)."""
+    cols = tl.arange(0, s.shape[1])
+    packed = (_order_key(s).to(tl.uint64) << 32) | (~cols.to(tl.uint32)).to(tl.uint64)[None, :]
+    packed = tl.where(cand, packed, 0)  # every candidate's is >= ~index >= 1
+    if TOPK_PAD == 1:
+        top = tl.max(packed, 1, keep_dims=True)
+    else:
+        top = tl.topk(packed, TOPK_PAD)  # [M, TOPK_PAD], descending
+    # the top_k-th largest (0 where the row has fewer candidates, or top_k > TOPK_PAD: every candidate then)
+    kth = tl.max(tl.where(tl.arange(0, TOPK_PAD)[None, :] == top_k - 1, top, 0), 1)
+    return cand & (packed >= kth[:, None]) & (top_k > 0)
 
 
 @triton.jit
@@ -120,9 +151,11 @@ def _select_kernel(
     sqb, sqh, sqt, ssb, ssh, ssn, ssr,
     H, T, NB, top_k, BS, n_chunks, quest,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LIST_M: tl.constexpr, SEL_M: tl.constexpr,
-    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr,
+    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr, SORTED_TOP_K: tl.constexpr, TOPK_PAD: tl.constexpr,
 ):
-    """Picks of queries ``[m0, m0 + LIST_M)`` (``SEL_M`` rows at a time) as bits; per block, how many picked it."""
+    """Picks of queries ``[m0, m0 + LIST_M)`` (``SEL_M`` rows at a time) as bits; per block, how many picked it.
+    ``SORTED_TOP_K``: each row's top-k by ``_top_k_select_sorted`` (``TOPK_PAD`` its padded k), else by the radix
+    search ``_top_k_select`` (the same picks)."""
     bh = tl.program_id(0)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
@@ -139,7 +172,10 @@ def _select_kernel(
         acc = _block_scores(q_base, s_base, rows, row_ok, sqt, ssr, block_ok, quest, HEAD_DIM, BLOCK_D, SEL_M,
                             NB_PAD, DK, IEEE)
         cand = (blocks[None, :] < (rows // BS)[:, None]) & block_ok[None, :] & row_ok[:, None]
-        sel = _top_k_select(acc, cand, top_k)  # [SEL_M, NB_PAD]
+        if SORTED_TOP_K:
+            sel = _top_k_select_sorted(acc, cand, top_k, TOPK_PAD)  # [SEL_M, NB_PAD]
+        else:
+            sel = _top_k_select(acc, cand, top_k)
         bits = tl.reshape(sel.to(tl.int32), (SEL_M, NW, 32)) << tl.arange(0, 32)[None, None, :]
         words = tl.reduce(bits, 2, _bit_or)  # [SEL_M, NW]
         offs_w = tl.arange(0, NW)
@@ -188,13 +224,18 @@ def blocks_padded(num_blocks: int) -> int:
     return max(32, triton.next_power_of_2(max(num_blocks, 1)))
 
 
-def select_launch(nb_pad: int, list_m: int, sel_m: int | None = None) -> tuple[int, int]:
-    """``(SEL_M, num_warps)`` of ``select_prefill``'s kernels for ``nb_pad`` padded blocks and chunks of ``list_m``
-    queries: ``sel_m`` when given (``CONFIG_OVERRIDE["sel_m"]``), else from the scores a program holds; then
-    ``SELECT_OVERRIDE``, checked (``ValueError`` naming the key)."""
-    unknown = sorted(set(SELECT_OVERRIDE) - {"scores_per_program", "num_warps"})
+def select_launch(nb_pad: int, list_m: int, sel_m: int | None = None) -> tuple[int, int, str]:
+    """``(SEL_M, num_warps, top-k algorithm)`` of ``select_prefill``'s kernels for ``nb_pad`` padded blocks and chunks
+    of ``list_m`` queries: ``sel_m`` when given (``CONFIG_OVERRIDE["sel_m"]``), else from the scores a program holds;
+    then ``SELECT_OVERRIDE``, checked (``ValueError`` naming the key)."""
+    unknown = sorted(set(SELECT_OVERRIDE) - {"scores_per_program", "num_warps", "top_k"})
     if unknown:
-        raise ValueError(f"SELECT_OVERRIDE key {unknown[0]!r} is unknown: allowed keys are scores_per_program, num_warps")
+        raise ValueError(f"SELECT_OVERRIDE key {unknown[0]!r} is unknown: allowed keys are scores_per_program, "
+                         "num_warps, top_k")
+    algorithm = SELECT_OVERRIDE.get("top_k", TOP_K_ALGORITHMS[0])
+    if type(algorithm) is not str or algorithm not in TOP_K_ALGORITHMS:
+        raise ValueError(f"SELECT_OVERRIDE top_k={algorithm!r} is invalid: allowed values are "
+                         f"{', '.join(TOP_K_ALGORITHMS)}")
     per_program = SELECT_OVERRIDE.get("scores_per_program", _SCORES_PER_PROGRAM)
     if type(per_program) is not int or per_program < 16 or per_program != triton.next_power_of_2(per_program):
         raise ValueError(f"SELECT_OVERRIDE scores_per_program={per_program!r} is invalid: allowed values are powers "
@@ -211,7 +252,7 @@ def select_launch(nb_pad: int, list_m: int, sel_m: int | None = None) -> tuple[i
     elif type(warps) is not int or warps not in _WARP_CHOICES:
         raise ValueError(f"SELECT_OVERRIDE num_warps={warps!r} is invalid: allowed values are "
                          f"{', '.join(map(str, _WARP_CHOICES))}")
-    return sel_m, warps
+    return sel_m, warps, algorithm
 
 
 def select_prefill(
@@ -223,7 +264,7 @@ def select_prefill(
     bs, top_k = pattern.block_size, pattern.top_k
     nb, nb_pad = seq_len // bs, blocks_padded(triton.cdiv(seq_len, bs))
     n_pairs = pair_count(seq_len, bs, top_k)
-    sel_m, warps = select_launch(nb_pad, list_m, sel_m)
+    sel_m, warps, algorithm = select_launch(nb_pad, list_m, sel_m)
     if seq_len * top_k >= 2**31:  # pairs are int32 t * top_k + slot
         raise ValueError(f"topk prefill needs T * top_k < 2^31, got T={seq_len}, top_k={top_k}")
     bits = torch.zeros(batch * heads, seq_len, nb_pad // 32, dtype=torch.int32, device=q.device)
@@ -239,7 +280,9 @@ def select_prefill(
         *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
         heads, seq_len, nb, top_k, bs, n_chunks, int(pattern.score == "quest"),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), LIST_M=list_m, SEL_M=sel_m,
-        NB_PAD=nb_pad, DK=16, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=1,
+        NB_PAD=nb_pad, DK=16, IEEE=q.dtype == torch.float32, SORTED_TOP_K=algorithm == "sorted",
+        TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), nb_pad) if algorithm == "sorted" else 1,
+        num_warps=warps, num_stages=1,
     )  # fmt: skip
     ends = counts.view(batch * heads, -1).cumsum(1, dtype=torch.int32)  # [B*H, NB * n_chunks]
     offsets = ends - counts.view(batch * heads, -1)  # exclusive: each (block, chunk)'s first place

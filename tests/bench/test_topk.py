@@ -7,6 +7,8 @@ import json
 import math
 import time
 
+import pytest
+
 from bench import common
 from bench import topk as bench_topk
 
@@ -81,3 +83,21 @@ def test_work_ratio_counts_padded_tiles_and_local_blocks():
 
     starts = torch.tensor([[0, 6, 6, 6, 6]])
     assert bench_topk.work_ratio(8, TopKPattern(2, 1, "moba", 1), starts, 4) == 2.0
+
+
+def test_select_sweep_times_both_top_k_algorithms(tmp_path, device):
+    """``--select-top-k radix,sorted``: each setting with each top-k algorithm (``SELECT_OVERRIDE["top_k"]``), side
+    by side, the sorted one's outputs bitwise the default's (radix); an unknown algorithm is refused by the CLI."""
+    argv = ["--tiny", "--phases", "select", "--scores", "quest", "--select-scores", "16384", "--select-warps", "1",
+            "--select-top-k", "radix,sorted", "--budget", "600", "--out", str(tmp_path)]
+    assert bench_topk.main(argv) == 0
+    rows = json.loads((tmp_path / f"topk_{common.device_slug(device.type)}_tiny.json").read_text())["select"]
+    assert [r["setting"] for r in rows] == ["default", "16384/1/radix", "16384/1/sorted"]
+    assert [r["top_k_algorithm"] for r in rows] == ["radix", "radix", "sorted"]
+    for row in rows:
+        assert "error" not in row and row["equal"] is True and row["ms"] > 0, row
+    assert rows[2]["same_launch_as"] is None  # its own kernels, timed
+    if device.type == "cpu":  # the default's launch on the CPU: 1 warp, 16 rows at a time
+        assert rows[1]["same_launch_as"] == "default"
+    with pytest.raises(SystemExit):
+        bench_topk.main(["--tiny", "--phases", "select", "--select-top-k", "bitonic", "--out", str(tmp_path)])

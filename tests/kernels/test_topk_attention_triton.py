@@ -142,18 +142,25 @@ def test_head_dim_not_a_power_of_two(device):
 
 
 @triton.jit
-def _top_k_kernel(SCORES, CAND, SEL, top_k, M: tl.constexpr, N: tl.constexpr):
+def _top_k_kernel(SCORES, CAND, SEL, top_k, M: tl.constexpr, N: tl.constexpr, SORTED: tl.constexpr,
+                  TOPK_PAD: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
-    sel = tsel._top_k_select(tl.load(SCORES + offs), tl.load(CAND + offs) != 0, top_k)
+    scores, cand = tl.load(SCORES + offs), tl.load(CAND + offs) != 0
+    if SORTED:
+        sel = tsel._top_k_select_sorted(scores, cand, top_k, TOPK_PAD)
+    else:
+        sel = tsel._top_k_select(scores, cand, top_k)
     tl.store(SEL + offs, sel.to(tl.int8))
 
 
 @needs_interpreter
-@pytest.mark.parametrize("top_k", [0, 1, 5, 31, 64])
-def test_row_top_k_is_exact_on_hard_scores(top_k, device):
-    """``_top_k_select`` against a sort by (score descending, index ascending), on rows built to be hard: many
-    exact ties (values from a small set), +0.0 and -0.0, negatives, magnitudes from 1e-38 to 1e38, rows with
-    fewer candidates than ``top_k`` and rows with none."""
+@pytest.mark.parametrize("algorithm", tsel.TOP_K_ALGORITHMS)
+@pytest.mark.parametrize("top_k", [0, 1, 3, 5, 31, 64, 100])
+def test_row_top_k_is_exact_on_hard_scores(top_k, algorithm, device):
+    """``_top_k_select`` (radix) and ``_top_k_select_sorted`` against a sort by (score descending, index
+    ascending), on rows built to be hard: many exact ties (values from a small set), +0.0 and -0.0 (equal),
+    negatives, magnitudes from 1e-38 to 1e38, rows with fewer candidates than ``top_k`` and rows with none; top_k
+    not a power of two, equal to the columns, above them (sorted: ``TOPK_PAD`` capped at the columns)."""
     gen = torch.Generator().manual_seed(top_k)
     rows, cols = 16, 64
     base = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, 3e-38, -3e-38, 1e38, -1e38, 2.0 ** -126, 7.0])
@@ -166,7 +173,8 @@ def test_row_top_k_is_exact_on_hard_scores(top_k, device):
         order = sorted((-scores[r, c].item(), c) for c in range(cols) if cand[r, c])
         expected[r, [c for _, c in order[:top_k]]] = True
     got = torch.empty(rows, cols, dtype=torch.int8, device=device)
-    _top_k_kernel[(1,)](scores.to(device), cand.to(device, torch.int8), got, top_k, M=rows, N=cols)
+    _top_k_kernel[(1,)](scores.to(device), cand.to(device, torch.int8), got, top_k, M=rows, N=cols,
+                        SORTED=algorithm == "sorted", TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), cols))
     assert torch.equal(got.bool().cpu(), expected)
 
 
@@ -191,29 +199,114 @@ def test_select_override_keeps_the_outputs_bitwise(monkeypatch, device):
     assert tsel.select_launch(32, list_m)[0] == 32
     expected = tsel.select_prefill(q, k, pattern, list_m)
     for settings, sel_m in (({"scores_per_program": 512}, 16), ({"scores_per_program": 512, "num_warps": 2}, 16),
-                            ({"num_warps": 8}, 32)):
+                            ({"num_warps": 8}, 32), ({"top_k": "sorted"}, 32),
+                            ({"scores_per_program": 512, "top_k": "sorted"}, 16)):
         monkeypatch.setattr(tsel, "SELECT_OVERRIDE", settings)
         launch = tsel.select_launch(32, list_m)
         assert launch[0] == sel_m and launch[1] == settings.get("num_warps", launch[1])
+        assert launch[2] == settings.get("top_k", "radix")
         for name, got, want in zip(("bits", "pairs", "starts"), tsel.select_prefill(q, k, pattern, list_m), expected):
             assert torch.equal(got, want), (settings, name)
 
 
 @pytest.mark.parametrize("key,value", [("scores_per_program", 1000), ("scores_per_program", 8),
                                        ("scores_per_program", 1024.0), ("num_warps", 3), ("num_warps", 64),
-                                       ("sel_m", 16)])
+                                       ("sel_m", 16), ("top_k", "bitonic"), ("top_k", None), ("top_k", ["sorted"])])
 def test_bad_select_override_names_the_key(monkeypatch, key, value):
     """A bad ``SELECT_OVERRIDE`` value is refused before any launch, naming the key, and so is a SEL_M that is not a
     power of two >= 16 dividing list_m; the empty dict is today's launch (SEL_M: 16384 scores over the padded
     blocks, within [16, list_m])."""
     assert [tsel.select_launch(nb_pad, 64)[0] for nb_pad in (32, 256, 1024, 4096)] == [64, 64, 16, 16]
+    assert tsel.select_launch(32, 64)[2] == "radix"  # the default top-k algorithm
+    monkeypatch.setattr(tsel, "SELECT_OVERRIDE", {"top_k": "radix"})
+    assert tsel.select_launch(32, 64)[2] == "radix"
     for list_m, sel_m in ((24, None), (8, None), (64, 24)):  # CONFIG_OVERRIDE's list_m, sel_m: SEL_M checked too
         with pytest.raises(ValueError, match=f"SEL_M={sel_m or list_m} .list_m={list_m}"):
             tsel.select_launch(32, list_m, sel_m)
     monkeypatch.setattr(tsel, "SELECT_OVERRIDE", {key: value})
     q = torch.zeros(1, 1, 40, 16)
-    with pytest.raises(ValueError, match=f"SELECT_OVERRIDE.*{key}"):
+    allowed = "radix, sorted" if key == "top_k" else ""
+    with pytest.raises(ValueError, match=f"SELECT_OVERRIDE.*{key}.*{allowed}"):
         tsel.select_prefill(q, q, TopKPattern(4, 1), 16)
+
+
+def stable_picks(q, k, pattern):
+    """``[B*H, T, NB]`` bool: the reference's scores (fp32 or wider), each query's candidates by a stable sort on the
+    score, descending: ties to the lowest block, ``-0.0`` equal to ``0.0`` (the kernels' rule; ``torch.topk``, the
+    reference's, leaves tie order open)."""
+    scores = pattern.scores(q, pattern.summaries(k)).flatten(0, 1)  # [B*H, T, NB]
+    seq_len, num_blocks = scores.shape[-2:]
+    own = torch.arange(seq_len, device=q.device)[:, None] // pattern.block_size
+    cand = torch.arange(num_blocks, device=q.device)[None, :] < own  # [T, NB]
+    order = torch.sort(scores.masked_fill(~cand, float("-inf")), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(num_blocks, device=q.device).expand_as(order))
+    return cand & (rank < pattern.top_k)
+
+
+def select_both(q, k, pattern, list_m, monkeypatch):
+    """``select_prefill``'s ``(bits, pairs, starts)`` with the default (radix) and with ``top_k="sorted"``; checks
+    that ``SELECT_OVERRIDE`` is back to empty after."""
+    radix = tsel.select_prefill(q, k, pattern, list_m)
+    with monkeypatch.context() as patch:
+        patch.setattr(tsel, "SELECT_OVERRIDE", {"top_k": "sorted"})
+        assert tsel.select_launch(32, list_m)[2] == "sorted"
+        sorted_ = tsel.select_prefill(q, k, pattern, list_m)
+    assert tsel.SELECT_OVERRIDE == {}
+    return radix, sorted_
+
+
+def check_sorted_top_k(q, k, pattern, list_m, expected_picks, monkeypatch):
+    """Both algorithms' bits, pairs and starts bitwise equal, the bits ``expected_picks [B*H, T, NB]``, the pair lists
+    those of the picks (built by loops)."""
+    radix, sorted_ = select_both(q, k, pattern, list_m, monkeypatch)
+    for name, got, want in zip(("bits", "pairs", "starts"), sorted_, radix):
+        assert torch.equal(got, want), f"sorted top-k: {name} differ from the radix search's ({pattern})"
+    num_blocks = expected_picks.shape[-1]
+    assert torch.equal(unpack_bits(sorted_[0], num_blocks), expected_picks), f"picks differ ({pattern})"
+    assert not unpack_bits(sorted_[0], sorted_[0].shape[-1] * 32)[..., num_blocks:].any()
+    want_pairs, want_starts = expected_pairs(expected_picks, pattern.top_k)
+    assert torch.equal(sorted_[1].cpu(), want_pairs) and torch.equal(sorted_[2].cpu(), want_starts)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=("fp32", "bf16"))
+@pytest.mark.parametrize("seq_len,block_size,top_k,score", [(83, 4, 3, "ratplus"), (70, 3, 5, "quest"),
+                                                            (45, 5, 1, "moba"), (40, 2, 16, "ratplus")])
+def test_sorted_top_k_equals_radix_and_reference(seq_len, block_size, top_k, score, dtype, monkeypatch, device):
+    """``SELECT_OVERRIDE["top_k"] = "sorted"`` (``_top_k_select_sorted``): bits, pairs and starts bitwise the radix
+    search's, the bits the reference's picks; random inputs, top_k not a power of two (3, 5), 1 (no bitonic stage:
+    a max) and 16; queries with no candidate (``t < bs``) and with fewer than ``top_k``; chunks of 32 queries
+    (list_m 32, 16 rows at a time; the last one ragged)."""
+    gen = torch.Generator().manual_seed(seq_len + top_k)
+    q, k, _ = random_qkv(1, 2, seq_len, 16, dtype, gen, device)
+    pattern = TopKPattern(block_size, top_k, score, 1)
+    monkeypatch.setitem(tat.CONFIG_OVERRIDE, "sel_m", 16)
+    picks = reference_picks(q, k, pattern).flatten(0, 1)
+    assert torch.equal(picks, stable_picks(q, k, pattern))  # no ties among random scores
+    check_sorted_top_k(q, k, pattern, 32, picks, monkeypatch)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=("fp32", "bf16"))
+def test_sorted_top_k_breaks_ties_like_the_radix_search(dtype, monkeypatch, device):
+    """Exact ties: small integers (every score exact whatever the summation order), keys duplicated so that blocks
+    0, 2, 3, 5, 7, 8 close on one key and 1, 4 on another (ratplus summaries: equal rows), and queries of zeros
+    (every candidate scores 0.0); top_k 3 and 5, blocks of 4 over 48 keys (rows with none, fewer, more
+    candidates). Picks: the lowest tied blocks, bitwise the radix search's."""
+    gen = torch.Generator().manual_seed(13)
+    q, k = (torch.randint(-3, 4, (1, 2, 48, 16), generator=gen).to(device, dtype) for _ in range(2))
+    ends = k.view(1, 2, 12, 4, 16)[:, :, :, -1]  # the key closing each block
+    ends[:, :, [2, 3, 5, 7, 8]] = ends[:, :, :1]
+    ends[:, :, [4]] = ends[:, :, 1:2]
+    q[:, :, 30:36] = 0
+    for top_k in (3, 5):
+        pattern = TopKPattern(4, top_k, "ratplus", 0)
+        scores = pattern.scores(q, pattern.summaries(k))
+        assert (scores[..., [2, 3, 5, 7, 8]] == scores[..., :1]).all() and (scores[..., 30:36, :] == 0).all()
+        picks = stable_picks(q, k, pattern)
+        assert picks[:, 30:36].flatten(0, 1).sum(-1).tolist() == [top_k] * 12  # zero rows: blocks 0 .. top_k - 1
+        assert picks[:, 35, :top_k].all()
+        check_sorted_top_k(q, k, pattern, 16, picks, monkeypatch)
 
 
 @needs_interpreter
@@ -444,8 +537,10 @@ def compile_for_sm90(fn, pointers, consts, floats=(), num_warps=4):
     return kernel.asm["ptx"]
 
 bf16, i32, f32 = "*bf16", "*i32", "*fp32"
-compile_for_sm90(tsel._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": i32, "COUNTS": i32},
-                 dict(HEAD_DIM=128, BLOCK_D=128, LIST_M=64, SEL_M=16, NB_PAD=1024, DK=16, IEEE=False), (), 8)
+for sorted_top_k, topk_pad in ((False, 1), (True, 16)):  # the radix search, the bitonic top-k
+    compile_for_sm90(tsel._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": i32, "COUNTS": i32},
+                     dict(HEAD_DIM=128, BLOCK_D=128, LIST_M=64, SEL_M=16, NB_PAD=1024, DK=16, IEEE=False,
+                          SORTED_TOP_K=sorted_top_k, TOPK_PAD=topk_pad), (), 8)
 compile_for_sm90(tsel._pair_list_kernel, {"BITS": i32, "OFFSETS": i32, "PAIRS": i32},
                  dict(LIST_M=64, SEL_M=16, NB_PAD=1024), (), 8)
 compile_for_sm90(tsel._decode_select_kernel, {"Q": bf16, "SUMM": bf16, "POS": "*i64", "SPANS": i32},
@@ -492,9 +587,9 @@ print("ok")
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter runs code the compiler rejects: compile the selection and prefill kernels, and some of the
-    pattern attention's, for an H100/H200 (Triton's own ptxas; no GPU needed), in a process without
-    TRITON_INTERPRET; fp32 kernels have no tf32 dot."""
+    """The interpreter runs code the compiler rejects: compile the selection (both top-k algorithms) and prefill
+    kernels, and some of the pattern attention's, for an H100/H200 (Triton's own ptxas; no GPU needed), in a
+    process without TRITON_INTERPRET; fp32 kernels have no tf32 dot."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,

@@ -404,7 +404,7 @@ def _compile_select(conn, sizes: dict, seq_len: int, score: str, settings: dict,
 
 
 def precompile_select(sizes: dict, device: str, jobs: int, tasks: dict, score: str, timeout_s: float) -> dict:
-    """Compile the launches ``tasks`` (``{(seq_len, (list_m, SEL_M, warps[, top-k algorithm])): settings}``) in up to
+    """Compile the launches ``tasks`` (``{(seq_len, (list_m, SEL_M, warps, top-k algorithm)): settings}``) in up to
     ``jobs`` processes at once, so that the sweep finds them in Triton's on-disk cache -> ``{task: None, or why it is
     not compiled}``; compiles still running after ``timeout_s`` are stopped."""
     begin = time.time()
@@ -414,9 +414,9 @@ def precompile_select(sizes: dict, device: str, jobs: int, tasks: dict, score: s
 
     def done(task, why):
         out[task] = why
-        list_m, sel_m, warps, *algorithm = task[1]
-        log(f"select T={task[0]} list_m {list_m} SEL_M {sel_m} warps {warps}"
-            + "".join(f" top_k {name}" for name in algorithm) + f": {why or 'compiled'} ({time.time() - begin:.0f} s)")
+        list_m, sel_m, warps, algorithm = task[1]
+        log(f"select T={task[0]} list_m {list_m} SEL_M {sel_m} warps {warps} top_k {algorithm}: {why or 'compiled'} "
+            f"({time.time() - begin:.0f} s)")
 
     try:
         while (waiting or running) and time.time() - begin < timeout_s:

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -184,13 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = chosen_scale(parser, args)
     work = (args.work or REPO / "outputs" / f"reproduce_{args.scale}{args.tag}").resolve()
     long, short = concurrency(args.concurrent, scale)
-    started = time.monotonic()
-    deadline = started + 60 * args.deadline_min if args.deadline_min else None
     result: dict = {"env": environment(), "scale": args.scale}
+    clock = StageClock(work, result["env"]["date"])
+    deadline = clock.started + 60 * args.deadline_min if args.deadline_min else None
     out_json = args.out / f"reproduce_{device_slug()}{args.tag}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    clock = StageClock(work, result["env"]["date"])
 
     def save(stage: str) -> None:
         timing = clock.stop()

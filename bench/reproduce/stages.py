@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from bench.common import REPO
+from bench.common import REPO, write_json
 
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naninf]+)(?:.*?tps:\s*([\d,]+))?")
 SPARSE_LINE = re.compile(r"step\s+(\d+)\s+loss_sparse\s+([-\d.naninf]+)")
@@ -78,8 +78,7 @@ class StageClock:
         timing["total_s"] = round(time.monotonic() - self.started, 1)
         if cut:
             self.this["cut_in"] = self.stage
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.calls, indent=1) + "\n")
+        write_json(self.path, self.calls)  # a temporary file, then renamed: a crash leaves the last whole record
         return timing
 
     def all_calls(self) -> dict[str, float]:

@@ -65,11 +65,11 @@ def test_select_sweep_records_a_failing_setting_and_goes_on(device):
 def test_parallel_compile_reports_each_launch(device):
     """``precompile_select`` (the select phase's compiles, in spawned processes): a launch that runs is compiled,
     one that fails comes back with its error, one past the time allowed is stopped, one not started says so."""
-    tasks = {(96, (16, 16, 1)): {}, (96, (16, 16, 3)): {"num_warps": 3}}
+    tasks = {(96, (16, 16, 1, "radix")): {}, (96, (16, 16, 3, "radix")): {"num_warps": 3}}
     out = bench_topk.precompile_select(bench_topk.TINY, device.type, 2, tasks, "moba", 300)
-    assert out[96, (16, 16, 1)] is None and "num_warps=3" in out[96, (16, 16, 3)], out
+    assert out[96, (16, 16, 1, "radix")] is None and "num_warps=3" in out[96, (16, 16, 3, "radix")], out
     out = bench_topk.precompile_select(bench_topk.TINY, device.type, 1, tasks, "moba", 0.5)
-    assert "ran past" in out[96, (16, 16, 1)] and "not started" in out[96, (16, 16, 3)], out
+    assert "ran past" in out[96, (16, 16, 1, "radix")] and "not started" in out[96, (16, 16, 3, "radix")], out
 
 
 def test_work_ratio_counts_padded_tiles_and_local_blocks():

@@ -18,7 +18,7 @@ from bench.reproduce.scales import MODELS, SCALES, Scale
 from bench.reproduce.stages import OutOfTime, StageClock, export_all, log, train
 from ratplus_titan import cli
 
-OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
+OVERRIDABLE = ("flavor", "pretrain_steps", "adapt_steps", "adapt_holdout_steps", "sft_steps", "pretrain_lr", "adapt_lr", "sft_lr", "batch",
                "micro_batch", "short_micro_batch", "eval_windows", "niah_train_samples", "niah_eval_samples", "recall_windows",
                "repeat_share", "seed", "joint_dilation", "patterns")  # fmt: skip
 """Scale fields a flag may change (``--pretrain-steps`` etc.); every one of them is part of the stage keys."""
@@ -64,10 +64,15 @@ FLAG_TYPES = {
     "repeat_share": cli.number_in(0, 1),
     "joint_dilation": cli.int_at_least(2),  # 1 would be a second dense step
     "patterns": pattern_specs,
+    "adapt_holdout_steps": cli.int_at_least(0),  # 0: hold out adapt_steps' windows
 }
 """The argparse types of the ``OVERRIDABLE`` fields that allow less than their Python type (the rest: ``FIELD_TYPES``)."""
 FIELD_TYPES = {"int": cli.positive_int, "float": POSITIVE, "str": str}
-FLAG_HELP = {"patterns": f"override the scale's sparse patterns: comma-separated, each {DILATED_FORM}"}
+FLAG_HELP = {
+    "patterns": f"override the scale's sparse patterns: comma-separated, each {DILATED_FORM}",
+    "adapt_holdout_steps": "hold this many adaptation steps' windows out of pretraining (default: --adapt-steps'); "
+    "runs whose --adapt-steps differ but stay within it share one pretraining",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stop-after", choices=STAGES[:-1], default=None,
         help="stop once this stage is done (exit 0); a later run with the same settings reuses it, e.g. to "
-        "fine-tune one pretrained model several ways in copies of the work folder",
+        "fine-tune one pretrained model several ways in copies of the work folder (to vary --adapt-steps there, "
+        "give every copy one --adapt-holdout-steps at least the largest)",
     )  # fmt: skip
     parser.add_argument("--readme", action="store_true", help="also rewrite the README section from the result")
     parser.add_argument(

@@ -48,19 +48,24 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     tokens = np.memmap(files["train"], dtype=np.uint16, mode="r")
     window = scale.seq_len + 1
     need = {"pretrain": scale.pretrain_steps * scale.batch * window, "adapt": scale.adapt_steps * scale.batch * window}
-    # adaptation takes unseen windows; pretraining the rest, in several epochs when it needs more than the rest
-    pretrain_cut = min(need["pretrain"], (len(tokens) - need["adapt"]) // window * window)
+    # adaptation takes unseen windows; pretraining the rest, in several epochs when it needs more than the rest.
+    # The windows held out are sized by the larger of adapt_steps and adapt_holdout_steps, so runs that differ
+    # only in adapt_steps (up to the hold-out) pretrain on the same cut and share the pretraining stage.
+    holdout = max(scale.adapt_steps, scale.adapt_holdout_steps) * scale.batch * window
+    pretrain_cut = min(need["pretrain"], (len(tokens) - holdout) // window * window)
     if pretrain_cut < scale.batch * window:
         raise ValueError(
-            f"{files['train']} holds {len(tokens):,} tokens: after the {need['adapt']:,} of {scale.adapt_steps} adaptation "
-            f"steps of {scale.batch} x {window}, less than one pretraining batch is left: fewer steps, or a larger corpus"
+            f"{files['train']} holds {len(tokens):,} tokens: after the {holdout:,} held out for adaptation "
+            f"({max(scale.adapt_steps, scale.adapt_holdout_steps)} steps of {scale.batch} x {window}), less than one "
+            f"pretraining batch is left: fewer adapt_steps / adapt_holdout_steps, or a larger corpus"
         )
     cuts = {"pretrain": (0, pretrain_cut), "adapt": (pretrain_cut, pretrain_cut + need["adapt"])}
     repeats = {"share": scale.repeat_share, "min_distance": local_window(scale) + 1, "seed": scale.seed,
                "source": file_digest(Path(repeats_module.__file__))}  # fmt: skip
-    cuts_dir = stage_dir(work, "data", "cuts", {"tokens": tokens_dir.name, "cuts": cuts, "repeats": repeats})
     for i, (name, (lo, hi)) in enumerate(cuts.items()):
-        path = cuts_dir / f"{name}.bin"
+        # each cut its own stage: the pretraining file's key (and so the pretraining runs') names only its own cut
+        cut_dir = stage_dir(work, "data", name, {"tokens": tokens_dir.name, "cut": (lo, hi), "index": i, "repeats": repeats})
+        path = cut_dir / f"{name}.bin"
         if not path.is_file() or path.stat().st_size != 2 * (hi - lo):
             partial = path.with_suffix(".partial")
             windows = np.asarray(tokens[lo:hi]).reshape(-1, window)

@@ -49,6 +49,8 @@ class Scale:
     niah_eval_samples: int  # evaluation samples per task, from held-out books
     log_freq: int
     joint_dilation: int = 64
+    adapt_holdout_steps: int = 0  # windows kept from pretraining for adaptation, in steps (at least adapt_steps):
+    # a larger value lets runs with different adapt_steps share one pretraining (copies of a work folder)
     pretrain_lr: float = 1.5e-3
     adapt_lr: float = 8e-5  # DESIGN §3
     sft_lr: float = 1e-4

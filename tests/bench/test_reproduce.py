@@ -532,6 +532,33 @@ def test_pretraining_past_the_corpus_takes_epochs_and_keeps_adaptation_unseen(tm
         pipeline.prepare_data(tmp_path, replace(TINY, adapt_steps=steps), workers=1)
 
 
+def test_adapt_holdout_lets_runs_with_other_adapt_steps_share_the_pretraining_cut(tmp_path):
+    """The pretraining file depends on the adaptation steps only through the windows held out for them: with
+    one ``adapt_holdout_steps`` two runs that differ in ``adapt_steps`` pretrain on the same file (one stage
+    folder, so the same pretraining run key), and without it a corpus used for several epochs gives them two."""
+    import numpy as np
+
+    window = TINY.seq_len + 1
+    corpus_windows = pipeline.prepare_data(tmp_path, TINY, workers=1)["train_tokens"] // (TINY.batch * window)
+    steps = corpus_windows + 5  # pretraining takes every window the hold-out leaves, in several epochs
+    a, b = (replace(TINY, pretrain_steps=steps, adapt_steps=n, adapt_holdout_steps=3) for n in (1, 3))
+    first, second = (pipeline.prepare_data(tmp_path, scale, workers=1) for scale in (a, b))
+    assert first["files"]["pretrain"] == second["files"]["pretrain"]
+    assert first["files"]["adapt"] != second["files"]["adapt"]
+    pretrain = np.fromfile(first["files"]["pretrain"], dtype=np.uint16)
+    train = np.fromfile(first["files"]["train"], dtype=np.uint16)
+    held = 3 * TINY.batch * window
+    assert len(pretrain) == (len(train) - held) // window * window
+    for result, n in ((first, 1), (second, 3)):  # the adaptation windows start where pretraining's end, unseen
+        adapt = np.fromfile(result["files"]["adapt"], dtype=np.uint16)
+        assert np.array_equal(adapt, train[len(pretrain) : len(pretrain) + n * TINY.batch * window])
+    unshared = [pipeline.prepare_data(tmp_path, replace(scale, adapt_holdout_steps=0), workers=1) for scale in (a, b)]
+    assert unshared[0]["files"]["pretrain"] != unshared[1]["files"]["pretrain"]
+    assert unshared[1]["files"]["pretrain"] == first["files"]["pretrain"]  # hold-out 3 = adapt_steps 3
+    with pytest.raises(ValueError, match="adapt_holdout_steps"):
+        pipeline.prepare_data(tmp_path, replace(a, adapt_holdout_steps=corpus_windows), workers=1)
+
+
 def test_repeat_share_makes_that_share_of_each_cut_periodic_beyond_the_window(tmp_path):
     scale = replace(TINY, repeat_share=0.5)
     plain, mixed = pipeline.prepare_data(tmp_path, TINY, workers=1), pipeline.prepare_data(tmp_path, scale, workers=1)

@@ -51,12 +51,13 @@ def prepare_data(work: Path, scale: Scale, workers: int) -> dict:
     # adaptation takes unseen windows; pretraining the rest, in several epochs when it needs more than the rest.
     # The windows held out are sized by the larger of adapt_steps and adapt_holdout_steps, so runs that differ
     # only in adapt_steps (up to the hold-out) pretrain on the same cut and share the pretraining stage.
-    holdout = max(scale.adapt_steps, scale.adapt_holdout_steps) * scale.batch * window
+    holdout_steps = max(scale.adapt_steps, scale.adapt_holdout_steps)
+    holdout = holdout_steps * scale.batch * window
     pretrain_cut = min(need["pretrain"], (len(tokens) - holdout) // window * window)
     if pretrain_cut < scale.batch * window:
         raise ValueError(
             f"{files['train']} holds {len(tokens):,} tokens: after the {holdout:,} held out for adaptation "
-            f"({max(scale.adapt_steps, scale.adapt_holdout_steps)} steps of {scale.batch} x {window}), less than one "
+            f"({holdout_steps} steps of {scale.batch} x {window}), less than one "
             f"pretraining batch is left: fewer adapt_steps / adapt_holdout_steps, or a larger corpus"
         )
     cuts = {"pretrain": (0, pretrain_cut), "adapt": (pretrain_cut, pretrain_cut + need["adapt"])}

@@ -121,7 +121,7 @@ def topk_attention_op(
     if q.shape[2] == 0:
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
     config = _config(q.dtype, block_size)
-    return prefill_forward(q, k, v, pairs, starts, block_size, top_k, sinks, scale, config)
+    return prefill_forward(q, k, v, pairs, starts, block_size, sinks, scale, config)
 
 
 @topk_attention_op.register_fake
@@ -140,8 +140,7 @@ def topk_attention_backward_op(
     if q.shape[2] == 0:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     config = _config(q.dtype, block_size)
-    return prefill_backward(grad_out, grad_lse, q, k, v, out, lse, pairs, starts, block_size, top_k, sinks, scale,
-                            config)
+    return prefill_backward(grad_out, grad_lse, q, k, v, out, lse, pairs, starts, block_size, sinks, scale, config)
 
 
 @topk_attention_backward_op.register_fake

@@ -14,15 +14,25 @@ queries that picked ``b`` and computes them against ``b``'s keys with tensor-cor
 computes a (query, key block) pair outside the mask, apart from the padding of the last gathered tile
 of each block and the causal triangle of the own blocks (``bench/topk.py`` reports the work ratio).
 
-**Forward** (exact, two passes over the picked pairs, fp32 statistics):
+**Forward** (exact, one pass over the picked pairs, fp32 statistics). Softmax needs each query's max over every
+key it sees before its terms can be summed; the picked blocks are spread over many programs, so the max is not
+known when they run. Instead each query's terms are scaled by a *reference* max, the local part's:
 
-1. ``_pair_fwd_kernel`` (pass 1): the log-sum-exp of each (query, picked block) pair, into ``[B*H, T, top_k * N_SUB]``
-   (``-inf`` where a query has fewer picks); ``torch.logsumexp`` reduces it per query.
-2. ``_local_fwd_kernel``: own + sinks by an online softmax, merged with the picked part's log-sum-exp into the
-   final ``lse``; writes ``out32 = O_local * exp(lse_local - lse)`` (fp32).
-3. ``_pair_fwd_kernel`` (pass 2): recomputes the scores of each pair with ``p = exp(s - lse)`` (final probabilities)
-   and adds ``p @ V`` into ``out32`` with fp32 atomic adds. The order of the adds varies from run to run:
-   the forward output is exact to fp32 rounding but **not bitwise deterministic**.
+1. ``_local_fwd_kernel``: own + sinks by an online softmax: ``out32 = sum p v``, ``l32 = sum p`` with
+   ``p = 2^(s - ref)``, ``ref`` the local max (log2 units), stored. The local part is never empty (the diagonal).
+2. ``_pair_fwd_kernel``: each picked pair's ``p = 2^(s - ref)``; ``p @ V`` into ``out32`` and ``rowsum(p)`` into
+   ``l32`` by fp32 atomic adds. Exact whatever ``ref`` is, as long as no ``p`` overflows: a tile whose scores
+   exceed their reference by more than ``_OVERFLOW_LIMIT`` (32, i.e. ``p`` up to 2^32: the sums stay finite for
+   values below 2^69 over up to 2^27 keys) sets a device flag.
+3. The redo, three launches whose programs return at once unless the flag is set (no host sync): a max pass
+   (``ref = max(ref, max s)`` over the picked pairs, atomic max), the local kernel again and the pair pass
+   again, both against that true max (``p <= 1``). Real attention rarely sees a picked key 22 nats above every
+   local one; inputs that do pay about twice the forward.
+4. ``_finish_fwd_kernel``: ``out = out32 / l32`` and ``lse = ref + log2 l32``.
+
+The order of the atomic adds varies from run to run: the forward output is exact to fp32 rounding but **not
+bitwise deterministic**. (Earlier versions ran two passes, the first storing every pair's log-sum-exp: at
+T=64K that pass took 7.9 of 72 ms on an H100, ``bench/results/topk_H100.json``.)
 
 Deterministic alternative considered: per-(query, pick) partial outputs ``[T, top_k, hd]`` merged
 query-major. At T=64K, top_k=64, hd=128: 2 GiB fp32 per (batch, head), 32 GiB for 16 heads. Per (pair,
@@ -30,10 +40,8 @@ channel) the dots do 256 flops (64 keys x 2 matmuls x 2); writing and reading an
 of HBM traffic (32 flops/byte; 64 in bf16), where an H100 needs ~200-300 flops/byte to stay compute-bound
 (~700-990 TFLOP/s over 3.35 TB/s): memory-bound by 3-9x, so not used. The atomics move 4 bytes per (pair,
 channel) too (8.6e9 fp32 adds, 34 GB, at T=64K with 16 heads), but into L2: the grid runs one head's key
-blocks together, so that the head's ``out32`` slice (T x hd x 4 = 32 MB at 64K) stays in the 50 MB L2. Whether
-L2 absorbs them at that rate is the number to measure first on the GPU: ``bench/topk.py``'s
-``fwd_bwd_kernels_ms`` shows it (pass 2's ``_pair_fwd_kernel``, QK and PV dots and the adds, far above twice
-pass 1's, QK only, means the adds bound it). dQ in the backward has the same traffic.
+blocks together, so that the head's ``out32`` slice (T x hd x 4 = 32 MB at 64K) stays in the 50 MB L2.
+dQ in the backward has the same traffic.
 
 **Backward** (gradients of softmax attention under the fixed mask; ``delta = rowsum(dO * O) - dLSE``):
 
@@ -46,8 +54,8 @@ pass 1's, QK only, means the adds bound it). dQ in the backward has the same tra
 
 **Memory** beyond q, k, v (B=1, H=16, T=64K, hd=128, block 64, top_k=64 so P ~ 4.1M pairs per head): pair
 lists ``[B*H, P]`` int32 260 MB (saved for backward with ``starts``), selection bits ``[B*H, T, 32]`` int32
-128 MB, per-(block, chunk) counts and offsets 3 x 64 MB (transient), pair log-sum-exps ``[B*H, T, top_k]``
-fp32 268 MB (transient), ``out32`` / ``dq32`` ``[B*H, T, hd]`` fp32 512 MB each (transient).
+128 MB, per-(block, chunk) counts and offsets 3 x 64 MB (transient), ``out32`` / ``dq32`` ``[B*H, T, hd]`` fp32
+512 MB each (transient).
 
 Block sizes and warps (``topk_attention_triton._config``) are first choices, untimed on a GPU. Key blocks
 are not equally loaded: early blocks are picked by many more queries (for iid inputs at T=16K the busiest
@@ -111,12 +119,11 @@ def _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S,
 
 
 @triton.jit
-def _pair_rows(pairs_base, c0, end, top_k, BLOCK_G: tl.constexpr):
-    """Queries, pick slots and validity of gathered pairs ``[c0, c0 + BLOCK_G)`` (of ``[.., end)``)."""
+def _pair_rows(pairs_base, c0, end, BLOCK_G: tl.constexpr):
+    """Queries and validity of gathered pairs ``[c0, c0 + BLOCK_G)`` (of ``[.., end)``)."""
     idx = c0 + tl.arange(0, BLOCK_G)
     ok = idx < end
-    pair = tl.load(pairs_base + idx, mask=ok, other=0)
-    return pair // top_k, pair % top_k, ok
+    return tl.load(pairs_base + idx, mask=ok, other=0), ok
 
 
 @triton.jit
@@ -140,19 +147,34 @@ def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, ok, qk_scale):
 # --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "NB", "top_k", "P"])
+_OVERFLOW_LIMIT = 32.0  # log2 units: a picked score this far above its query's reference max redoes the forward
+
+
+@triton.jit
+def _skip(FLAG, GATED: tl.constexpr):
+    """Whether a program of a redo launch (``GATED``) has nothing to do: no tile overflowed."""
+    if GATED:
+        return tl.load(FLAG) == 0
+    return False
+
+
+@triton.jit(do_not_specialize=["T", "NB", "P"])
 def _pair_fwd_kernel(
-    Q, K, V, PAIRS, STARTS, LSE, DEST,
+    Q, K, V, PAIRS, STARTS, REF, OUT32, L32, FLAG,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-    H, T, NB, BS, S, top_k, P, qk_scale,
+    H, T, NB, BS, S, P, qk_scale, limit,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_SUB: tl.constexpr, OUT_PASS: tl.constexpr,
+    N_SUB: tl.constexpr, MAX_PASS: tl.constexpr, GATED: tl.constexpr,
 ):
     """The queries that picked the block against its keys of this sub-tile, ``BLOCK_G`` gathered rows at a time.
 
-    Pass 1 (``OUT_PASS`` false): each pair's log-sum-exp (natural) into ``DEST [B*H, T, top_k * N_SUB]``.
-    Pass 2: ``DEST [B*H, T, hd] += p @ V`` with the final probabilities ``p = exp(s - lse)`` (fp32 atomics).
+    Accumulating (``MAX_PASS`` false): ``p = 2^(s - ref)`` against each query's reference max ``REF`` (log2 units),
+    ``OUT32 [B*H, T, hd] += p @ V`` and ``L32 [B*H, T] += rowsum(p)`` by fp32 atomics; a tile with a score more
+    than ``limit`` above its reference sets ``FLAG``. ``MAX_PASS``: ``REF = max(REF, rowmax(s))`` (atomic max).
+    ``GATED``: the program returns at once unless ``FLAG`` is set (the redo launches).
     """
+    if _skip(FLAG, GATED):
+        return
     bh = tl.program_id(1)  # grid (key tiles, B*H): one head's blocks run together (its out32 / dq32 stay in L2)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
@@ -161,41 +183,52 @@ def _pair_fwd_kernel(
     key_ok = in_block & (pos >= S)  # sinks in a picked block belong to the local part
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b64 * skb + h64 * skh, pos, skt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
-    if OUT_PASS:
+    if not MAX_PASS:
         v = _load_rows(V + b64 * svb + h64 * svh, pos, svt, offs_d, in_block, HEAD_DIM, BLOCK_D, True)
     q_base = Q + b64 * sqb + h64 * sqh
     start = tl.load(STARTS + bh64 * (NB + 1) + blk)
     end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1)
     for c0 in range(start, end, BLOCK_G):
-        t, slot, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_G)
+        t, ok = _pair_rows(PAIRS + bh64 * P, c0, end, BLOCK_G)
         q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
         s = tl.where(key_ok[None, :], _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))  # [G, N], log2 units
-        if OUT_PASS:
-            lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
-            p = tl.where(ok[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
-            tl.atomic_add(DEST + (bh64 * T + t)[:, None] * HEAD_DIM + offs_d[None, :], _dot(p.to(v.dtype), v, None),
-                          mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+        stat = bh64 * T + t
+        if MAX_PASS:
+            tl.atomic_max(REF + stat, tl.max(s, 1), mask=ok & (tl.max(s, 1) > float("-inf")), sem="relaxed")
         else:
-            m = tl.max(s, 1)
-            m_use = tl.where(m == float("-inf"), 0.0, m)  # a sub-tile of sinks only: no key, lse -inf
-            lse2 = m_use + tl.math.log2(tl.sum(tl.math.exp2(s - m_use[:, None]), 1))
-            tl.store(DEST + (bh64 * T + t) * (top_k * N_SUB) + slot * N_SUB + tl.program_id(0) % N_SUB,
-                     lse2 / 1.4426950408889634, mask=ok)
+            ref = tl.load(REF + stat, mask=ok, other=0.0)
+            p = tl.where(ok[:, None], tl.math.exp2(s - ref[:, None]), 0.0)
+            tl.atomic_add(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], _dot(p.to(v.dtype), v, None),
+                          mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+            tl.atomic_add(L32 + stat, tl.sum(p, 1), mask=ok, sem="relaxed")
+            if not GATED:
+                above = tl.max(tl.where(ok, tl.max(s, 1) - ref, float("-inf")), 0)
+                if above > limit:
+                    tl.atomic_max(FLAG, 1, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T"])
 def _local_fwd_kernel(
-    Q, K, V, OUT32, LSE, PICKED_LSE,
+    Q, K, V, OUT32, L32, REF, FLAG,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     H, T, BS, S, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_SUB: tl.constexpr, HAS_PICKS: tl.constexpr,
+    N_SUB: tl.constexpr, GATED: tl.constexpr,
 ):
-    """Own + sinks of a query tile; merged with the picked part's lse into the final lse and ``out32``'s local term."""
+    """Own + sinks of a query tile: ``OUT32 = sum p v``, ``L32 = sum p`` with ``p = 2^(s - ref)``, unnormalized.
+
+    First launch: ``ref`` is the running max (online softmax), stored into ``REF`` (log2 units). ``GATED`` (the
+    redo, only when ``FLAG`` is set): ``ref`` is read from ``REF`` (by then the max over every allowed key)."""
+    if _skip(FLAG, GATED):
+        return
     _, _, m0, offs_m, offs_d, row_ok, q, k_base, v_base = _query_tile(Q, K, V, sqb, sqh, sqt, skb, skh, svb, svh, H, T,
                                                                      HEAD_DIM, BLOCK_D, BLOCK_M)
+    stat = tl.program_id(0).to(tl.int64) * T + offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if GATED:
+        m_i = tl.load(REF + stat, mask=row_ok, other=0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     _, n_visits = _local_block(0, m0, tl.minimum(m0 + BLOCK_M, T) - 1, BS, S)
     for i in range(0, n_visits):
@@ -203,25 +236,43 @@ def _local_fwd_kernel(
             k, v, ok = _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S, HEAD_DIM, BLOCK_D,
                                    BLOCK_M, BLOCK_N)
             qk = tl.where(ok, _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (t >= T) see nothing
-    lse2_local = tl.where(l_i == 0.0, 0.0, m_i + tl.math.log2(l_safe))
-    stat = tl.program_id(0).to(tl.int64) * T + offs_m
-    lse2 = lse2_local
-    if HAS_PICKS:  # log2(2^local + 2^picked); the local part is never empty (it holds the diagonal)
-        picked = tl.load(PICKED_LSE + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        top = tl.maximum(lse2_local, picked)
-        lse2 = top + tl.math.log2(tl.math.exp2(lse2_local - top) + tl.math.exp2(picked - top))
-    out = acc * (tl.math.exp2(lse2_local - lse2) / l_safe)[:, None]
-    tl.store(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], out,
-             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(LSE + stat, lse2 / 1.4426950408889634, mask=row_ok)
+            if GATED:
+                acc = _dot(tl.math.exp2(qk - m_i[:, None]).to(v.dtype), v, acc)
+                l_i += tl.sum(tl.math.exp2(qk - m_i[:, None]), 1)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
+                p = tl.math.exp2(qk - m_use[:, None])
+                alpha = tl.math.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+                m_i = m_new
+    d_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=d_mask)
+    tl.store(L32 + stat, l_i, mask=row_ok)
+    if not GATED:  # the local part is never empty for a real row (it holds the diagonal)
+        tl.store(REF + stat, m_i, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _finish_fwd_kernel(
+    OUT32, L32, REF, Out, LSE, sob, soh, sot, H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``out = OUT32 / L32`` in the output dtype and ``lse = (ref + log2 L32) ln 2`` (natural) of a query tile."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    stat = bh.to(tl.int64) * T + offs_m
+    total = tl.load(L32 + stat, mask=row_ok, other=1.0)
+    acc = tl.load(OUT32 + stat[:, None] * HEAD_DIM + offs_d[None, :], mask=d_mask, other=0.0)
+    out_base = Out + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh
+    tl.store(out_base + offs_m[:, None] * sot + offs_d[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
+             mask=d_mask)
+    lse2 = tl.load(REF + stat, mask=row_ok, other=0.0) + tl.math.log2(total)
+    tl.store(LSE + stat, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -295,11 +346,11 @@ def _sink_dkdv_kernel(
     tl.store(DVS + part, dv, mask=mask)
 
 
-@triton.jit(do_not_specialize=["T", "NB", "top_k", "P", "n_splits", "S_ROWS"])
+@triton.jit(do_not_specialize=["T", "NB", "P", "n_splits", "S_ROWS"])
 def _key_block_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, DKS, DVS, PAIRS, STARTS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, T, NB, BS, S, top_k, P, n_splits, S_ROWS, qk_scale, scale,
+    H, T, NB, BS, S, P, n_splits, S_ROWS, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SUB: tl.constexpr,
 ):
@@ -336,7 +387,7 @@ def _key_block_bwd_kernel(
     end = tl.load(STARTS + bh64 * (NB + 1) + blk + 1, mask=complete, other=0)
     key_ok = in_block & (pos >= S)
     for c0 in range(start, end, BLOCK_M):
-        t, _, ok = _pair_rows(PAIRS + bh64 * P, c0, end, top_k, BLOCK_M)
+        t, ok = _pair_rows(PAIRS + bh64 * P, c0, end, BLOCK_M)
         q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
         do = _load_rows(do_base, t, sdot, offs_d, ok, HEAD_DIM, BLOCK_D, True)
         lse2 = tl.load(LSE + bh64 * T + t, mask=ok, other=0.0) * 1.4426950408889634
@@ -368,7 +419,7 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
 
 def prefill_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor,
-    block_size: int, top_k: int, sinks: int, scale: float, config: dict,
+    block_size: int, sinks: int, scale: float, config: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, T, hd] in q's dtype, lse [B, H, T] fp32)``; ``config``: ``topk_attention_triton._config``."""
     batch, heads, seq_len, head_dim = q.shape
@@ -378,35 +429,33 @@ def prefill_forward(
     n_sub = triton.cdiv(block_size, block_n)
     dims = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, N_SUB=n_sub, num_warps=warps, num_stages=stages)
     qk_scale = scale * _LOG2E
-    has_picks = pairs.shape[1] > 0
     out32 = torch.empty(batch, heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    picked_lse = lse
-    if has_picks:
-        pair_lse = torch.full((batch * heads, seq_len, top_k * n_sub), float("-inf"), device=q.device)
-        _pair_fwd_kernel[(nb * n_sub, batch * heads)](
-            q, k, v, pairs, starts, lse, pair_lse, *_strides(q, k, v),
-            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=False,
-            **dims,
-        )  # fmt: skip
-        picked_lse = torch.logsumexp(pair_lse, -1)  # [B*H, T]
-    _local_fwd_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
-        q, k, v, out32, lse, picked_lse, *_strides(q, k, v),
-        heads, seq_len, block_size, sinks, qk_scale, BLOCK_M=block_m, HAS_PICKS=has_picks, **dims,
-    )  # fmt: skip
-    if has_picks:
-        _pair_fwd_kernel[(nb * n_sub, batch * heads)](
-            q, k, v, pairs, starts, lse, out32, *_strides(q, k, v),
-            heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], qk_scale, BLOCK_G=block_m, OUT_PASS=True,
-            **dims,
-        )  # fmt: skip
-    return out32.to(q.dtype), lse
+    l32 = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    ref = torch.empty_like(l32)  # each query's reference max, log2 units
+    flag = torch.zeros(1, dtype=torch.int32, device=q.device)  # set when a picked score overflows its reference
+    local_grid = (batch * heads, triton.cdiv(seq_len, block_m))
+    pair_grid = (nb * n_sub, batch * heads)
+    pair_args = (q, k, v, pairs, starts, ref, out32, l32, flag, *_strides(q, k, v), heads, seq_len, nb, block_size,
+                 sinks, pairs.shape[1], qk_scale, _OVERFLOW_LIMIT)
+    local_args = (q, k, v, out32, l32, ref, flag, *_strides(q, k, v), heads, seq_len, block_size, sinks, qk_scale)
+    _local_fwd_kernel[local_grid](*local_args, BLOCK_M=block_m, GATED=False, **dims)
+    if pairs.shape[1] > 0:
+        _pair_fwd_kernel[pair_grid](*pair_args, BLOCK_G=block_m, MAX_PASS=False, GATED=False, **dims)
+        # the redo, on the device: each program returns at once unless the flag is set
+        _pair_fwd_kernel[pair_grid](*pair_args, BLOCK_G=block_m, MAX_PASS=True, GATED=True, **dims)
+        _local_fwd_kernel[local_grid](*local_args, BLOCK_M=block_m, GATED=True, **dims)
+        _pair_fwd_kernel[pair_grid](*pair_args, BLOCK_G=block_m, MAX_PASS=False, GATED=True, **dims)
+    out = torch.empty_like(q)
+    lse = torch.empty_like(l32)
+    _finish_fwd_kernel[local_grid](out32, l32, ref, out, lse, *out.stride()[:3], heads, seq_len, HEAD_DIM=head_dim,
+                                   BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
+    return out, lse
 
 
 def prefill_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor,
-    block_size: int, top_k: int, sinks: int, scale: float, config: dict,
+    block_size: int, sinks: int, scale: float, config: dict,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of the forward under the same pairs."""
     batch, heads, seq_len, head_dim = q.shape
@@ -439,7 +488,7 @@ def prefill_backward(
     _key_block_bwd_kernel[(nbt * n_sub, batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dq32, sink_dk, sink_dv, pairs, starts,
         *_strides(q, k, v, grad_out, dk, dv),
-        heads, seq_len, nb, block_size, sinks, top_k, pairs.shape[1], n_splits, s_rows, qk_scale, scale,
+        heads, seq_len, nb, block_size, sinks, pairs.shape[1], n_splits, s_rows, qk_scale, scale,
         N_SUB=n_sub, **dims,
     )  # fmt: skip
     return dq32.to(q.dtype), dk, dv

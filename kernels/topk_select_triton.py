@@ -16,14 +16,18 @@ The alternative ``_top_k_select_sorted`` (``SELECT_OVERRIDE["top_k"] = "sorted"`
 against the radix search, whose serial count passes are each a reduction over the whole tile) packs each
 candidate as the uint64 ``key << 32 | ~block`` (distinct, ordered as score descending then block ascending),
 takes the row's top ``next_power_of_2(top_k)`` with a bitonic top-k (``tl.topk``) and picks the candidates at or
-above the ``top_k``-th: the same picks, bit for bit.
+above the ``top_k``-th: the same picks, bit for bit. The alternative ``_top_k_select_interp`` (``"interp"``) searches
+the same threshold with fewer count passes: each row keeps a bracket of keys ``[lo, hi)`` with ``count(>= lo) >= k >
+count(>= hi)`` and tries the key its counts interpolate to (regula falsi on the row's count curve), the bracket's
+midpoint when the last two passes did not halve it; on Gaussian rows of 1024 scores ~15 passes a 16-row tile
+where the radix search takes ~20 (a numpy model of both). Exact, the same picks bit for bit.
 
 **Prefill** (``select_prefill``): ``_select_kernel`` writes each query's picks as bits (``bits [B*H, T, NW]``
 int32, bit ``b % 32`` of word ``b // 32``) and, per chunk of ``LIST_M`` queries, how many of them picked
 each block. An exclusive prefix sum over (block, chunk) gives every (block, chunk) its place in one list
 per (batch, head); ``_pair_list_kernel`` expands the bits again and writes each (query, pick) pair there:
-``pairs [B*H, P]`` int32, ``t * top_k + slot`` (``slot``: the pick's rank among the query's picks), grouped
-by block in block order, queries ascending within a block; ``starts [B*H, NB + 1]``: block ``b``'s pairs are
+``pairs [B*H, P]`` int32, the query position ``t``, grouped by block in block order, queries ascending within
+a block; ``starts [B*H, NB + 1]``: block ``b``'s pairs are
 ``pairs[:, starts[b]:starts[b + 1]]``. Every query picks exactly ``min(top_k, t // bs)`` blocks, so
 ``P = sum_t min(top_k, t // bs)`` is known from the shapes (``pair_count``). Deterministic (no atomics).
 
@@ -49,7 +53,7 @@ _WARP_CHOICES = (1, 2, 4, 8, 16, 32)
 # ``num_warps``: warps of ``_select_kernel`` and ``_pair_list_kernel`` (both hold ``[SEL_M, NB_PAD]`` tiles);
 # ``top_k``: a name of ``TOP_K_ALGORITHMS``, how ``_select_kernel`` finds each row's top-k (the same picks).
 SELECT_OVERRIDE: dict = {}
-TOP_K_ALGORITHMS = ("radix", "sorted")  # _top_k_select (the default), _top_k_select_sorted
+TOP_K_ALGORITHMS = ("radix", "sorted", "interp")  # _top_k_select (the default), _top_k_select_sorted, _top_k_select_interp
 
 
 @triton.jit
@@ -93,11 +97,60 @@ def _top_k_select(s, cand, top_k):
         x = tl.where(take, trial, x)
         done = done | (take & (c == k))  # exactly k keys reach x: x is a valid threshold already
         step = step >> 1
+    return _picks_at(key, x, k, cand)
+
+
+@triton.jit
+def _picks_at(key, x, k, cand):
+    """The picks of rows whose ``k``-th largest candidate key is at or above threshold ``x [M]`` and every key above
+    ``x`` is among the ``k``: the keys above ``x``, then keys equal to ``x`` in index order up to ``k``."""
     above = key > x[:, None]
     at = key == x[:, None]
     need = k - tl.sum(above.to(tl.int32), 1)
     rank = tl.cumsum(at.to(tl.int32), 1)
     return (above | (at & (rank <= need[:, None]))) & cand & (k > 0)[:, None]
+
+
+@triton.jit
+def _top_k_select_interp(s, cand, top_k):
+    """``_top_k_select``'s picks (the same bits) with fewer count passes: per row a bracket of keys ``[lo, hi)``
+    with ``count(key >= lo) >= k > count(key >= hi)``; each pass counts at the key the bracket's counts
+    interpolate to, or at the bracket's midpoint when the last two passes did not halve it (so the bracket halves
+    within any three passes: at most ~99 passes, ~15 on Gaussian rows of 1024). A pass that counts exactly ``k``
+    ends the row; so does a bracket one key wide (``lo`` is then the ``k``-th largest key, tied)."""
+    n_cand = tl.sum(cand.to(tl.int32), 1)
+    k = tl.minimum(n_cand, top_k)
+    key = tl.where(cand, _order_key(s), 0)
+    done = k == n_cand  # every candidate (or none): as in _top_k_select
+    x = done.to(tl.uint32)
+    lo = tl.min(tl.where(cand, key, 0xFFFFFFFF), 1).to(tl.int64)  # count(>= lo) = n_cand
+    hi = tl.max(key, 1).to(tl.int64) + 1  # count(>= hi) = 0
+    c_lo = n_cand.to(tl.float32)
+    c_hi = tl.zeros_like(c_lo)
+    k_f = k.to(tl.float32)
+    width_1 = hi - lo  # the bracket's width one and two passes ago
+    width_2 = width_1
+    while tl.sum((~done).to(tl.int32), 0) > 0:
+        width = hi - lo
+        guess = lo + (width.to(tl.float32) * ((c_lo - k_f) / tl.maximum(c_lo - c_hi, 1.0))).to(tl.int64)
+        bisect = (width * 2 > width_2) | (guess <= lo) | (guess >= hi)
+        trial = tl.where(bisect, lo + width // 2, guess)
+        c = tl.sum((key >= trial.to(tl.uint32)[:, None]).to(tl.int32), 1)
+        live = ~done
+        hit = live & (c == k)
+        up = live & (c > k)  # trial is the new lo
+        down = live & (c < k)  # trial is the new hi
+        x = tl.where(hit, trial.to(tl.uint32), x)
+        width_2 = width_1
+        width_1 = width
+        lo = tl.where(up, trial, lo)
+        c_lo = tl.where(up, c.to(tl.float32), c_lo)
+        hi = tl.where(down, trial, hi)
+        c_hi = tl.where(down, c.to(tl.float32), c_hi)
+        narrow = live & ~hit & (hi - lo <= 1)
+        x = tl.where(narrow, lo.to(tl.uint32), x)
+        done = done | hit | narrow
+    return _picks_at(key, x, k, cand)
 
 
 @triton.jit
@@ -117,6 +170,17 @@ def _top_k_select_sorted(s, cand, top_k, TOPK_PAD: tl.constexpr):
     # the top_k-th largest (0 where the row has fewer candidates, or top_k > TOPK_PAD: every candidate then)
     kth = tl.max(tl.where(tl.arange(0, TOPK_PAD)[None, :] == top_k - 1, top, 0), 1)
     return cand & (packed >= kth[:, None]) & (top_k > 0)
+
+
+@triton.jit
+def _top_k_select_row(s, cand, top_k, ALGORITHM: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Each row's top-k picks by ``TOP_K_ALGORITHMS[ALGORITHM]`` (the same bits whichever)."""
+    if ALGORITHM == 1:
+        return _top_k_select_sorted(s, cand, top_k, TOPK_PAD)
+    elif ALGORITHM == 2:
+        return _top_k_select_interp(s, cand, top_k)
+    else:
+        return _top_k_select(s, cand, top_k)
 
 
 @triton.jit
@@ -145,21 +209,22 @@ def _block_scores(q_base, s_base, rows, row_ok, sqt, ssr, block_ok, quest,
 # Integer arguments that only address bits and lists are not specialized on their values (Triton would
 # compile again for each divisibility by 16): one compile serves every sequence length. ``quest`` is a
 # runtime flag for the same reason (one kernel for the three scores).
-@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "top_k", "quest"])
+@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "top_k", "quest", "chunk0", "NWT"])
 def _select_kernel(
     Q, SUMM, BITS, COUNTS,
     sqb, sqh, sqt, ssb, ssh, ssn, ssr,
-    H, T, NB, top_k, BS, n_chunks, quest,
+    H, T, NB, top_k, BS, n_chunks, quest, chunk0, NWT,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LIST_M: tl.constexpr, SEL_M: tl.constexpr,
-    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr, SORTED_TOP_K: tl.constexpr, TOPK_PAD: tl.constexpr,
+    NB_PAD: tl.constexpr, DK: tl.constexpr, IEEE: tl.constexpr, ALGORITHM: tl.constexpr, TOPK_PAD: tl.constexpr,
 ):
     """Picks of queries ``[m0, m0 + LIST_M)`` (``SEL_M`` rows at a time) as bits; per block, how many picked it.
-    ``SORTED_TOP_K``: each row's top-k by ``_top_k_select_sorted`` (``TOPK_PAD`` its padded k), else by the radix
-    search ``_top_k_select`` (the same picks)."""
-    bh = tl.program_id(0)
+    The launch covers chunks from ``chunk0`` on, whose queries' candidates all lie in the first ``NB_PAD`` blocks
+    (``select_buckets``); rows of ``BITS`` hold ``NWT`` words. ``ALGORITHM``: the index in ``TOP_K_ALGORITHMS`` of
+    each row's top-k (the same picks); ``TOPK_PAD``: the sorted top-k's padded k."""
+    chunk = chunk0 + tl.program_id(0)  # grid (chunks, B*H): one head's chunks run together (see select_prefill)
+    bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    chunk = tl.program_id(1)
     blocks = tl.arange(0, NB_PAD)
     block_ok = blocks < NB
     NW: tl.constexpr = NB_PAD // 32
@@ -172,27 +237,25 @@ def _select_kernel(
         acc = _block_scores(q_base, s_base, rows, row_ok, sqt, ssr, block_ok, quest, HEAD_DIM, BLOCK_D, SEL_M,
                             NB_PAD, DK, IEEE)
         cand = (blocks[None, :] < (rows // BS)[:, None]) & block_ok[None, :] & row_ok[:, None]
-        if SORTED_TOP_K:
-            sel = _top_k_select_sorted(acc, cand, top_k, TOPK_PAD)  # [SEL_M, NB_PAD]
-        else:
-            sel = _top_k_select(acc, cand, top_k)
+        sel = _top_k_select_row(acc, cand, top_k, ALGORITHM, TOPK_PAD)  # [SEL_M, NB_PAD]
         bits = tl.reshape(sel.to(tl.int32), (SEL_M, NW, 32)) << tl.arange(0, 32)[None, None, :]
         words = tl.reduce(bits, 2, _bit_or)  # [SEL_M, NW]
         offs_w = tl.arange(0, NW)
-        tl.store(BITS + (bh.to(tl.int64) * T + rows[:, None]) * NW + offs_w[None, :], words, mask=row_ok[:, None])
+        tl.store(BITS + (bh.to(tl.int64) * T + rows[:, None]) * NWT + offs_w[None, :], words, mask=row_ok[:, None])
         counts += tl.sum(sel.to(tl.int32), 0)
     tl.store(COUNTS + (bh.to(tl.int64) * NB + blocks) * n_chunks + chunk, counts, mask=block_ok)
 
 
-@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "top_k", "P"])
+@triton.jit(do_not_specialize=["T", "NB", "n_chunks", "P", "chunk0", "NWT"])
 def _pair_list_kernel(
     BITS, OFFSETS, PAIRS,
-    T, NB, top_k, n_chunks, P,
+    T, NB, n_chunks, P, chunk0, NWT,
     LIST_M: tl.constexpr, SEL_M: tl.constexpr, NB_PAD: tl.constexpr,
 ):
-    """The (query, pick) pairs of queries ``[m0, m0 + LIST_M)`` at their places in the block-major list."""
-    bh = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    """The (query, pick) pairs of queries ``[m0, m0 + LIST_M)`` at their places in the block-major list (chunks from
+    ``chunk0`` on, their picks in the first ``NB_PAD`` blocks, as ``_select_kernel``'s launch)."""
+    chunk = chunk0 + tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
     blocks = tl.arange(0, NB_PAD)
     block_ok = blocks < NB
     NW: tl.constexpr = NB_PAD // 32
@@ -202,12 +265,11 @@ def _pair_list_kernel(
         rows = chunk * LIST_M + sub * SEL_M + tl.arange(0, SEL_M)
         row_ok = rows < T
         offs_w = tl.arange(0, NW)
-        words = tl.load(BITS + (bh * T + rows[:, None]) * NW + offs_w[None, :], mask=row_ok[:, None], other=0)
+        words = tl.load(BITS + (bh * T + rows[:, None]) * NWT + offs_w[None, :], mask=row_ok[:, None], other=0)
         picked = tl.reshape((words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, (SEL_M, NB_PAD))
-        slot = tl.cumsum(picked, 1) - 1  # rank of the pick among the query's picks
         rank = tl.cumsum(picked, 0) - 1  # rank of the query among this sub-tile's queries picking the block
         ok = (picked != 0) & block_ok[None, :]
-        tl.store(PAIRS + bh * P + place[None, :] + rank, rows[:, None] * top_k + slot, mask=ok)
+        tl.store(PAIRS + bh * P + place[None, :] + rank, rows[:, None] + tl.zeros_like(rank), mask=ok)
         place += tl.sum(picked, 0)
 
 
@@ -264,9 +326,10 @@ def select_prefill(
     bs, top_k = pattern.block_size, pattern.top_k
     nb, nb_pad = seq_len // bs, blocks_padded(triton.cdiv(seq_len, bs))
     n_pairs = pair_count(seq_len, bs, top_k)
-    sel_m, warps, algorithm = select_launch(nb_pad, list_m, sel_m)
-    if seq_len * top_k >= 2**31:  # pairs are int32 t * top_k + slot
-        raise ValueError(f"topk prefill needs T * top_k < 2^31, got T={seq_len}, top_k={top_k}")
+    launches = [(c0, c1, pad, *select_launch(pad, list_m, sel_m)) for c0, c1, pad in
+                select_buckets(seq_len, bs, list_m, nb_pad)]
+    if seq_len >= 2**31:  # pairs are int32 query positions
+        raise ValueError(f"topk prefill needs T < 2^31, got T={seq_len}")
     bits = torch.zeros(batch * heads, seq_len, nb_pad // 32, dtype=torch.int32, device=q.device)
     pairs = torch.empty(batch * heads, n_pairs, dtype=torch.int32, device=q.device)
     starts = torch.zeros(batch * heads, nb + 1, dtype=torch.int32, device=q.device)
@@ -274,25 +337,48 @@ def select_prefill(
         return bits, pairs, starts
     summaries = _unit_last(pattern.summaries(k))  # [B, H, NB, n, hd] (views for ratplus)
     n_chunks = triton.cdiv(seq_len, list_m)
-    counts = torch.empty(batch * heads, nb, n_chunks, dtype=torch.int32, device=q.device)
-    _select_kernel[(batch * heads, n_chunks)](
-        q, summaries, bits, counts,
-        *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
-        heads, seq_len, nb, top_k, bs, n_chunks, int(pattern.score == "quest"),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), LIST_M=list_m, SEL_M=sel_m,
-        NB_PAD=nb_pad, DK=16, IEEE=q.dtype == torch.float32, SORTED_TOP_K=algorithm == "sorted",
-        TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), nb_pad) if algorithm == "sorted" else 1,
-        num_warps=warps, num_stages=1,
-    )  # fmt: skip
+    counts = torch.zeros(batch * heads, nb, n_chunks, dtype=torch.int32, device=q.device)  # 0 past a launch's pad
+    # Grids (chunks, B*H): the programs running at once belong to one (batch, head), so the counts and pair
+    # entries that neighbouring chunks write (adjacent places) meet in L2 while that head's list (T * top_k * 4
+    # bytes: 16 MB at T=64K) fits there, instead of partial sectors of every head's list going out to memory.
+    for c0, c1, pad, launch_m, warps, algorithm in launches:
+        _select_kernel[(c1 - c0, batch * heads)](
+            q, summaries, bits, counts,
+            *q.stride()[:3], summaries.stride(0), summaries.stride(1), summaries.stride(2), summaries.stride(3),
+            heads, seq_len, nb, top_k, bs, n_chunks, int(pattern.score == "quest"), c0, nb_pad // 32,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), LIST_M=list_m, SEL_M=launch_m,
+            NB_PAD=pad, DK=16, IEEE=q.dtype == torch.float32, ALGORITHM=TOP_K_ALGORITHMS.index(algorithm),
+            TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), pad) if algorithm == "sorted" else 1,
+            num_warps=warps, num_stages=1,
+        )  # fmt: skip
     ends = counts.view(batch * heads, -1).cumsum(1, dtype=torch.int32)  # [B*H, NB * n_chunks]
     offsets = ends - counts.view(batch * heads, -1)  # exclusive: each (block, chunk)'s first place
     starts[:, :nb] = offsets.view(batch * heads, nb, n_chunks)[:, :, 0]
     starts[:, nb] = n_pairs
-    _pair_list_kernel[(batch * heads, n_chunks)](
-        bits, offsets, pairs, seq_len, nb, top_k, n_chunks, n_pairs,
-        LIST_M=list_m, SEL_M=sel_m, NB_PAD=nb_pad, num_warps=warps, num_stages=1,
-    )  # fmt: skip
+    for c0, c1, pad, launch_m, warps, _ in launches:
+        _pair_list_kernel[(c1 - c0, batch * heads)](
+            bits, offsets, pairs, seq_len, nb, n_chunks, n_pairs, c0, nb_pad // 32,
+            LIST_M=list_m, SEL_M=launch_m, NB_PAD=pad, num_warps=warps, num_stages=1,
+        )  # fmt: skip
     return bits, pairs, starts
+
+
+def select_buckets(seq_len: int, block_size: int, list_m: int, nb_pad: int) -> list[tuple[int, int, int]]:
+    """``[(first chunk, end chunk, padded blocks)]`` of ``select_prefill``'s launches: query ``t`` chooses among the
+    blocks before its own (``t // block_size`` of them), so the chunks of queries below ``(pad + 1) * block_size``
+    run with ``pad = nb_pad / 4`` or ``nb_pad / 2`` score columns instead of ``nb_pad`` (at least 32): a quarter of
+    the queries with a quarter of the columns, a quarter with half. At T=64K (1024 blocks of 64) that is 69% of
+    the (query, column) work of one launch over every chunk."""
+    n_chunks = triton.cdiv(seq_len, list_m)
+    launches, first = [], 0
+    for pad in (nb_pad // 4, nb_pad // 2):
+        end = min(n_chunks, (pad + 1) * block_size // list_m)
+        if pad >= 32 and end > first:
+            launches.append((first, end, pad))
+            first = end
+    if first < n_chunks:
+        launches.append((first, n_chunks, nb_pad))
+    return launches
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ratplus_titan.inference.topk_cache import TopKLayerCache
 from ratplus_titan.kernels import topk_attention_triton as tat
+from ratplus_titan.kernels import topk_prefill_triton as tpf
 from ratplus_titan.kernels import topk_select_triton as tsel
 from ratplus_titan.kernels.pattern_attention_dispatch import pattern_attention
 from ratplus_titan.kernels.topk_attention import topk_attention_reference, topk_decode_attention
@@ -80,16 +81,16 @@ def run_triton(q, k, v, pattern):
                                             scale), bits, (pairs, starts)
 
 
-def expected_pairs(picks, top_k):
-    """The block-major pair list of ``picks [BH, T, NB]``, built by loops: per block, the queries that picked it in
-    order, each as ``t * top_k + (rank of the block among t's picks)``; and where each block's pairs start."""
+def expected_pairs(picks):
+    """The block-major pair list of ``picks [BH, T, NB]``, built by loops: per block, the queries ``t`` that picked
+    it in order; and where each block's pairs start."""
     pairs, starts = [], []
     for row in picks.cpu():
         flat, begin = [], []
         for b in range(row.shape[1]):
             begin.append(len(flat))
             for t in row[:, b].nonzero().flatten().tolist():
-                flat.append(t * top_k + int(row[t, :b].sum()))
+                flat.append(t)
         pairs.append(flat)
         starts.append(begin + [len(flat)])
     return torch.tensor(pairs, dtype=torch.int32).view(len(pairs), -1), torch.tensor(starts, dtype=torch.int32)
@@ -98,8 +99,15 @@ def expected_pairs(picks, top_k):
 def run_case(case, score, dtype, seed, device, head_dim=16):
     seq_len, block_size, top_k, sinks, batch, heads = case
     gen = torch.Generator().manual_seed(seed)
-    pattern = TopKPattern(block_size, top_k, score, sinks)
     q, k, v = random_qkv(batch, heads, seq_len, head_dim, dtype, gen, device)
+    check_case(q, k, v, TopKPattern(block_size, top_k, score, sinks), gen)
+
+
+def check_case(q, k, v, pattern, gen):
+    """Selection bits, pair lists, forward and gradients of ``q, k, v`` under ``pattern`` against the float64
+    reference (``gen`` draws the output gradients)."""
+    dtype, device, seq_len = q.dtype, q.device, q.shape[2]
+    block_size, top_k, sinks, score = pattern.block_size, pattern.top_k, pattern.sinks, pattern.score
     for x in (q, k, v):
         x.requires_grad_(True)
     (out, lse), bits, (pairs, starts) = run_triton(q, k, v, pattern)
@@ -108,7 +116,7 @@ def run_case(case, score, dtype, seed, device, head_dim=16):
     # the selection, bit for bit, and the pair lists the attention runs over
     assert torch.equal(unpack_bits(bits, num_blocks), picks.flatten(0, 1)), "picks differ from the reference"
     assert not unpack_bits(bits, bits.shape[-1] * 32)[..., num_blocks:].any(), "bits set past the complete blocks"
-    want_pairs, want_starts = expected_pairs(picks.flatten(0, 1), top_k)
+    want_pairs, want_starts = expected_pairs(picks.flatten(0, 1))
     assert torch.equal(starts.cpu(), want_starts), "block starts of the pair lists differ"
     assert torch.equal(pairs.cpu(), want_pairs), "pair lists differ"
 
@@ -134,6 +142,44 @@ def test_forward_backward_match_reference_bf16(case, score, device):
     run_case(case, score, torch.bfloat16, seed=3, device=device)
 
 
+def far_match_inputs(dtype, device, strength=30.0):
+    """q, k, v ``[1, 2, 48, 16]`` (blocks of 4) where query 45 and the key closing block 3 (position 15) are
+    ``strength`` times one unit vector: their score (``strength^2 / 4``) lies far above every score of the query's
+    own block and sink (random, O(1)), so the picked part's max is far above the local one."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = random_qkv(1, 2, 48, 16, dtype, gen, device)
+    unit = torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=0).to(device, dtype)
+    q[:, :, 45] = strength * unit
+    k[:, :, 15] = strength * unit
+    return q, k, v, gen
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=("fp32", "bf16"))
+def test_forward_redoes_a_picked_score_far_above_the_local_max(dtype, monkeypatch, device):
+    """One pass scores picked keys against the local max; a score ~225 nats above it (2^325: beyond fp32) sets the
+    device flag, and the redo (max pass, local and picked parts again against the true max) gives the float64
+    reference's output and gradients. Without the redo (the limit out of reach), the same call returns non-finite
+    values: the redo is what makes it right."""
+    pattern = TopKPattern(4, 2, "ratplus", 1)
+    q, k, v, gen = far_match_inputs(dtype, device)
+    check_case(q, k, v, pattern, gen)
+    monkeypatch.setattr(tpf, "_OVERFLOW_LIMIT", float("inf"))
+    q, k, v, _ = far_match_inputs(dtype, device)
+    out = tat.topk_attention_triton(q, k, v, pattern)
+    assert not out.isfinite().all(), "without the redo the overflow should show"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [(50, 4, 2, 3, 2, 2), (45, 5, 3, 6, 2, 2)], ids=("T50bs4k2s3", "T45bs5k3s6"))
+def test_forced_redo_matches_reference(case, monkeypatch, device):
+    """The redo path on every call (limit -inf: each tile with a picked pair sets the flag): the same results as the
+    reference on random inputs, fp32 and bf16."""
+    monkeypatch.setattr(tpf, "_OVERFLOW_LIMIT", float("-inf"))
+    run_case(case, "moba", torch.float32, seed=5, device=device)
+    run_case(case, "quest", torch.bfloat16, seed=6, device=device)
+
+
 @needs_interpreter
 def test_head_dim_not_a_power_of_two(device):
     """hd=24 (padded to 32 inside the kernels): every load, store and atomic masks the padding."""
@@ -142,22 +188,18 @@ def test_head_dim_not_a_power_of_two(device):
 
 
 @triton.jit
-def _top_k_kernel(SCORES, CAND, SEL, top_k, M: tl.constexpr, N: tl.constexpr, SORTED: tl.constexpr,
+def _top_k_kernel(SCORES, CAND, SEL, top_k, M: tl.constexpr, N: tl.constexpr, ALGORITHM: tl.constexpr,
                   TOPK_PAD: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
     scores, cand = tl.load(SCORES + offs), tl.load(CAND + offs) != 0
-    if SORTED:
-        sel = tsel._top_k_select_sorted(scores, cand, top_k, TOPK_PAD)
-    else:
-        sel = tsel._top_k_select(scores, cand, top_k)
-    tl.store(SEL + offs, sel.to(tl.int8))
+    tl.store(SEL + offs, tsel._top_k_select_row(scores, cand, top_k, ALGORITHM, TOPK_PAD).to(tl.int8))
 
 
 @needs_interpreter
 @pytest.mark.parametrize("algorithm", tsel.TOP_K_ALGORITHMS)
 @pytest.mark.parametrize("top_k", [0, 1, 3, 5, 31, 64, 100])
 def test_row_top_k_is_exact_on_hard_scores(top_k, algorithm, device):
-    """``_top_k_select`` (radix) and ``_top_k_select_sorted`` against a sort by (score descending, index
+    """``_top_k_select`` (radix), ``_top_k_select_sorted`` and ``_top_k_select_interp`` against a sort by (score descending, index
     ascending), on rows built to be hard: many exact ties (values from a small set), +0.0 and -0.0 (equal),
     negatives, magnitudes from 1e-38 to 1e38, rows with fewer candidates than ``top_k`` and rows with none; top_k
     not a power of two, equal to the columns, above them (sorted: ``TOPK_PAD`` capped at the columns)."""
@@ -174,7 +216,8 @@ def test_row_top_k_is_exact_on_hard_scores(top_k, algorithm, device):
         expected[r, [c for _, c in order[:top_k]]] = True
     got = torch.empty(rows, cols, dtype=torch.int8, device=device)
     _top_k_kernel[(1,)](scores.to(device), cand.to(device, torch.int8), got, top_k, M=rows, N=cols,
-                        SORTED=algorithm == "sorted", TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), cols))
+                        ALGORITHM=tsel.TOP_K_ALGORITHMS.index(algorithm),
+                        TOPK_PAD=min(triton.next_power_of_2(max(top_k, 1)), cols))
     assert torch.equal(got.bool().cpu(), expected)
 
 
@@ -199,8 +242,9 @@ def test_select_override_keeps_the_outputs_bitwise(monkeypatch, device):
     assert tsel.select_launch(32, list_m)[0] == 32
     expected = tsel.select_prefill(q, k, pattern, list_m)
     for settings, sel_m in (({"scores_per_program": 512}, 16), ({"scores_per_program": 512, "num_warps": 2}, 16),
-                            ({"num_warps": 8}, 32), ({"top_k": "sorted"}, 32),
-                            ({"scores_per_program": 512, "top_k": "sorted"}, 16)):
+                            ({"num_warps": 8}, 32), ({"top_k": "sorted"}, 32), ({"top_k": "interp"}, 32),
+                            ({"scores_per_program": 512, "top_k": "sorted"}, 16),
+                            ({"scores_per_program": 512, "top_k": "interp"}, 16)):
         monkeypatch.setattr(tsel, "SELECT_OVERRIDE", settings)
         launch = tsel.select_launch(32, list_m)
         assert launch[0] == sel_m and launch[1] == settings.get("num_warps", launch[1])
@@ -225,7 +269,7 @@ def test_bad_select_override_names_the_key(monkeypatch, key, value):
             tsel.select_launch(32, list_m, sel_m)
     monkeypatch.setattr(tsel, "SELECT_OVERRIDE", {key: value})
     q = torch.zeros(1, 1, 40, 16)
-    allowed = "radix, sorted" if key == "top_k" else ""
+    allowed = "radix, sorted, interp" if key == "top_k" else ""
     with pytest.raises(ValueError, match=f"SELECT_OVERRIDE.*{key}.*{allowed}"):
         tsel.select_prefill(q, q, TopKPattern(4, 1), 16)
 
@@ -243,38 +287,41 @@ def stable_picks(q, k, pattern):
     return cand & (rank < pattern.top_k)
 
 
-def select_both(q, k, pattern, list_m, monkeypatch):
-    """``select_prefill``'s ``(bits, pairs, starts)`` with the default (radix) and with ``top_k="sorted"``; checks
-    that ``SELECT_OVERRIDE`` is back to empty after."""
-    radix = tsel.select_prefill(q, k, pattern, list_m)
-    with monkeypatch.context() as patch:
-        patch.setattr(tsel, "SELECT_OVERRIDE", {"top_k": "sorted"})
-        assert tsel.select_launch(32, list_m)[2] == "sorted"
-        sorted_ = tsel.select_prefill(q, k, pattern, list_m)
+def select_each(q, k, pattern, list_m, monkeypatch):
+    """``select_prefill``'s ``(bits, pairs, starts)`` under each of ``TOP_K_ALGORITHMS`` (``SELECT_OVERRIDE["top_k"]``);
+    checks that ``SELECT_OVERRIDE`` is back to empty after."""
+    outputs = {}
+    for algorithm in tsel.TOP_K_ALGORITHMS:
+        with monkeypatch.context() as patch:
+            patch.setattr(tsel, "SELECT_OVERRIDE", {"top_k": algorithm})
+            assert tsel.select_launch(32, list_m)[2] == algorithm
+            outputs[algorithm] = tsel.select_prefill(q, k, pattern, list_m)
     assert tsel.SELECT_OVERRIDE == {}
-    return radix, sorted_
+    return outputs
 
 
-def check_sorted_top_k(q, k, pattern, list_m, expected_picks, monkeypatch):
-    """Both algorithms' bits, pairs and starts bitwise equal, the bits ``expected_picks [B*H, T, NB]``, the pair lists
-    those of the picks (built by loops)."""
-    radix, sorted_ = select_both(q, k, pattern, list_m, monkeypatch)
-    for name, got, want in zip(("bits", "pairs", "starts"), sorted_, radix):
-        assert torch.equal(got, want), f"sorted top-k: {name} differ from the radix search's ({pattern})"
+def check_every_top_k(q, k, pattern, list_m, expected_picks, monkeypatch):
+    """Every algorithm's bits, pairs and starts bitwise the radix search's, the bits ``expected_picks [B*H, T, NB]``,
+    the pair lists those of the picks (built by loops)."""
+    outputs = select_each(q, k, pattern, list_m, monkeypatch)
+    radix = outputs["radix"]
+    for algorithm, got_all in outputs.items():
+        for name, got, want in zip(("bits", "pairs", "starts"), got_all, radix):
+            assert torch.equal(got, want), f"{algorithm} top-k: {name} differ from the radix search's ({pattern})"
     num_blocks = expected_picks.shape[-1]
-    assert torch.equal(unpack_bits(sorted_[0], num_blocks), expected_picks), f"picks differ ({pattern})"
-    assert not unpack_bits(sorted_[0], sorted_[0].shape[-1] * 32)[..., num_blocks:].any()
-    want_pairs, want_starts = expected_pairs(expected_picks, pattern.top_k)
-    assert torch.equal(sorted_[1].cpu(), want_pairs) and torch.equal(sorted_[2].cpu(), want_starts)
+    assert torch.equal(unpack_bits(radix[0], num_blocks), expected_picks), f"picks differ ({pattern})"
+    assert not unpack_bits(radix[0], radix[0].shape[-1] * 32)[..., num_blocks:].any()
+    want_pairs, want_starts = expected_pairs(expected_picks)
+    assert torch.equal(radix[1].cpu(), want_pairs) and torch.equal(radix[2].cpu(), want_starts)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=("fp32", "bf16"))
 @pytest.mark.parametrize("seq_len,block_size,top_k,score", [(83, 4, 3, "ratplus"), (70, 3, 5, "quest"),
                                                             (45, 5, 1, "moba"), (40, 2, 16, "ratplus")])
-def test_sorted_top_k_equals_radix_and_reference(seq_len, block_size, top_k, score, dtype, monkeypatch, device):
-    """``SELECT_OVERRIDE["top_k"] = "sorted"`` (``_top_k_select_sorted``): bits, pairs and starts bitwise the radix
-    search's, the bits the reference's picks; random inputs, top_k not a power of two (3, 5), 1 (no bitonic stage:
+def test_every_top_k_equals_radix_and_reference(seq_len, block_size, top_k, score, dtype, monkeypatch, device):
+    """``SELECT_OVERRIDE["top_k"]`` = ``"sorted"`` (``_top_k_select_sorted``) and ``"interp"``
+    (``_top_k_select_interp``): bits, pairs and starts bitwise the radix search's, the bits the reference's picks; random inputs, top_k not a power of two (3, 5), 1 (no bitonic stage:
     a max) and 16; queries with no candidate (``t < bs``) and with fewer than ``top_k``; chunks of 32 queries
     (list_m 32, 16 rows at a time; the last one ragged)."""
     gen = torch.Generator().manual_seed(seq_len + top_k)
@@ -283,16 +330,31 @@ def test_sorted_top_k_equals_radix_and_reference(seq_len, block_size, top_k, sco
     monkeypatch.setitem(tat.CONFIG_OVERRIDE, "sel_m", 16)
     picks = reference_picks(q, k, pattern).flatten(0, 1)
     assert torch.equal(picks, stable_picks(q, k, pattern))  # no ties among random scores
-    check_sorted_top_k(q, k, pattern, 32, picks, monkeypatch)
+    check_every_top_k(q, k, pattern, 32, picks, monkeypatch)
+
+
+@needs_interpreter
+def test_selection_in_buckets_of_score_columns(monkeypatch, device):
+    """600 queries in blocks of 4 (150 blocks, 256 padded columns), chunks of 16: queries below 260 run with 64
+    columns, below 516 with 128, the rest with 256 (``select_buckets``). Bits, pairs and starts of every top-k
+    algorithm are the reference's picks and their pair lists."""
+    assert tsel.select_buckets(600, 4, 16, 256) == [(0, 16, 64), (16, 32, 128), (32, 38, 256)]
+    assert tsel.select_buckets(83, 4, 32, 32) == [(0, 3, 32)]  # one launch where the columns cannot shrink
+    gen = torch.Generator().manual_seed(17)
+    q, k, _ = random_qkv(1, 2, 600, 16, torch.bfloat16, gen, device)
+    pattern = TopKPattern(4, 5, "ratplus", 1)
+    picks = reference_picks(q, k, pattern).flatten(0, 1)
+    assert torch.equal(picks, stable_picks(q, k, pattern))
+    check_every_top_k(q, k, pattern, 16, picks, monkeypatch)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=("fp32", "bf16"))
-def test_sorted_top_k_breaks_ties_like_the_radix_search(dtype, monkeypatch, device):
+def test_every_top_k_breaks_ties_like_the_radix_search(dtype, monkeypatch, device):
     """Exact ties: small integers (every score exact whatever the summation order), keys duplicated so that blocks
     0, 2, 3, 5, 7, 8 close on one key and 1, 4 on another (ratplus summaries: equal rows), and queries of zeros
     (every candidate scores 0.0); top_k 3 and 5, blocks of 4 over 48 keys (rows with none, fewer, more
-    candidates). Picks: the lowest tied blocks, bitwise the radix search's."""
+    candidates). Picks: the lowest tied blocks, every algorithm bitwise the radix search's."""
     gen = torch.Generator().manual_seed(13)
     q, k = (torch.randint(-3, 4, (1, 2, 48, 16), generator=gen).to(device, dtype) for _ in range(2))
     ends = k.view(1, 2, 12, 4, 16)[:, :, :, -1]  # the key closing each block
@@ -306,7 +368,7 @@ def test_sorted_top_k_breaks_ties_like_the_radix_search(dtype, monkeypatch, devi
         picks = stable_picks(q, k, pattern)
         assert picks[:, 30:36].flatten(0, 1).sum(-1).tolist() == [top_k] * 12  # zero rows: blocks 0 .. top_k - 1
         assert picks[:, 35, :top_k].all()
-        check_sorted_top_k(q, k, pattern, 16, picks, monkeypatch)
+        check_every_top_k(q, k, pattern, 16, picks, monkeypatch)
 
 
 @needs_interpreter
@@ -538,28 +600,32 @@ def compile_for_sm90(fn, pointers, consts, floats=(), num_warps=4):
 
 bf16, i32, f32 = "*bf16", "*i32", "*fp32"
 PART = sys.argv[1]  # one of COMPILE_PARTS: each part its own process, so that each fits the per-test timeout
-if PART in ("select_radix", "select_sorted"):  # the radix search, the bitonic top-k
-    sorted_top_k = PART == "select_sorted"
+if PART.startswith("select_"):  # the radix search, the bitonic top-k, the interpolation search
+    algorithm = tsel.TOP_K_ALGORITHMS.index(PART[len("select_"):])
     compile_for_sm90(tsel._select_kernel, {"Q": bf16, "SUMM": bf16, "BITS": i32, "COUNTS": i32},
                      dict(HEAD_DIM=128, BLOCK_D=128, LIST_M=64, SEL_M=16, NB_PAD=1024, DK=16, IEEE=False,
-                          SORTED_TOP_K=sorted_top_k, TOPK_PAD=16 if sorted_top_k else 1), (), 8)
+                          ALGORITHM=algorithm, TOPK_PAD=16 if PART == "select_sorted" else 1), (), 8)
 if PART == "select_radix":
     compile_for_sm90(tsel._pair_list_kernel, {"BITS": i32, "OFFSETS": i32, "PAIRS": i32},
                      dict(LIST_M=64, SEL_M=16, NB_PAD=1024), (), 8)
     compile_for_sm90(tsel._decode_select_kernel, {"Q": bf16, "SUMM": bf16, "POS": "*i64", "SPANS": i32},
                      dict(HEAD_DIM=128, BLOCK_D=128, NB_PAD=2048, DK=16, PICK_PAD=64, NSB_PAD=1), (), 16)
 
-def prefill_kernels(dt, block_m, block_n, n_sub):  # the six prefill kernels with dt inputs: their PTX
+def prefill_kernels(dt, block_m, block_n, n_sub):  # the prefill kernels with dt inputs: their PTX
     dims = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n)
     lists = {"PAIRS": i32, "STARTS": i32}
     qkv = {"Q": dt, "K": dt, "V": dt}
-    return [
-        compile_for_sm90(tpf._pair_fwd_kernel, {**qkv, **lists, "LSE": f32, "DEST": f32},
-                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub, OUT_PASS=False), ("qk_scale",)),
-        compile_for_sm90(tpf._local_fwd_kernel, {**qkv, "OUT32": f32, "LSE": f32, "PICKED_LSE": f32},
-                         dict(dims, BLOCK_M=block_m, N_SUB=n_sub, HAS_PICKS=True), ("qk_scale",)),
-        compile_for_sm90(tpf._pair_fwd_kernel, {**qkv, **lists, "LSE": f32, "DEST": f32},
-                         dict(dims, BLOCK_G=block_m, N_SUB=n_sub, OUT_PASS=True), ("qk_scale",)),
+    stats = {"REF": f32, "OUT32": f32, "L32": f32, "FLAG": i32}
+    pair = [compile_for_sm90(tpf._pair_fwd_kernel, {**qkv, **lists, **stats},
+                             dict(dims, BLOCK_G=block_m, N_SUB=n_sub, MAX_PASS=max_pass, GATED=gated),
+                             ("qk_scale", "limit"))
+            for max_pass, gated in ((False, False), (True, True), (False, True))]
+    local = [compile_for_sm90(tpf._local_fwd_kernel, {**qkv, **stats}, dict(dims, BLOCK_M=block_m, N_SUB=n_sub,
+                                                                              GATED=gated), ("qk_scale",))
+             for gated in (False, True)]
+    return pair + local + [
+        compile_for_sm90(tpf._finish_fwd_kernel, {"OUT32": f32, "L32": f32, "REF": f32, "Out": dt, "LSE": f32},
+                         dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=block_m), ()),
         compile_for_sm90(tpf._local_dq_kernel, {**qkv, "Out": dt, "DO": dt, "LSE": f32, "DLSE": f32, "DELTA": f32,
                                                 "DQ32": f32},
                          dict(dims, BLOCK_M=block_m, N_SUB=n_sub, HAS_DLSE=True), ("qk_scale", "scale")),
@@ -590,7 +656,7 @@ print(PART, "ok")
 """
 
 
-COMPILE_PARTS = ("select_radix", "select_sorted", "prefill_bf16", "prefill_fp32", "pattern")
+COMPILE_PARTS = ("select_radix", "select_sorted", "select_interp", "prefill_bf16", "prefill_fp32", "pattern")
 """``COMPILE_SCRIPT``'s parts, one process each: together they took 240 s on one CPU core (the sorted selection
 alone 99 s), past the GPU suite's 300 s per-test timeout on a machine busy with other work."""
 

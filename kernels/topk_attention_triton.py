@@ -13,8 +13,9 @@ The pieces, one implementation each:
   exact top-k (a 32-step radix search on the fp32 bit pattern, ties to the lowest block), as bits and
   as block-major (query, pick) pair lists; the decode selection.
 - ``topk_prefill_triton.py``: the prefill forward and backward. Own block + sinks query-major; the picked
-  blocks key-block-major over the pair lists (gathered query tiles against one key block), merged
-  exactly by log-sum-exp. No query tile computes a key block none of its queries picked.
+  blocks key-block-major over the pair lists (gathered query tiles against one key block), every term scaled
+  by the query's local max in one pass (a device-gated redo against the true max where that would overflow).
+  No query tile computes a key block none of its queries picked.
   Forward output and dQ are summed with fp32 atomics (not bitwise deterministic; dK/dV are).
 
 The ops are ``torch.ops.ratplus.topk_select`` (no autograd: the selection), ``topk_attention``

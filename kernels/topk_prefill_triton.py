@@ -236,9 +236,10 @@ def _local_fwd_kernel(
             k, v, ok = _local_keys(k_base, v_base, skt, svt, offs_m, offs_d, i, u, m0, T, BS, S, HEAD_DIM, BLOCK_D,
                                    BLOCK_M, BLOCK_N)
             qk = tl.where(ok, _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))
-            if GATED:
-                acc = _dot(tl.math.exp2(qk - m_i[:, None]).to(v.dtype), v, acc)
-                l_i += tl.sum(tl.math.exp2(qk - m_i[:, None]), 1)
+            if GATED:  # against the fixed true max: p <= 1
+                p = tl.math.exp2(qk - m_i[:, None])
+                l_i += tl.sum(p, 1)
+                acc = _dot(p.to(v.dtype), v, acc)
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite

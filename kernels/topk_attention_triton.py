@@ -115,7 +115,7 @@ def _(q, k, block_size, top_k, sinks, score):
 @torch.library.custom_op("ratplus::topk_attention", mutates_args=(), device_types=("cuda", "cpu"))
 def topk_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor,
-    block_size: int, top_k: int, sinks: int, scale: float,
+    block_size: int, sinks: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B,H,T,hd], lse [B,H,T] fp32, natural log)`` under the pairs of ``topk_select``."""
     q, k, v = (_unit_last(x) for x in (q, k, v))
@@ -126,7 +126,7 @@ def topk_attention_op(
 
 
 @topk_attention_op.register_fake
-def _(q, k, v, pairs, starts, block_size, top_k, sinks, scale):
+def _(q, k, v, pairs, starts, block_size, sinks, scale):
     batch, heads, seq_len, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, heads, seq_len, dtype=torch.float32)
 
@@ -134,8 +134,8 @@ def _(q, k, v, pairs, starts, block_size, top_k, sinks, scale):
 @torch.library.custom_op("ratplus::topk_attention_backward", mutates_args=(), device_types=("cuda", "cpu"))
 def topk_attention_backward_op(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor, block_size: int, top_k: int,
-    sinks: int, scale: float,
+    out: torch.Tensor, lse: torch.Tensor, pairs: torch.Tensor, starts: torch.Tensor, block_size: int, sinks: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, grad_out = (_unit_last(x) for x in (q, k, v, out, grad_out))
     if q.shape[2] == 0:
@@ -145,15 +145,15 @@ def topk_attention_backward_op(
 
 
 @topk_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, pairs, starts, block_size, top_k, sinks, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, pairs, starts, block_size, sinks, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pairs, starts, block_size, top_k, sinks, scale = inputs
+    q, k, v, pairs, starts, block_size, sinks, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, pairs, starts)
-    ctx.args = (block_size, top_k, sinks, scale)
+    ctx.args = (block_size, sinks, scale)
 
 
 def _backward_formula(ctx, grad_out, grad_lse):
@@ -161,7 +161,7 @@ def _backward_formula(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = topk_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, pairs, starts, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 topk_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -177,9 +177,7 @@ def topk_attention_triton(
     _, pairs, starts = torch.ops.ratplus.topk_select(
         q.detach(), k.detach(), pattern.block_size, pattern.top_k, pattern.sinks, pattern.score
     )
-    out, _ = torch.ops.ratplus.topk_attention(
-        q, k, v, pairs, starts, pattern.block_size, pattern.top_k, pattern.sinks, scale
-    )
+    out, _ = torch.ops.ratplus.topk_attention(q, k, v, pairs, starts, pattern.block_size, pattern.sinks, scale)
     return out
 
 

@@ -77,8 +77,8 @@ def run_triton(q, k, v, pattern):
     bits, pairs, starts = torch.ops.ratplus.topk_select(q.detach(), k.detach(), pattern.block_size, pattern.top_k,
                                                         pattern.sinks, pattern.score)
     scale = q.shape[-1] ** -0.5
-    return torch.ops.ratplus.topk_attention(q, k, v, pairs, starts, pattern.block_size, pattern.top_k, pattern.sinks,
-                                            scale), bits, (pairs, starts)
+    out_lse = torch.ops.ratplus.topk_attention(q, k, v, pairs, starts, pattern.block_size, pattern.sinks, scale)
+    return out_lse, bits, (pairs, starts)
 
 
 def expected_pairs(picks):
@@ -447,7 +447,7 @@ def test_custom_op_registration_and_compile(device):
     _, pairs, starts = torch.ops.ratplus.topk_select(q.detach(), k, 4, 1, 1, "ratplus")
     torch.library.opcheck(torch.ops.ratplus.topk_select, (q.detach(), k, 4, 1, 1, "ratplus"),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.ratplus.topk_attention, (q, k, v, pairs, starts, 4, 1, 1, 0.25),
+    torch.library.opcheck(torch.ops.ratplus.topk_attention, (q, k, v, pairs, starts, 4, 1, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def block(q, k, v):

@@ -193,8 +193,9 @@ def _pair_fwd_kernel(
         q = _load_rows(q_base, t, sqt, offs_d, ok, HEAD_DIM, BLOCK_D, True)
         s = tl.where(key_ok[None, :], _dot(q, tl.trans(k), None) * qk_scale, float("-inf"))  # [G, N], log2 units
         stat = bh64 * T + t
+        row_max = tl.max(s, 1)  # -inf for a sub-tile of sinks only
         if MAX_PASS:
-            tl.atomic_max(REF + stat, tl.max(s, 1), mask=ok & (tl.max(s, 1) > float("-inf")), sem="relaxed")
+            tl.atomic_max(REF + stat, row_max, mask=ok & (row_max > float("-inf")), sem="relaxed")
         else:
             ref = tl.load(REF + stat, mask=ok, other=0.0)
             p = tl.where(ok[:, None], tl.math.exp2(s - ref[:, None]), 0.0)
@@ -202,7 +203,7 @@ def _pair_fwd_kernel(
                           mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
             tl.atomic_add(L32 + stat, tl.sum(p, 1), mask=ok, sem="relaxed")
             if not GATED:
-                above = tl.max(tl.where(ok, tl.max(s, 1) - ref, float("-inf")), 0)
+                above = tl.max(tl.where(ok, row_max - ref, float("-inf")), 0)
                 if above > limit:
                     tl.atomic_max(FLAG, 1, sem="relaxed")
 

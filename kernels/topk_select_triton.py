@@ -80,15 +80,22 @@ def _order_key(s):
 
 
 @triton.jit
+def _count_search_start(s, cand, top_k):
+    """What the count searches start from: ``(key [M, N], n_cand [M], k [M], done [M], x [M])``. Keys of the
+    candidates (0 elsewhere), ``k = min(top_k, #cand)``; rows that take every candidate (or none) are done, with
+    ``x = 1``, below every candidate's key (all >= 1)."""
+    n_cand = tl.sum(cand.to(tl.int32), 1)
+    k = tl.minimum(n_cand, top_k)
+    done = k == n_cand
+    return tl.where(cand, _order_key(s), 0), n_cand, k, done, done.to(tl.uint32)
+
+
+@triton.jit
 def _top_k_select(s, cand, top_k):
     """``s [M, N]`` fp32 scores, ``cand [M, N]`` candidates -> ``[M, N]`` bool: each row's ``min(top_k, #cand)``
     highest-scoring candidates (ties at the threshold: lowest indices first)."""
-    n_cand = tl.sum(cand.to(tl.int32), 1)
-    k = tl.minimum(n_cand, top_k)
-    key = tl.where(cand, _order_key(s), 0)
     # x: the largest value with count(key >= x) >= k, built from the top bit down (the k-th largest key)
-    done = k == n_cand  # every candidate (or none): any x below the candidates' keys, which are all >= 1
-    x = done.to(tl.uint32)
+    key, _, k, done, x = _count_search_start(s, cand, top_k)
     step = tl.full([], 0x80000000, tl.uint32)
     while (step > 0) & (tl.sum((~done).to(tl.int32), 0) > 0):
         trial = x | step
@@ -118,11 +125,7 @@ def _top_k_select_interp(s, cand, top_k):
     interpolate to, or at the bracket's midpoint when the last two passes did not halve it (so the bracket halves
     within any three passes: at most ~99 passes, ~15 on Gaussian rows of 1024). A pass that counts exactly ``k``
     ends the row; so does a bracket one key wide (``lo`` is then the ``k``-th largest key, tied)."""
-    n_cand = tl.sum(cand.to(tl.int32), 1)
-    k = tl.minimum(n_cand, top_k)
-    key = tl.where(cand, _order_key(s), 0)
-    done = k == n_cand  # every candidate (or none): as in _top_k_select
-    x = done.to(tl.uint32)
+    key, n_cand, k, done, x = _count_search_start(s, cand, top_k)
     lo = tl.min(tl.where(cand, key, 0xFFFFFFFF), 1).to(tl.int64)  # count(>= lo) = n_cand
     hi = tl.max(key, 1).to(tl.int64) + 1  # count(>= hi) = 0
     c_lo = n_cand.to(tl.float32)

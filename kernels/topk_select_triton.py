@@ -19,8 +19,8 @@ takes the row's top ``next_power_of_2(top_k)`` with a bitonic top-k (``tl.topk``
 above the ``top_k``-th: the same picks, bit for bit. The alternative ``_top_k_select_interp`` (``"interp"``) searches
 the same threshold with fewer count passes: each row keeps a bracket of keys ``[lo, hi)`` with ``count(>= lo) >= k >
 count(>= hi)`` and tries the key its counts interpolate to (regula falsi on the row's count curve), the bracket's
-midpoint when the last two passes did not halve it; on Gaussian rows of 1024 scores ~15 passes a 16-row tile
-where the radix search takes ~20 (a numpy model of both). Exact, the same picks bit for bit.
+midpoint when the last two passes did not halve it: on smooth score distributions it needs fewer passes than the
+32-bit radix search (untimed on a GPU so far). Exact, the same picks bit for bit.
 
 **Prefill** (``select_prefill``): ``_select_kernel`` writes each query's picks as bits (``bits [B*H, T, NW]``
 int32, bit ``b % 32`` of word ``b // 32``) and, per chunk of ``LIST_M`` queries, how many of them picked
@@ -123,7 +123,7 @@ def _top_k_select_interp(s, cand, top_k):
     """``_top_k_select``'s picks (the same bits) with fewer count passes: per row a bracket of keys ``[lo, hi)``
     with ``count(key >= lo) >= k > count(key >= hi)``; each pass counts at the key the bracket's counts
     interpolate to, or at the bracket's midpoint when the last two passes did not halve it (so the bracket halves
-    within any three passes: at most ~99 passes, ~15 on Gaussian rows of 1024). A pass that counts exactly ``k``
+    within any three passes: at most ~99 passes). A pass that counts exactly ``k``
     ends the row; so does a bracket one key wide (``lo`` is then the ``k``-th largest key, tied)."""
     key, n_cand, k, done, x = _count_search_start(s, cand, top_k)
     lo = tl.min(tl.where(cand, key, 0xFFFFFFFF), 1).to(tl.int64)  # count(>= lo) = n_cand
